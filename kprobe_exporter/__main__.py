@@ -1,0 +1,3 @@
+from kprobe_exporter.cli import main
+
+raise SystemExit(main())

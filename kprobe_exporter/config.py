@@ -1,0 +1,295 @@
+"""Config: the YAML file as a validated model of probes, labels, pairings and exports.
+
+Every user mistake becomes one ConfigError whose text names the file, the probe and the field.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MAX_NAME_LEN = 63  # kernel MAX_EVENT_NAME_LEN (64) minus the NUL
+MAX_ARGS = 128  # kernel MAX_TRACE_ARGS
+PROBE_KINDS = ("kprobe", "kretprobe", "uprobe", "uretprobe", "tracepoint", "raw")
+OVERFLOW_VALUE = "__overflow__"
+# Characters that would let a field end one tracefs command and start another.
+_INJECTION = re.compile(r"[\n\r\x00;]|-:")
+
+
+class ConfigError(Exception):
+    """A user's mistake in the config: one line, naming file, probe and field."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a string like '250ms', '10s', '2m', '1.5us'."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like '10s' or '250ms'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ns|us|µs|ms|s|m|h)?\s*", value)
+        if not m:
+            raise ValueError(f"{value!r} is not a duration like '10s' or '250ms'")
+        scale = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+        seconds = float(m.group(1)) * scale[m.group(2) or "s"]
+    else:
+        raise ValueError("expected a duration like '10s' or '250ms'")
+    if seconds < 0 or not math.isfinite(seconds):
+        raise ValueError("a duration must be a finite number >= 0")
+    return seconds
+
+
+def default_buckets() -> list[float]:
+    """Exponential latency buckets, 1 µs doubling to about 8.4 s."""
+    return [1e-6 * 2**i for i in range(24)]
+
+
+def check_tracefs_text(value: str) -> str:
+    if _INJECTION.search(value):
+        raise ValueError("must not contain a newline, ';', NUL or '-:' (it would write a second command)")
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SpanConfig(_Strict):
+    sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    min_duration: float = 0.0
+    error_on_negative_retval: bool = True
+
+    _dur = field_validator("min_duration", mode="before")(lambda v: parse_duration(v))
+
+
+class ProbeConfig(_Strict):
+    name: str | None = None
+    kprobe: str | None = None
+    kretprobe: str | None = None
+    uprobe: str | None = None
+    uretprobe: str | None = None
+    tracepoint: str | None = None
+    raw: str | None = None
+    args: dict[str, str] = Field(default_factory=dict)
+    filter: str | None = None
+    labels: list[str] = Field(default_factory=list)
+    latency: bool = False
+    spans: SpanConfig | None = None
+
+    @field_validator("kprobe", "kretprobe", "uprobe", "uretprobe", "tracepoint", "raw", "filter")
+    @classmethod
+    def _no_injection(cls, v: str | None) -> str | None:
+        if v is not None:
+            check_tracefs_text(v)
+            if not v.strip():
+                raise ValueError("must not be empty")
+        return v
+
+    @field_validator("args")
+    @classmethod
+    def _args(cls, v: dict[str, str]) -> dict[str, str]:
+        if len(v) > MAX_ARGS:
+            raise ValueError(f"has {len(v)} args; the kernel takes at most {MAX_ARGS}")
+        for name, fetch in v.items():
+            if not NAME_RE.match(name) or len(name) > MAX_NAME_LEN:
+                raise ValueError(f"arg name {name!r} must match [A-Za-z_][A-Za-z0-9_]*")
+            if not isinstance(fetch, str) or not fetch.strip():
+                raise ValueError(f"arg {name!r} needs a fetcharg such as '%di' or '+0($arg2):ustring'")
+            check_tracefs_text(fetch)
+            if any(c.isspace() for c in fetch):
+                raise ValueError(f"arg {name!r}: a fetcharg has no spaces")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None:
+            check_name(v)
+        return v
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ProbeConfig:
+        kinds = [k for k in PROBE_KINDS if getattr(self, k) is not None]
+        if not kinds:
+            raise ValueError(f"needs exactly one kind: one of {', '.join(PROBE_KINDS)}")
+        if len(kinds) > 1:
+            raise ValueError(f"has two kinds ({' and '.join(kinds)}); a probe has exactly one")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in PROBE_KINDS if getattr(self, k) is not None)
+
+    @property
+    def target(self) -> str:
+        value = getattr(self, self.kind)
+        assert isinstance(value, str)
+        return value
+
+
+class PairConfig(_Strict):
+    name: str
+    entry: str
+    exit: str
+    spans: SpanConfig | None = None
+
+    _n = field_validator("name")(lambda v: check_name(v))
+
+
+class PendingConfig(_Strict):
+    max_pending: int = Field(default=65536, ge=1)
+    max_age: float = 60.0
+
+    _dur = field_validator("max_age", mode="before")(lambda v: parse_duration(v))
+
+
+class Config(_Strict):
+    instance: str = "kprobe_exporter"
+    buffer_size_kb: int = Field(default=4096, ge=4, le=1 << 20)
+    buckets: list[float] = Field(default_factory=default_buckets)
+    label_limit: int = Field(default=100, ge=1, le=100000)
+    listen_address: str = "0.0.0.0:10111"
+    reader: Literal["text", "raw"] = "text"
+    pending: PendingConfig = Field(default_factory=PendingConfig)
+    probes: list[ProbeConfig] = Field(default_factory=list)
+    pairs: list[PairConfig] = Field(default_factory=list)
+
+    _inst = field_validator("instance")(lambda v: check_name(v))
+
+    @field_validator("buckets")
+    @classmethod
+    def _buckets(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("needs at least one bucket")
+        if any(not (b > 0 and math.isfinite(b)) for b in v) or sorted(set(v)) != v:
+            raise ValueError("must be finite, positive and strictly increasing (seconds)")
+        return v
+
+    @field_validator("listen_address")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        split_host_port(v)
+        return v
+
+
+def check_name(v: str) -> str:
+    if not NAME_RE.match(v):
+        raise ValueError(f"{v!r} must match [A-Za-z_][A-Za-z0-9_]* (letters, digits, underscore)")
+    if len(v) > MAX_NAME_LEN:
+        raise ValueError(f"{v[:20]!r}... is {len(v)} characters; at most {MAX_NAME_LEN}")
+    return v
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{address!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _describe(path: str, data: Any, loc: tuple[Any, ...]) -> tuple[str, str, type[BaseModel] | None]:
+    """Turn a pydantic error location into (probe part, field part, model of the parent)."""
+    probe = ""
+    model: type[BaseModel] | None = Config
+    parts: list[str] = []
+    i = 0
+    if loc[:1] in (("probes",), ("pairs",)) and len(loc) > 1 and isinstance(loc[1], int):
+        section, idx = loc[0], loc[1]
+        entry = data.get(section, [])[idx] if isinstance(data, dict) else None
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if name is None and isinstance(entry, dict) and isinstance(entry.get("raw"), str):
+            name = raw_event_name(entry["raw"])
+        kind = "probe" if section == "probes" else "pair"
+        probe = f"{kind} {name!r}" if isinstance(name, str) else f"{kind} #{idx + 1}"
+        model = ProbeConfig if section == "probes" else PairConfig
+        i = 2
+    for part in loc[i:]:
+        if isinstance(part, int):
+            parts.append(f"[{part}]")
+        else:
+            parts.append(("." if parts else "") + str(part))
+    return probe, "".join(parts), model
+
+
+def raw_event_name(line: str) -> str | None:
+    m = re.match(r"\s*[pr]\d*:(?:[^/\s]+/)?([^\s]+)", line)
+    return m.group(1) if m else None
+
+
+def format_error(path: str, probe: str, field: str, message: str) -> str:
+    where = ", ".join(p for p in (probe, f"field {field!r}" if field else "") if p)
+    return f"{path}: {where}: {message}" if where else f"{path}: {message}"
+
+
+def _pydantic_error(path: str, data: Any, err: ValidationError) -> ConfigError:
+    e = err.errors()[0]
+    loc = tuple(e["loc"])
+    probe, field, model = _describe(path, data, loc)
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        key = str(loc[-1])
+        parent = model
+        if len(loc) >= 2 and loc[-2] in ("spans",):
+            parent = SpanConfig
+        elif len(loc) >= 2 and loc[-2] == "pending":
+            parent = PendingConfig
+        names = _field_names(parent) if parent else []
+        near = difflib.get_close_matches(key, names, n=1)
+        msg = f"unknown key {key!r}" + (f"; did you mean {near[0]!r}?" if near else f"; known: {', '.join(names)}")
+    elif e["type"] == "missing":
+        msg = "is required"
+    elif field == "" and model in (ProbeConfig, PairConfig):
+        pass
+    return ConfigError(format_error(path, probe, field, msg))
+
+
+def load_text(text: str, path: str = "<config>") -> Config:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{path}: YAML error at {where}{e.problem}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: YAML error: {e}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty; it needs at least 'probes:'")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with 'probes:', not {type(data).__name__}")
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as err:
+        raise _pydantic_error(path, data, err) from None
+    return config
+
+
+def load(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such config file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{p}: is a directory, not a config file") from None
+    except PermissionError:
+        raise ConfigError(f"{p}: cannot read the config file (permission denied)") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: the config file is not UTF-8 text") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read the config file ({e.strerror})") from None
+    return load_text(text, str(p))

@@ -1,0 +1,179 @@
+"""Metrics: a prometheus-client collector on a dedicated registry that snapshots aggregate state at scrape."""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.samples import Exemplar
+
+from kprobe_exporter import __version__
+from kprobe_exporter.aggregate import EVICT_REASONS, Snapshot
+from kprobe_exporter.probes import ProbeSet
+
+SPAN_DROP_REASONS = ("queue_full", "export_failed", "shutdown")
+
+
+@dataclass
+class SpanCounts:
+    exported: int
+    dropped: dict[str, int]
+
+
+@dataclass
+class Sources:
+    """Where the collector reads from; the agent wires these, each cheap and thread-safe."""
+
+    snapshot: Callable[[], Snapshot]
+    probes: ProbeSet
+    installed: Callable[[], set[str]] = set
+    profile: Callable[[], dict[str, tuple[int, int]]] = dict
+    spans: Callable[[], SpanCounts | None] = lambda: None
+    # pair -> (trace_id hex, duration seconds, wall time) of a recent exported span
+    exemplar: Callable[[str], tuple[str, float, float] | None] = lambda pair: None
+    heartbeat: Callable[[], float] = time.time
+    extra: list[Callable[[], Iterator[Metric]]] = field(default_factory=list)
+
+
+def _fmt_le(b: float) -> str:
+    return repr(float(b))
+
+
+class ExporterCollector(Collector):
+    def __init__(self, sources: Sources) -> None:
+        self.s = sources
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.s.snapshot()
+        probes = self.s.probes
+        yield from self._events(snap)
+        yield from self._latency(snap)
+        yield from self._self_metrics(snap, probes)
+        for extra in self.s.extra:
+            yield from extra()
+
+    def _events(self, snap: Snapshot) -> Iterator[Metric]:
+        by_labels: dict[tuple[str, ...], CounterMetricFamily] = {}
+        for (probe, labels), value in sorted(snap.events.items()):
+            names = ("probe", *(k for k, _ in labels))
+            fam = by_labels.get(names)
+            if fam is None:
+                fam = by_labels[names] = CounterMetricFamily(
+                    "kprobe_events", "Events seen per probe.", labels=list(names))
+            fam.add_metric([probe, *(v for _, v in labels)], value)
+        if not by_labels:
+            yield CounterMetricFamily("kprobe_events", "Events seen per probe.", labels=["probe"])
+            return
+        # One family per label-name set would repeat the HELP/TYPE; merge them into one family.
+        first = next(iter(by_labels.values()))
+        for fam in list(by_labels.values())[1:]:
+            first.samples.extend(fam.samples)
+        yield first
+
+    def _latency(self, snap: Snapshot) -> Iterator[Metric]:
+        fam = HistogramMetricFamily("kprobe_latency_seconds", "Time from entry to exit of paired events.",
+                                    labels=["probe"])
+        bounds = snap.bounds_s
+        for name, st in sorted(snap.pairs.items()):
+            ex = self.s.exemplar(name)
+            ex_idx = -1
+            if ex is not None:
+                ex_idx = next((i for i, b in enumerate(bounds) if ex[1] <= b), len(bounds))
+            cum = 0
+            buckets: list[tuple[str, float] | tuple[str, float, Exemplar]] = []
+            for i, n in enumerate(st.buckets):
+                cum += n
+                le = _fmt_le(bounds[i]) if i < len(bounds) else "+Inf"
+                if i == ex_idx and ex is not None:
+                    buckets.append((le, cum, Exemplar({"trace_id": ex[0]}, ex[1], ex[2])))
+                else:
+                    buckets.append((le, cum))
+            fam.add_metric([name], buckets, st.sum_ns / 1e9)
+        yield fam
+
+    def _self_metrics(self, snap: Snapshot, probes: ProbeSet) -> Iterator[Metric]:
+        yield CounterMetricFamily("kprobe_exporter_lines_read", "Lines read from trace text.",
+                                  value=snap.lines_read)
+        pe = CounterMetricFamily("kprobe_exporter_parse_errors", "Lines that could not be parsed, by reason.",
+                                 labels=["reason"])
+        for reason, n in sorted(snap.parse_errors.items()):
+            pe.add_metric([reason], n)
+        yield pe
+        lost = CounterMetricFamily("kprobe_exporter_lost_events",
+                                   "Events the kernel dropped before the agent read them, per CPU.",
+                                   labels=["cpu"])
+        for cpu, n in sorted(snap.lost.items()):
+            lost.add_metric([str(cpu)], n)
+        yield lost
+        pending = GaugeMetricFamily("kprobe_exporter_pairs_pending", "Entries waiting for their exit.",
+                                    labels=["probe"])
+        evicted = CounterMetricFamily("kprobe_exporter_pairs_evicted",
+                                      "Pending entries dropped unpaired, by reason (age, capacity, lost).",
+                                      labels=["probe", "reason"])
+        unmatched = CounterMetricFamily("kprobe_exporter_pairs_unmatched", "Exits seen with no pending entry.",
+                                        labels=["probe"])
+        for name, st in sorted(snap.pairs.items()):
+            pending.add_metric([name], st.pending)
+            unmatched.add_metric([name], st.unmatched)
+            for reason in EVICT_REASONS:
+                evicted.add_metric([name, reason], st.evicted.get(reason, 0))
+        yield pending
+        yield evicted
+        yield unmatched
+        overflow = CounterMetricFamily("kprobe_exporter_label_overflow",
+                                       "Label values replaced by __overflow__ because the cap was reached.",
+                                       labels=["probe", "label"])
+        for (probe, label), n in sorted(snap.label_overflow.items()):
+            overflow.add_metric([probe, label], n)
+        yield overflow
+        info = GaugeMetricFamily("kprobe_exporter_probe_info", "Configured probes and their targets.",
+                                 labels=["probe", "kind", "target"])
+        installed_fam = GaugeMetricFamily("kprobe_exporter_probe_installed",
+                                          "1 when the probe's events are defined and enabled.", labels=["probe"])
+        installed = self.s.installed()
+        for ev in probes.events:
+            info.add_metric([ev.name, ev.kind, ev.target], 1)
+            installed_fam.add_metric([ev.name], 1 if ev.name in installed else 0)
+        yield info
+        yield installed_fam
+        hits = CounterMetricFamily("kprobe_exporter_probe_hits", "Probe hits from kprobe_profile/uprobe_profile.",
+                                   labels=["probe"])
+        misses = CounterMetricFamily("kprobe_exporter_probe_misses",
+                                     "Probe misses (e.g. kretprobe maxactive) from kprobe_profile.",
+                                     labels=["probe"])
+        for name, (h, m) in sorted(self.s.profile().items()):
+            hits.add_metric([name], h)
+            misses.add_metric([name], m)
+        yield hits
+        yield misses
+        spans = self.s.spans()
+        exported = CounterMetricFamily("kprobe_exporter_spans_exported", "Spans accepted by the OTLP receiver.")
+        dropped = CounterMetricFamily("kprobe_exporter_spans_dropped", "Spans not exported, by reason.",
+                                      labels=["reason"])
+        exported.add_metric([], spans.exported if spans else 0)
+        for reason in SPAN_DROP_REASONS:
+            dropped.add_metric([reason], spans.dropped.get(reason, 0) if spans else 0)
+        yield exported
+        yield dropped
+        yield GaugeMetricFamily("kprobe_exporter_last_read_timestamp_seconds",
+                                "Wall time of the reader loop's last iteration (liveness).",
+                                value=self.s.heartbeat())
+        build = GaugeMetricFamily("kprobe_exporter_build_info", "Version of the agent.",
+                                  labels=["version", "python_version"])
+        build.add_metric([__version__, platform.python_version()], 1)
+        yield build
+
+
+def make_registry(sources: Sources) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ExporterCollector(sources))
+    return registry

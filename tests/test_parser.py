@@ -1,0 +1,168 @@
+"""Parser over every real trace in tests/fixtures, and over generated lines (hypothesis)."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kprobe_exporter import parser
+from kprobe_exporter.probes import ArgSpec, EventSpec
+
+FIX = Path(__file__).parent / "fixtures"
+
+
+def event_lines(path: Path) -> list[bytes]:
+    return [ln for ln in path.read_bytes().split(b"\n") if ln and not ln.startswith(b"#")]
+
+
+def parse_all(path: Path) -> tuple[list[parser.TraceLine], list[bytes]]:
+    ok, lost = [], []
+    for ln in event_lines(path):
+        if ln.startswith(parser.LOST_PREFIX):
+            lost.append(ln)
+        else:
+            ok.append(parser.parse_line(ln))
+    return ok, lost
+
+
+SIX18 = ["uprobes-tracepoints.trace", "uprobes-tracepoints-no-irq-info.trace", "uprobes-tracepoints-record-tgid.trace"]
+# Per-key counts, taken with grep from the fixture files.
+SIX18_KEYS = {b"compute:": 25, b"compute_ret:": 25, b"open_path:": 28, b"open_path_ret:": 28, b"recurse:": 20,
+              b"recurse_ret:": 20, b"sched_process_exec:": 2, b"sched_process_exit:": 7, b"sys_openat": 61,
+              b"sys_openat(": 62}
+
+
+@pytest.mark.parametrize("name", SIX18)
+def test_six18_formats_parse_every_line(name: str) -> None:
+    lines, lost = parse_all(FIX / "linux-6.18" / name)
+    assert not lost and len(lines) == 278
+    assert Counter(parser.dispatch_key(t.token) for t in lines) == SIX18_KEYS
+    comms = {t.comm for t in lines}
+    assert {b"plain", b"dash-ed-name", b"x)y:z [1]", b"sp ace", b"0123456789abcde", b"capture-fxgen"} <= comms
+    assert {t.cpu for t in lines} <= {0, 1}
+    tgids = {t.tgid for t in lines}
+    if "record-tgid" in name:
+        assert -1 not in tgids and len(tgids) > 1
+        plain = [t for t in lines if t.comm == b"plain"]
+        assert plain[0].tgid != plain[0].tid  # a thread of another process: tgid is not the tid
+    else:
+        assert tgids == {-1}
+    first = lines[0]
+    assert first.ts_ns % 1000 == 0 and first.ts_ns > 290 * 10**9
+
+
+def test_timestamps_are_exact_nanoseconds() -> None:
+    line = b"           plain-7268    [000] DBZff   298.511609: open_path: (0x561ed7696179) path=\"/x\""
+    t = parser.parse_line(line)
+    assert (t.tid, t.cpu, t.ts_ns, t.token) == (7268, 0, 298_511_609_000, b"open_path:")
+
+
+def test_string_args_with_quotes_tabs_and_non_utf8() -> None:
+    ev = EventSpec("open_path", "uprobe", "g", "/x:0x1", "open_path", "p:g/open_path /x:0x1",
+                   (ArgSpec("path", "+0(%di):string", True), ArgSpec("flags", "%si:x32", False)))
+    read = parser.probe_arg_reader(ev)
+    lines = {t.body for t in parse_all(FIX / "linux-6.18" / "uprobes-tracepoints.trace")[0]
+             if t.token == b"open_path:"}
+    paths = {read(b)["path"] for b in lines}
+    assert b"/no/such/file with spaces\tand\"quote" in paths
+    assert b"" in paths and b"/etc/hostname" in paths
+    assert any(not _utf8(p) for p in paths)
+    assert {read(b)["flags"] for b in lines} == {b"0x0"}
+
+
+def _utf8(b: bytes) -> bool:
+    try:
+        b.decode()
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def test_uretprobe_and_syscall_bodies() -> None:
+    lines, _ = parse_all(FIX / "linux-6.18" / "uprobes-tracepoints.trace")
+    ret = next(t for t in lines if t.token == b"recurse_ret:")
+    assert re.match(rb"recurse_ret: \(0x[0-9a-f]+ <- 0x[0-9a-f]+\) arg1=0x\d", ret.body)
+    ev = EventSpec("recurse_ret", "uretprobe", "g", "/x:0x1", "recurse", "r:g/x /x:0x1", (ArgSpec("arg1", "x", False),))
+    assert parser.retval_of(ev, ret.body) in {b"0x0", b"0x1", b"0x2", b"0x3"}
+    exit_ev = EventSpec("openat_ret", "tracepoint", "syscalls", "syscalls/sys_exit_openat", "openat", None)
+    sys_exit = next(t for t in lines if t.token == b"sys_openat")
+    assert parser.retval_of(exit_ev, sys_exit.body) == b"0x3"
+    enter = next(t for t in lines if t.token.startswith(b"sys_openat("))
+    fields = parser.tracepoint_arg_reader(exit_ev)(enter.body)
+    assert set(fields) == {"dfd", "filename", "flags", "mode"}
+
+
+def test_kernel_61_kprobes_kretprobes_eprobe() -> None:
+    lines, _ = parse_all(FIX / "linux-6.1-debian" / "kprobes-kretprobes-eprobe.trace")
+    assert Counter(t.token for t in lines) == {b"eopen:": 11, b"getname_ret:": 20, b"grpprobe:": 13,
+                                               b"grpret:": 12, b"myargs:": 14, b"myprobe:": 6, b"myretprobe:": 16}
+    unknown = [t for t in lines if b"[unknown/kretprobe'd]" in t.body]
+    assert unknown and all(t.token in (b"myretprobe:", b"grpret:") for t in unknown)
+    kret = next(t for t in lines if t.token == b"getname_ret:")
+    assert b"<- getname)" in kret.body
+
+
+def test_kernel_4x_unknown_comm_and_narrow_pid() -> None:
+    lines, _ = parse_all(FIX / "linux-4.x-seed-kretprobe.txt")
+    assert len(lines) == 6
+    assert [t.comm for t in lines].count(b"<...>") == 5
+    z = next(t for t in lines if t.comm == b"zabbix_agentd")
+    assert (z.tid, z.cpu, z.ts_ns) == (1762, 2, 43812230_892155_000)
+
+
+def test_overload_lost_lines() -> None:
+    lines, lost = parse_all(FIX / "linux-6.18" / "trace-pipe-overload.txt")
+    assert [parser.parse_lost(x) for x in lost] == [(0, 1020), (0, 7480), (0, 6290)]
+    assert len(lines) == 5997
+
+
+@pytest.mark.parametrize("bad", [b"", b"garbage", b"x" * 40, b"            comm-12x    [000] .....  1.000000: e: x",
+                                 b"            comm-12     [0a0] .....  1.000000: e: x",
+                                 b"            comm-12     [000] .....  1,000000: e: x"])
+def test_bad_lines_raise_parse_error_with_reason(bad: bytes) -> None:
+    with pytest.raises(parser.ParseError) as e:
+        parser.parse_line(bad)
+    assert e.value.reason in parser.REASONS
+
+
+comm_st = st.binary(min_size=1, max_size=15).filter(lambda b: b"\n" not in b and b.strip() == b and b"\0" not in b)
+name_st = st.from_regex(r"\A[a-z_][a-z0-9_]{0,20}\Z", fullmatch=True)
+val_st = st.binary(max_size=40).filter(lambda b: b"\n" not in b)
+
+
+@settings(max_examples=300, deadline=None)
+@given(comm=comm_st, pid=st.integers(1, 4194304), tgid=st.one_of(st.none(), st.integers(1, 4194304)),
+       cpu=st.integers(0, 511), flags=st.sampled_from([None, b"....", b".....", b"dNh1.", b"DBZff"]),
+       sec=st.integers(0, 10**8), usec=st.integers(0, 999999), name=name_st, s=val_st, n=st.integers(-2**63, 2**64))
+def test_generated_lines_round_trip(comm: bytes, pid: int, tgid: int | None, cpu: int, flags: bytes | None,
+                                    sec: int, usec: int, name: str, s: bytes, n: int) -> None:
+    head = comm.rjust(16) + b"-" + str(pid).encode().ljust(7) + b" "
+    if tgid is not None:
+        head += b"(" + str(tgid).encode().rjust(7) + b") "
+    head += b"[" + str(cpu).zfill(3).encode() + b"] "
+    if flags:
+        head += flags + b" "
+    line = head + f"{sec:5d}.{usec:06d}: {name}: (0x55) s=\"".encode() + s + f"\" n={n}".encode()
+    t = parser.parse_line(line)
+    assert (t.comm, t.tid, t.tgid, t.cpu) == (comm, pid, -1 if tgid is None else tgid, cpu)
+    assert t.ts_ns == (sec * 10**6 + usec) * 1000
+    assert t.token == name.encode() + b":"
+    ev = EventSpec(name, "uprobe", "g", "/x:0x1", name, "p", (ArgSpec("s", "x:string", True), ArgSpec("n", "%di", False)))
+    args = parser.probe_arg_reader(ev)(t.body)
+    assert args["n"] == str(n).encode()
+    if b'" n=' not in s:
+        assert args["s"] == s
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_never_raise_anything_but_parse_error(data: bytes) -> None:
+    try:
+        parser.parse_line(data)
+    except parser.ParseError:
+        pass

@@ -1,0 +1,110 @@
+"""Probes: definition lines for every kind, the original notes' raw lines, fetcharg checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kprobe_exporter import config, probes
+from kprobe_exporter.config import ConfigError
+
+
+def build(text: str, resolve: probes.Resolver | None = None) -> probes.ProbeSet:
+    return probes.build_probe_set(config.load_text(text, "c.yaml"), "c.yaml", resolve=resolve)
+
+
+def defs(ps: probes.ProbeSet) -> list[str | None]:
+    return [e.definition for e in ps.events]
+
+
+def test_kprobe_with_latency_makes_entry_and_return() -> None:
+    ps = build("""
+probes:
+  - name: open
+    kprobe: do_sys_openat2
+    args: {dfd: "$arg1:s32", path: "+0($arg2):ustring"}
+    latency: true
+""")
+    assert defs(ps) == ["p:kprobe_exporter/open do_sys_openat2 dfd=$arg1:s32 path=+0($arg2):ustring",
+                        "r:kprobe_exporter/open_ret do_sys_openat2 ret=$retval"]
+    assert [(p.name, p.entry, p.exit, p.function) for p in ps.pairs] == [("open", "open", "open_ret", "do_sys_openat2")]
+    assert [e.counted for e in ps.events] == [True, False]
+
+
+def test_original_notes_raw_lines_verbatim_go_into_our_group() -> None:
+    ps = build("""
+instance: mygrp
+probes:
+  - raw: 'p:myprobe do_sys_open dfd=%ax filename=%dx flags=%cx mode=+4($stack)'
+  - raw: 'r:myretprobe do_sys_open $retval'
+  - raw: 'r:getname_probe getname +0($retval):string'
+""")
+    assert defs(ps) == ["p:mygrp/myprobe do_sys_open dfd=%ax filename=%dx flags=%cx mode=+4($stack)",
+                        "r:mygrp/myretprobe do_sys_open arg1=$retval",
+                        "r:mygrp/getname_probe getname arg1=+0($retval):string"]
+    assert [e.kind for e in ps.events] == ["kprobe", "kretprobe", "kretprobe"]
+
+
+def test_raw_line_group_is_replaced_and_maxactive_kept() -> None:
+    ps = build("probes:\n  - raw: 'r10:othergrp/ev do_sys_openat2 $retval'\n")
+    assert defs(ps) == ["r10:kprobe_exporter/ev do_sys_openat2 arg1=$retval"]
+
+
+def test_uprobe_symbol_resolved_and_offset_kept(tmp_path: Path) -> None:
+    ps = build("""
+probes:
+  - {name: a, uprobe: "/bin/x:compute", latency: true}
+  - {name: b, uretprobe: "/bin/x:0x1139"}
+""", resolve=lambda path, sym: 0x1234)
+    assert defs(ps) == ["p:kprobe_exporter/a /bin/x:0x1234", "r:kprobe_exporter/a_ret /bin/x:0x1234 ret=$retval",
+                        "r:kprobe_exporter/b /bin/x:0x1139"]
+
+
+def test_syscall_tracepoints_print_keys_told_apart() -> None:
+    ps = build("probes:\n  - {name: openat, tracepoint: syscalls/sys_enter_openat, latency: true}\n")
+    assert [(e.kind, e.target, e.key) for e in ps.events] == [
+        ("tracepoint", "syscalls/sys_enter_openat", b"sys_openat("),
+        ("tracepoint", "syscalls/sys_exit_openat", b"sys_openat ")]
+    assert defs(ps) == [None, None]
+
+
+@pytest.mark.parametrize(("probe", "field", "needle"), [
+    ("{name: a, kprobe: f, args: {x: '%nosuch'}}", "args.x", "unknown register %nosuch"),
+    ("{name: a, kprobe: f, args: {x: '%dd'}}", "args.x", "did you mean %d"),
+    ("{name: a, uprobe: '/bin/x:0x1', args: {x: '%di:symbol'}}", "args.x", "kernel probes only"),
+    ("{name: a, kprobe: f, args: {x: '%di:u33'}}", "args.x", "unknown type 'u33'"),
+    ("{name: a, kprobe: f, args: {x: '$retval'}}", "args.x", "only available on return probes"),
+    ("{name: a, kprobe: f, args: {x: '$bogus'}}", "args.x", "unknown variable $bogus"),
+    ("{name: a, kprobe: f, labels: [y]}", "labels", "not an arg of this probe"),
+    ("{name: a, kretprobe: f, latency: true}", "latency", "already the return"),
+    ("{name: a, tracepoint: sched/sched_switch, latency: true}", "latency", "no matching return event"),
+    ("{name: a, tracepoint: nogroup}", "tracepoint", "not GROUP/EVENT"),
+    ("{name: a, kprobe: 'f+4', latency: true}", "latency", "function entry"),
+    ("{name: a, uprobe: 'rel/path:sym'}", "uprobe", "absolute path"),
+    ("{name: a, kprobe: f, spans: {sample_ratio: 1}}", "spans", "latency"),
+    ("{raw: 'p do_sys_open'}", "raw", "needs an event name"),
+])
+def test_probe_mistakes_name_probe_and_field(probe: str, field: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        build(f"probes:\n  - {probe}\n")
+    msg = e.value.message
+    assert msg.startswith("c.yaml: probe ") and f"field {field!r}" in msg and needle in msg, msg
+    assert "\n" not in msg
+
+
+def test_duplicates_and_pairs() -> None:
+    with pytest.raises(ConfigError, match="duplicate name"):
+        build("probes:\n  - {name: a, kprobe: f}\n  - {name: a, kprobe: g}\n")
+    with pytest.raises(ConfigError, match="duplicate name"):  # the generated a_ret collides
+        build("probes:\n  - {name: a, kprobe: f, latency: true}\n  - {name: a_ret, kprobe: g}\n")
+    with pytest.raises(ConfigError, match=r"pair 'p', field 'exit': names unknown event 'nope'"):
+        build("probes:\n  - {name: a, kprobe: f}\npairs:\n  - {name: p, entry: a, exit: nope}\n")
+    ps = build("probes:\n  - {name: a, kprobe: f}\n  - {name: b, kretprobe: f}\npairs:\n  - {name: p, entry: a, exit: b}\n")
+    assert [(p.name, p.entry, p.exit) for p in ps.pairs] == [("p", "a", "b")]
+
+
+def test_too_many_args() -> None:
+    args = ", ".join(f"a{i}: '%di'" for i in range(129))
+    with pytest.raises(ConfigError, match="at most 128"):
+        build(f"probes:\n  - {{name: a, kprobe: f, args: {{{args}}}}}\n")
