@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -33,6 +34,15 @@ class StartupError(Exception):
     def __init__(self, message: str, probe: str = "", field: str = "") -> None:
         super().__init__(message)
         self.message, self.probe, self.field = message, probe, field
+
+
+def set_thread_name(name: str = "kprobe-exporter") -> None:
+    """Name the thread (and so every thread it starts later) for ps, top and the trace's comm column."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
 
 
 def own_tids() -> list[int]:
@@ -77,6 +87,7 @@ class Agent:
 
     def run(self) -> int:
         host, port = split_host_port(self.listen)
+        set_thread_name()  # before any thread starts, so all of ours carry it
         lock = InstanceLock.acquire(self.config.instance)
         try:
             root = tfs_mod.find_tracefs()

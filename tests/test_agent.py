@@ -181,3 +181,25 @@ def test_sigkill_leftovers_removed_by_cleanup_and_by_next_start(tracefs: Path, p
         assert group_definitions("kpe_t_kill") == []
         assert not (tracefs / "instances" / "kpe_t_kill").exists()
         assert group_definitions("kpe_other") != []
+
+
+def test_agent_never_feeds_its_own_probes(tracefs: Path, write_config) -> None:
+    """A uprobe on the libc calls the reader itself makes would be a feedback loop without the pid exclusion."""
+    libc = "/lib/x86_64-linux-gnu/libc.so.6"
+    cfg = write_config(f"""
+instance: kpe_t_self
+probes:
+  - {{name: readv, uprobe: '{libc}:readv', labels: [comm]}}
+  - {{name: poll, uprobe: '{libc}:poll', labels: [comm]}}
+""")
+    with running_agent(cfg) as agent:
+        time.sleep(3)
+        for _ in range(5):
+            agent.scrape()  # the web thread's own calls are excluded too
+        time.sleep(1)
+        text = agent.scrape()
+        # The agent polls ~10 times a second and reads after each: with itself traced this runs away.
+        # Other processes on the machine may call these too: only the agent's own comm must stay silent.
+        assert value(text, "kprobe_events_total", probe="readv", comm="kprobe-exporter") is None
+        assert value(text, "kprobe_events_total", probe="poll", comm="kprobe-exporter") is None
+        assert value(text, "kprobe_exporter_probe_installed", probe="poll") == 1
