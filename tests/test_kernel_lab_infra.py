@@ -1,0 +1,97 @@
+"""Smoke tests of the kernel-lab tier: the guest boots, has real kprobes, runs the project, gives results back."""
+
+from __future__ import annotations
+
+import pytest
+from kernel_lab.guest import GuestImage, require_guest, run_in_guest
+
+pytestmark = pytest.mark.kernel_lab
+
+PROBE_PY = b"""
+import os, time, urllib.request
+
+T = "/sys/kernel/tracing"
+INSTANCE = "instances/kernel_lab_smoke"
+
+
+def write(path: str, line: str) -> None:
+    # open(path, "a") fails with EINVAL on tracefs: it seeks to the end.
+    fd = os.open(f"{T}/{path}", os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, line.encode() + b"\\n")
+    finally:
+        os.close(fd)
+
+
+write("kprobe_events", "p:kernel_lab_smoke/open do_sys_openat2 path=+0($arg2):ustring")
+os.mkdir(f"{T}/{INSTANCE}")
+write(f"{INSTANCE}/events/kernel_lab_smoke/open/filter", f"common_pid == {os.getpid()}")
+write(f"{INSTANCE}/events/kernel_lab_smoke/open/enable", "1")
+for _ in range(3):
+    try:
+        open("/kernel-lab-smoke-marker")
+    except FileNotFoundError:
+        pass
+write(f"{INSTANCE}/tracing_on", "0")
+with open(f"{T}/{INSTANCE}/trace") as f:
+    trace = f.read()
+write(f"{INSTANCE}/events/kernel_lab_smoke/open/enable", "0")
+os.rmdir(f"{T}/{INSTANCE}")
+write("kprobe_events", "-:kernel_lab_smoke/open")
+with open(f"{T}/kprobe_events") as f:
+    left = f.read()
+out = os.environ["LAB_OUT"]
+with open(f"{out}/trace.txt", "w") as f:
+    f.write(trace)
+with open(f"{out}/kprobe_events_after.txt", "w") as f:
+    f.write(left)
+
+# An HTTP server inside the guest, scraped from inside it over loopback.
+for _ in range(100):
+    try:
+        body = urllib.request.urlopen("http://127.0.0.1:8123/hello.txt", timeout=2).read()
+        break
+    except OSError:
+        time.sleep(0.1)
+else:
+    raise SystemExit("no answer from the loopback HTTP server")
+with open(f"{out}/http.txt", "wb") as f:
+    f.write(body)
+"""
+
+SCRIPT = """
+set -euo pipefail
+uname -r > "$LAB_OUT/uname.txt"
+python3 -m http.server 8123 --bind 127.0.0.1 --directory "$LAB_IN" >/dev/null 2>&1 &
+python3 probe.py
+python3 -c 'import kprobe_exporter; print(kprobe_exporter.__file__)' > "$LAB_OUT/import.txt"
+mkdir -p "$LAB_OUT/nested" && cp hello.txt "$LAB_OUT/nested/"
+echo "smoke script done"
+"""
+
+
+@pytest.fixture(scope="module")
+def guest() -> GuestImage:
+    return require_guest()
+
+
+def test_guest_runs_real_kprobes_and_the_project(guest: GuestImage) -> None:
+    result = run_in_guest(SCRIPT, files={"probe.py": PROBE_PY, "hello.txt": b"hello from the host\n"})
+    assert result.returncode == 0, result.stdout
+    assert "smoke script done" in result.stdout
+    assert result.files["uname.txt"].decode().strip() == guest.kernel_release
+    trace = result.files["trace.txt"].decode()
+    assert trace.count('path="/kernel-lab-smoke-marker"') == 3, trace
+    assert "kernel_lab_smoke" not in result.files["kprobe_events_after.txt"].decode()
+    assert result.files["import.txt"].decode().strip() == "/job/src/kprobe_exporter/__init__.py"
+    assert result.files["http.txt"] == b"hello from the host\n"
+    assert result.files["nested/hello.txt"] == b"hello from the host\n"
+    assert 0 < result.boot_seconds < result.seconds
+    print(f"kernel lab: boot {result.boot_seconds:.1f} s, whole run {result.seconds:.1f} s")
+
+
+def test_exit_status_and_console_come_back(guest: GuestImage) -> None:
+    result = run_in_guest("echo to-stderr >&2; echo to-stdout; exit 7", timeout=60)
+    assert result.returncode == 7
+    assert "to-stderr" in result.stdout and "to-stdout" in result.stdout
+    assert result.files == {}
