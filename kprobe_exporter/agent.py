@@ -6,6 +6,7 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -13,13 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from kprobe_exporter import reload as reload_mod
 from kprobe_exporter import tracefs as tfs_mod
-from kprobe_exporter.aggregate import Aggregate
-from kprobe_exporter.config import Config, split_host_port
-from kprobe_exporter.metrics import Sources, make_registry
+from kprobe_exporter.aggregate import Aggregate, Snapshot
+from kprobe_exporter.config import Config, ConfigError, split_host_port
+from kprobe_exporter.metrics import Sources, SpanCounts, make_registry
 from kprobe_exporter.notify import SystemdNotifier
-from kprobe_exporter.probes import ProbeSet
+from kprobe_exporter.probes import EventSpec, ProbeSet
 from kprobe_exporter.reader import ReaderError, TracePipeReader
+from kprobe_exporter.spans import SpanPolicy, SpanShipper
 from kprobe_exporter.tracefs import InstanceLock, Tracefs, TracefsError
 from kprobe_exporter.web import WebServer, make_handler
 
@@ -63,8 +66,10 @@ class Agent:
     probes: ProbeSet
     listen: str
     notifier: SystemdNotifier = field(default_factory=SystemdNotifier)
-    wrap_socket: Callable[..., object] | None = None
+    wrap_socket: Callable[[socket.socket], socket.socket] | None = None
     authorize: Callable[..., bool] | None = None
+    # SIGHUP reloads from here: the config file read again and its probe set (raises ConfigError)
+    reload_source: Callable[[], tuple[Config, ProbeSet]] | None = None
 
     def __post_init__(self) -> None:
         self.stop_event = threading.Event()
@@ -73,9 +78,56 @@ class Agent:
         self.tracefs: Tracefs | None = None
         self.profile: dict[str, tuple[int, int]] = {}
         self.fatal: str | None = None
+        self.reload_requested = False
+        self.sources: Sources | None = None
+        # Counts carried over from the configs before a reload (see reload.py), and what scrapes read:
+        # one tuple, replaced whole, so a scrape never sees a base without its aggregate.
+        self.base: Snapshot | None = None
+        self._view: tuple[Snapshot | None, Aggregate, int] = (None, self.aggregate, self.config.label_limit)
+        self._stats_seen: dict[int, int] = {}  # per-CPU loss totals of the instance, as last read
+        self._stats_offset: dict[int, int] = {}  # the part of them counted by aggregates before a reload
+        self._binaries: dict[str, tuple[int, int] | None] = {}  # uprobe -> the binary it was defined on
+        self.shipper: SpanShipper | None = None
+        self._attach_spans(self.aggregate, self.probes)
+
+    def _attach_spans(self, agg: Aggregate, probes: ProbeSet) -> None:
+        """Pairs with `spans:` feed the shipper; it starts with the first such pair and stays for reloads."""
+        policies = {p.name: SpanPolicy(p.spans.sample_ratio, int(p.spans.min_duration * 1e9),
+                                       p.spans.error_on_negative_retval)
+                    for p in probes.pairs if p.spans is not None}
+        if not policies:
+            return
+        if self.shipper is None:
+            try:
+                self.shipper = SpanShipper(policies=policies)
+            except ValueError as e:  # an unsupported OTEL_EXPORTER_OTLP_PROTOCOL
+                raise StartupError(str(e), "", "OTEL_EXPORTER_OTLP_PROTOCOL") from None
+            if self.sources is not None:  # added by a reload: the agent already runs
+                if self.tracefs is not None:
+                    self.tracefs.set_option("record-tgid", True)
+                self.shipper.start()
+        else:
+            self.shipper.set_policies(policies)
+        for name, policy in policies.items():
+            agg.set_sink(name, policy, self.shipper.sink)
+
+    def span_counts(self) -> SpanCounts | None:
+        s = self.shipper
+        return SpanCounts(s.exported, s.dropped) if s is not None else None
+
+    def exemplar(self, pair: str) -> tuple[str, float, float] | None:
+        ex = self.shipper.exemplar(pair) if self.shipper is not None else None
+        return (ex.trace_id, ex.duration_s, ex.timestamp_s) if ex is not None else None
 
     def request_stop(self, signum: int = 0, frame: FrameType | None = None) -> None:
         self.stop_event.set()
+
+    def request_reload(self, signum: int = 0, frame: FrameType | None = None) -> None:
+        self.reload_requested = True  # the loop applies it; nothing else is safe in a signal handler
+
+    def snapshot(self) -> Snapshot:
+        base, agg, label_limit = self._view
+        return reload_mod.merge(base, agg.snapshot(), label_limit)
 
     def healthy(self) -> tuple[bool, str]:
         age = time.time() - self.heartbeat
@@ -91,32 +143,39 @@ class Agent:
         lock = InstanceLock.acquire(self.config.instance)
         try:
             root = tfs_mod.find_tracefs()
-            tfs = self.tracefs = Tracefs(root, self.config.instance)
+            tfs = self.tracefs = Tracefs(root, self.config.instance, pin=True)
             tfs.check_kinds(self.probes.events)
             # A killed predecessor of this instance left its group behind: ours to remove.
             for problem in tfs_mod.cleanup(root, self.config.instance):
                 log.warning("cleanup of a previous run: %s", problem)
-            sources = Sources(
-                snapshot=self.aggregate.snapshot,
+            sources = self.sources = Sources(
+                snapshot=self.snapshot,
                 probes=self.probes,
                 installed=tfs.installed_names,
                 profile=lambda: self.profile,
                 heartbeat=lambda: self.heartbeat,
+                spans=self.span_counts,
+                exemplar=self.exemplar,
             )
             registry = make_registry(sources)
             try:
-                web = WebServer(host, port, make_handler(registry, self.healthy, self.authorize))
+                web = WebServer(host, port, make_handler(registry, self.healthy, self.authorize), self.wrap_socket)
             except OSError as e:
                 raise StartupError(f"cannot listen on {self.listen}: {e.strerror}", "", "web.listen-address") from None
             try:
-                tfs.install(self.probes, self.config.buffer_size_kb, record_tgid=False, own_tids=own_tids())
+                # process.pid of a span is the tgid: the trace prints it only with record-tgid on
+                tfs.install(self.probes, self.config.buffer_size_kb, record_tgid=self.shipper is not None,
+                            own_tids=own_tids())
                 reader = TracePipeReader(str(tfs.inst / "trace_pipe"))
+                self._binaries = {ev.name: reload_mod.file_identity(ev) for ev in self.probes.events}
             except BaseException:
                 web.httpd.server_close()
                 tfs.remove()
                 raise
             web.start()
-            tfs.exclude_pids(own_tids())  # the web thread, now that it exists
+            if self.shipper is not None:
+                self.shipper.start()
+            tfs.exclude_pids(own_tids())  # the web and span threads, now that they exist
             log.info("installed %d events in instance %s; serving on %s", len(self.probes.events),
                      self.config.instance, self.listen)
             self.notifier.send("READY=1")
@@ -126,11 +185,15 @@ class Agent:
                 self.notifier.send("STOPPING=1")
                 reader.close()
                 problems = tfs.remove()
+                if self.shipper is not None:
+                    self.shipper.shutdown(timeout_s=5.0)  # flush what is queued, bounded
                 for p in problems:
                     log.error("removing probes: %s", p)
                 web.stop()
             return 1 if self.fatal else 0
         finally:
+            if self.tracefs is not None:
+                self.tracefs.close()
             lock.release()
 
     def _loop(self, reader: TracePipeReader, tfs: Tracefs) -> None:
@@ -145,6 +208,14 @@ class Agent:
                 return
             if chunk:
                 agg.feed(chunk)
+            if self.reload_requested:
+                try:
+                    self._reload(reader, tfs)
+                except ReaderError as e:
+                    self.fatal = str(e)
+                    log.error("%s; stopping and removing what is left", e)
+                    return
+                agg = self.aggregate
             now = time.monotonic()
             if now >= next_housekeeping:
                 next_housekeeping = now + HOUSEKEEPING_S
@@ -153,22 +224,106 @@ class Agent:
             self.notifier.ping()
 
     def _housekeeping(self, tfs: Tracefs) -> None:
-        if not tfs.inst.exists():
-            self.fatal = f"instance {tfs.inst} disappeared under the agent"
+        if not tfs.mounted():
+            self.fatal = f"tracefs was unmounted from {tfs.mount} under the agent"
+        elif not tfs.inst.exists():
+            self.fatal = f"instance {tfs.show(tfs.inst)} disappeared under the agent"
+        if self.fatal:
+            log.error("%s; stopping and removing what is left", self.fatal)
             self.stop_event.set()
             return
         try:
             for cpu, total in tfs.cpu_stats().items():
-                self.aggregate.set_stats_lost(cpu, total)
+                self._stats_seen[cpu] = total
+                self.aggregate.set_stats_lost(cpu, total - self._stats_offset.get(cpu, 0))
             self.profile = tfs.profile()
         except (OSError, ValueError) as e:
             log.warning("reading tracefs stats: %s", e)
         self.aggregate.sweep(time.clock_gettime_ns(time.CLOCK_MONOTONIC))
 
+    # --- hot reload (SIGHUP) ----------------------------------------------------------------
+    def _reload(self, reader: TracePipeReader, tfs: Tracefs) -> None:
+        """Apply the config file's new version: only the probes that changed go and come.
+
+        Everything that can fail is tried before anything changes: the file, the probe set, the
+        kernel's verdict on the new events (installed in a scratch instance and group, then removed).
+        A refused reload logs why and leaves the running config as it was.
+        """
+        self.reload_requested = False
+        if self.reload_source is None:
+            log.warning("reload: this agent has no config file to reload")
+            return
+        try:
+            new_cfg, new_probes = self.reload_source()
+            plan = reload_mod.plan(self.config, self.probes, new_cfg, new_probes, self._binaries)
+            if plan.restart:
+                raise ConfigError(f"{', '.join(plan.restart)} cannot change without a restart")
+            if not plan.changed:
+                log.info("reload: the config is unchanged")
+                return
+            tfs.check_kinds(plan.add)
+            self._trial(tfs, plan.add)
+        except (ConfigError, TracefsError) as e:
+            where = f"probe {e.probe!r}, field {e.field!r}: " if isinstance(e, TracefsError) and e.probe else ""
+            log.error("reload refused, the running config stays: %s%s", where, e.message)
+            return
+        for problem in tfs.disable_events(plan.remove):
+            log.warning("reload: %s", problem)
+        self._drain(reader)  # what the removed events left in the buffer still counts, in the old aggregate
+        if new_cfg.buffer_size_kb != self.config.buffer_size_kb:
+            try:
+                tfs.set_buffer_size(new_cfg.buffer_size_kb)
+            except TracefsError as e:
+                log.warning("reload: %s; the buffer keeps its size", e.message)
+        base = reload_mod.carry(self.base, self.aggregate.snapshot(), new_cfg.label_limit, plan.keep,
+                                plan.keep_pairs)
+        agg = make_aggregate(new_cfg, new_probes)
+        self._attach_spans(agg, new_probes)
+        self._stats_offset = dict(self._stats_seen)
+        self.config, self.probes, self.aggregate, self.base = new_cfg, new_probes, agg, base
+        self._view = (base, agg, new_cfg.label_limit)
+        if self.sources is not None:
+            self.sources.probes = new_probes
+        for problem in tfs.undefine_events(plan.remove):
+            log.warning("reload: %s", problem)
+        try:
+            tfs.add_events(plan.add)
+        except TracefsError as e:  # the trial passed a moment ago: a race with someone else's change
+            log.error("reload: the new probes could not be installed (%s); the kept ones run on, "
+                      "kprobe_exporter_probe_installed shows which are missing", e.message)
+        added = {ev.name for ev in plan.add}
+        self._binaries = {ev.name: reload_mod.file_identity(ev) if ev.name in added else self._binaries.get(ev.name)
+                          for ev in new_probes.events}
+        log.info("reloaded: %s", plan.summary())
+
+    def _trial(self, tfs: Tracefs, events: tuple[EventSpec, ...]) -> None:
+        """Install events in a scratch instance and group and remove them: the kernel's verdict, no effect."""
+        if not events:
+            return
+        scratch = f"kpe_reload_{os.getpid()}"
+        trial = Tracefs(tfs.root, scratch)
+        try:
+            trial.install(ProbeSet(scratch, reload_mod.regroup(events, self.config.instance, scratch), ()), 64,
+                          record_tgid=False, own_tids=[])
+        except TracefsError as e:
+            raise TracefsError(e.message.replace(scratch, self.config.instance), e.probe, e.field) from None
+        finally:
+            problems = trial.remove()
+        if problems:
+            log.warning("reload: removing the trial: %s", "; ".join(problems))
+
+    def _drain(self, reader: TracePipeReader) -> None:
+        for _ in range(10000):
+            chunk = reader.read_chunk(0)
+            if not chunk:
+                return
+            self.aggregate.feed(chunk)
+
 
 def install_signal_handlers(agent: Agent) -> None:
     signal.signal(signal.SIGTERM, agent.request_stop)
     signal.signal(signal.SIGINT, agent.request_stop)
+    signal.signal(signal.SIGHUP, agent.request_reload)
 
 
 def check(config: Config, probes_for: Callable[[Config], ProbeSet]) -> list[str]:
