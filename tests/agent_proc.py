@@ -41,15 +41,21 @@ def value(text_or_samples: str | dict, name: str, **labels: str) -> float | None
 
 
 class AgentProcess:
-    def __init__(self, config: Path | None, port: int, extra: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config: Path | None, port: int, extra: list[str] | None = None, env: dict[str, str] | None = None,
+        pid_placeholder: bool = False,
+    ) -> None:
         self.port = port
         cmd = [sys.executable, "-m", "kprobe_exporter", "run", "--web.listen-address", f"127.0.0.1:{port}"]
         if config is not None:
             cmd += ["--config", str(config)]
         cmd += extra or []
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     env={**os.environ, **(env or {})})
+        if pid_placeholder and config is not None:
+            # The config learns the agent's pid: sh writes its own pid, then execs the agent in its place.
+            cmd = ["sh", "-c", f'sed -i "s/__AGENT_PID__/$$/g" {config} && exec "$@"', "sh", *cmd]
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})}
+        )
 
     @property
     def url(self) -> str:
@@ -99,8 +105,9 @@ class AgentProcess:
 
 
 @contextmanager
-def running_agent(config: Path | None, extra: list[str] | None = None,
-                  env: dict[str, str] | None = None) -> Iterator[AgentProcess]:
+def running_agent(
+    config: Path | None, extra: list[str] | None = None, env: dict[str, str] | None = None
+) -> Iterator[AgentProcess]:
     agent = AgentProcess(config, free_port(), extra, env)
     try:
         agent.wait_ready()

@@ -23,7 +23,7 @@ def test_uprobe_latency_counts_exactly(tracefs: Path, progs: dict[str, Path], wr
 instance: kpe_t_uprobe
 probes:
   - name: open_path
-    uprobe: {progs['pie']}:open_path
+    uprobe: {progs["pie"]}:open_path
     args: {{path: "+0(%di):string"}}
     labels: [path]
     latency: true
@@ -48,7 +48,7 @@ def test_recursion_pairs_each_level(tracefs: Path, progs: dict[str, Path], write
 instance: kpe_t_recurse
 probes:
   - name: recurse
-    uprobe: {progs['pie']}:recurse
+    uprobe: {progs["pie"]}:recurse
     args: {{depth: "%di:s32"}}
     labels: [depth]
     latency: true
@@ -66,8 +66,9 @@ probes:
 
 
 @pytest.mark.parametrize("build", ["nopie", "libdriver"])
-def test_uprobe_resolves_non_pie_and_shared_library(tracefs: Path, progs: dict[str, Path], write_config,
-                                                    build: str) -> None:
+def test_uprobe_resolves_non_pie_and_shared_library(
+    tracefs: Path, progs: dict[str, Path], write_config, build: str
+) -> None:
     target = progs["lib"] if build == "libdriver" else progs["nopie"]
     cfg = write_config(f"""
 instance: kpe_t_{build}
@@ -114,6 +115,7 @@ def _other_probe(progs: dict[str, Path]) -> str:
 
 def _drop_other() -> None:
     import os
+
     fd = os.open("/sys/kernel/tracing/uprobe_events", os.O_WRONLY | os.O_APPEND)
     try:
         os.write(fd, b"-:kpe_other/keepme\n")
@@ -124,6 +126,7 @@ def _drop_other() -> None:
 @pytest.fixture
 def other_probe(tracefs: Path, progs: dict[str, Path]):  # type: ignore[no-untyped-def]
     import os
+
     fd = os.open(tracefs / "uprobe_events", os.O_WRONLY | os.O_APPEND)
     os.write(fd, f"p:kpe_other/keepme {progs['pie']}:0x1000\n".encode())
     os.close(fd)
@@ -138,7 +141,7 @@ def _cfg_for(progs: dict[str, Path], instance: str) -> str:
 instance: {instance}
 probes:
   - name: compute
-    uprobe: {progs['pie']}:compute
+    uprobe: {progs["pie"]}:compute
     latency: true
   - name: openat
     tracepoint: syscalls/sys_enter_openat
@@ -146,8 +149,9 @@ probes:
 """
 
 
-def test_sigterm_removes_everything_and_spares_others(tracefs: Path, progs: dict[str, Path], write_config,
-                                                      other_probe: None) -> None:
+def test_sigterm_removes_everything_and_spares_others(
+    tracefs: Path, progs: dict[str, Path], write_config, other_probe: None
+) -> None:
     cfg = write_config(_cfg_for(progs, "kpe_t_term"))
     agent = AgentProcess(cfg, free_port())
     agent.wait_ready()
@@ -162,8 +166,9 @@ def test_sigterm_removes_everything_and_spares_others(tracefs: Path, progs: dict
     assert (tracefs / "events/syscalls/sys_enter_openat/enable").read_text().strip() == "0"
 
 
-def test_sigkill_leftovers_removed_by_cleanup_and_by_next_start(tracefs: Path, progs: dict[str, Path],
-                                                                 write_config, other_probe: None) -> None:
+def test_sigkill_leftovers_removed_by_cleanup_and_by_next_start(
+    tracefs: Path, progs: dict[str, Path], write_config, other_probe: None
+) -> None:
     cfg = write_config(_cfg_for(progs, "kpe_t_kill"))
     for remover in ("cleanup", "restart"):
         agent = AgentProcess(cfg, free_port())
@@ -172,8 +177,11 @@ def test_sigkill_leftovers_removed_by_cleanup_and_by_next_start(tracefs: Path, p
         assert len(group_definitions("kpe_t_kill")) == 2  # a killed agent leaves its probes
         assert (tracefs / "instances" / "kpe_t_kill").is_dir()
         if remover == "cleanup":
-            subprocess.run(["python", "-m", "kprobe_exporter", "cleanup", "--instance", "kpe_t_kill"], check=True,
-                           cwd=Path(__file__).parent.parent)
+            subprocess.run(
+                ["python", "-m", "kprobe_exporter", "cleanup", "--instance", "kpe_t_kill"],
+                check=True,
+                cwd=Path(__file__).parent.parent,
+            )
         else:
             with running_agent(cfg) as again:
                 run(progs["pie"], "compute", 9)
@@ -186,20 +194,25 @@ def test_sigkill_leftovers_removed_by_cleanup_and_by_next_start(tracefs: Path, p
 def test_agent_never_feeds_its_own_probes(tracefs: Path, write_config) -> None:
     """A uprobe on the libc calls the reader itself makes would be a feedback loop without the pid exclusion."""
     libc = "/lib/x86_64-linux-gnu/libc.so.6"
+    # Only the agent's reader thread (its pid) counts: other processes, other agents included, may call these.
     cfg = write_config(f"""
 instance: kpe_t_self
 probes:
-  - {{name: readv, uprobe: '{libc}:readv', labels: [comm]}}
-  - {{name: poll, uprobe: '{libc}:poll', labels: [comm]}}
+  - {{name: readv, uprobe: '{libc}:readv', filter: 'common_pid == __AGENT_PID__'}}
+  - {{name: poll, uprobe: '{libc}:poll', filter: 'common_pid == __AGENT_PID__'}}
 """)
-    with running_agent(cfg) as agent:
+    agent = AgentProcess(cfg, free_port(), pid_placeholder=True)
+    try:
+        agent.wait_ready()
         time.sleep(3)
         for _ in range(5):
-            agent.scrape()  # the web thread's own calls are excluded too
+            agent.scrape()
         time.sleep(1)
         text = agent.scrape()
+        assert f"common_pid == {agent.proc.pid}" in cfg.read_text()
         # The agent polls ~10 times a second and reads after each: with itself traced this runs away.
-        # Other processes on the machine may call these too: only the agent's own comm must stay silent.
-        assert value(text, "kprobe_events_total", probe="readv", comm="kprobe-exporter") is None
-        assert value(text, "kprobe_events_total", probe="poll", comm="kprobe-exporter") is None
+        assert value(text, "kprobe_events_total", probe="readv") == 0
+        assert value(text, "kprobe_events_total", probe="poll") == 0
         assert value(text, "kprobe_exporter_probe_installed", probe="poll") == 1
+    finally:
+        agent.stop()
