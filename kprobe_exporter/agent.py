@@ -15,6 +15,7 @@ from pathlib import Path
 from types import FrameType
 
 from kprobe_exporter import reload as reload_mod
+from kprobe_exporter import ringbuf
 from kprobe_exporter import tracefs as tfs_mod
 from kprobe_exporter.aggregate import Aggregate, Snapshot
 from kprobe_exporter.config import Config, ConfigError, split_host_port
@@ -27,6 +28,16 @@ from kprobe_exporter.tracefs import InstanceLock, Tracefs, TracefsError
 from kprobe_exporter.web import WebServer, make_handler
 
 log = logging.getLogger("kprobe_exporter")
+
+Reader = TracePipeReader | ringbuf.RawReader
+
+
+def feed(agg: Aggregate, chunk: bytes | ringbuf.Batch) -> None:
+    """Text lines from trace_pipe, or decoded events from the per-CPU ring buffers."""
+    if isinstance(chunk, ringbuf.Batch):
+        agg.feed_events(chunk)
+    else:
+        agg.feed(chunk)
 
 HOUSEKEEPING_S = 1.0
 
@@ -166,7 +177,7 @@ class Agent:
                 # process.pid of a span is the tgid: the trace prints it only with record-tgid on
                 tfs.install(self.probes, self.config.buffer_size_kb, record_tgid=self.shipper is not None,
                             own_tids=own_tids())
-                reader = TracePipeReader(str(tfs.inst / "trace_pipe"))
+                reader = self._open_reader(tfs)
                 self._binaries = {ev.name: reload_mod.file_identity(ev) for ev in self.probes.events}
             except BaseException:
                 web.httpd.server_close()
@@ -196,7 +207,24 @@ class Agent:
                 self.tracefs.close()
             lock.release()
 
-    def _loop(self, reader: TracePipeReader, tfs: Tracefs) -> None:
+    def _open_reader(self, tfs: Tracefs) -> Reader:
+        """`reader: raw` reads the per-CPU ring buffers; where they cannot be read or decoded, the text
+        reader, with the reason logged (no numbers at all beat wrong ones, and text is never wrong)."""
+        if self.config.reader == "raw":
+            try:
+                ringbuf.check_byteorder()
+                ringbuf.check_probes(self.probes, tfs.root, spans=self.shipper is not None)
+                events = ringbuf.RawEvents.load([tfs.event_dir(ev) for ev in self.probes.events], self.probes)
+                events.require_renderers(ringbuf.args_needed(self.probes, spans=self.shipper is not None))
+                raw = ringbuf.RawReader(tfs.inst, events, tracefs_root=tfs.root)
+                log.info("reader: raw (per-CPU trace_pipe_raw, %d-byte pages, nanosecond timestamps)",
+                         raw.layout.page_size)
+                return raw
+            except ringbuf.RawUnsupported as e:
+                log.warning("reader: the raw reader cannot serve this config here (%s); reading trace_pipe text", e)
+        return TracePipeReader(str(tfs.inst / "trace_pipe"))
+
+    def _loop(self, reader: Reader, tfs: Tracefs) -> None:
         agg = self.aggregate
         next_housekeeping = 0.0
         while not self.stop_event.is_set():
@@ -207,7 +235,7 @@ class Agent:
                 log.error("%s; stopping and removing what is left", e)
                 return
             if chunk:
-                agg.feed(chunk)
+                feed(agg, chunk)
             if self.reload_requested:
                 try:
                     self._reload(reader, tfs)
@@ -242,7 +270,7 @@ class Agent:
         self.aggregate.sweep(time.clock_gettime_ns(time.CLOCK_MONOTONIC))
 
     # --- hot reload (SIGHUP) ----------------------------------------------------------------
-    def _reload(self, reader: TracePipeReader, tfs: Tracefs) -> None:
+    def _reload(self, reader: Reader, tfs: Tracefs) -> None:
         """Apply the config file's new version: only the probes that changed go and come.
 
         Everything that can fail is tried before anything changes: the file, the probe set, the
@@ -262,6 +290,12 @@ class Agent:
                 log.info("reload: the config is unchanged")
                 return
             tfs.check_kinds(plan.add)
+            if isinstance(reader, ringbuf.RawReader):
+                try:
+                    spans = any(p.spans is not None for p in new_probes.pairs)
+                    ringbuf.check_probes(new_probes, tfs.root, spans=spans)
+                except ringbuf.RawUnsupported as e:
+                    raise ConfigError(f"the raw reader: {e}; such probes need `reader: text` (a restart)") from None
             self._trial(tfs, plan.add)
         except (ConfigError, TracefsError) as e:
             where = f"probe {e.probe!r}, field {e.field!r}: " if isinstance(e, TracefsError) and e.probe else ""
@@ -291,6 +325,14 @@ class Agent:
         except TracefsError as e:  # the trial passed a moment ago: a race with someone else's change
             log.error("reload: the new probes could not be installed (%s); the kept ones run on, "
                       "kprobe_exporter_probe_installed shows which are missing", e.message)
+        if isinstance(reader, ringbuf.RawReader):  # the new set's event ids (a redefined probe gets a new one)
+            try:
+                reader.set_events(ringbuf.RawEvents.load([tfs.event_dir(ev) for ev in new_probes.events], new_probes,
+                                                         strict=False))
+            except ringbuf.RawUnsupported as e:
+                self.fatal = f"reload: the raw reader cannot decode the new events: {e}"
+                log.error("%s; stopping and removing what is left", self.fatal)
+                self.stop_event.set()
         added = {ev.name for ev in plan.add}
         self._binaries = {ev.name: reload_mod.file_identity(ev) if ev.name in added else self._binaries.get(ev.name)
                           for ev in new_probes.events}
@@ -312,12 +354,12 @@ class Agent:
         if problems:
             log.warning("reload: removing the trial: %s", "; ".join(problems))
 
-    def _drain(self, reader: TracePipeReader) -> None:
+    def _drain(self, reader: Reader) -> None:
         for _ in range(10000):
-            chunk = reader.read_chunk(0)
+            chunk = reader.read_chunk(0) if isinstance(reader, TracePipeReader) else reader.flush()
             if not chunk:
                 return
-            self.aggregate.feed(chunk)
+            feed(self.aggregate, chunk)
 
 
 def install_signal_handlers(agent: Agent) -> None:
@@ -336,7 +378,10 @@ def check(config: Config, probes_for: Callable[[Config], ProbeSet]) -> list[str]
     tfs.check_kinds(probes.events)
     out: list[str] = []
     try:
-        tfs.install(probes, 64, record_tgid=False, own_tids=[])
+        try:
+            tfs.install(probes, 64, record_tgid=False, own_tids=[])
+        except TracefsError as e:  # name the user's group, not the scratch one
+            raise TracefsError(e.message.replace(scratch, config.instance), e.probe, e.field) from None
         readback = {}
         for probe_file in ("kprobe_events", "uprobe_events"):
             path = root / probe_file

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
+from typing import NoReturn
 
 from prometheus_client.exposition import generate_latest
 
@@ -20,8 +21,15 @@ EXIT_USAGE = 2
 DEFAULT_PORT = 10111
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line too (argparse prints the whole usage by default)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kprobe-exporter", description=(
+    p = _Parser(prog="kprobe-exporter", description=(
         "Linux dynamic probes (kprobes, uprobes, tracepoints) as Prometheus metrics and OTLP spans. "
         "Without a command it runs on the embedded default config."))
     p.add_argument("--version", action="version", version=f"kprobe-exporter {__version__}")
@@ -52,6 +60,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
                    help=f"HOST:PORT to serve on (default 0.0.0.0:{DEFAULT_PORT} or the config's)")
     p.add_argument("--web.config.file", dest="web_config", default=None,
                    help="TLS and basic-auth settings in the exporter-toolkit format")
+    p.add_argument("--reader", choices=["text", "raw"], default=None,
+                   help="trace_pipe text, or the per-CPU binary ring buffers (default: the config's, else text)")
     p.add_argument("--log.level", dest="log_level", default="info",
                    choices=["debug", "info", "warning", "error"])
 
@@ -75,26 +85,34 @@ def load_config(path: str | None) -> tuple[Config, str]:
     return config.load(path), path
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    message = " ".join(message.splitlines())  # one line, whatever a message carries
     print(f"kprobe-exporter: {message}" if not message.startswith(("/", "<", ".")) else message,
           file=sys.stderr)
-    return EXIT_USAGE
+    return code
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from kprobe_exporter import webconfig
 
-    cfg, path = load_config(args.config)
-    probe_set = probes.build_probe_set(cfg, path)
-    listen = args.listen or cfg.listen_address
-    try:
-        config.split_host_port(listen)
-    except ValueError as e:
-        raise ConfigError(f"--web.listen-address: {e}") from None
+    def load() -> tuple[Config, probes.ProbeSet]:
+        cfg, path = load_config(args.config)
+        if args.listen:  # the flag wins over the file, on reload too
+            cfg = cfg.model_copy(update={"listen_address": args.listen})
+        if getattr(args, "reader", None):  # and so does --reader
+            cfg = cfg.model_copy(update={"reader": args.reader})
+        return cfg, probes.build_probe_set(cfg, path)
+
+    if args.listen:
+        try:
+            config.split_host_port(args.listen)
+        except ValueError as e:
+            raise ConfigError(f"--web.listen-address: {e}") from None
+    cfg, probe_set = load()
     wrap, authorize = webconfig.load(args.web_config) if args.web_config else (None, None)
     if os.geteuid() != 0:
         raise agent.StartupError("must run as root (writing kprobe_events/uprobe_events needs it)")
-    a = agent.Agent(cfg, probe_set, listen, wrap_socket=wrap, authorize=authorize)
+    a = agent.Agent(cfg, probe_set, cfg.listen_address, wrap_socket=wrap, authorize=authorize, reload_source=load)
     agent.install_signal_handlers(a)
     try:
         return a.run()
@@ -187,3 +205,6 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{src}: {where}: {e.message}" if where else f"{src}: {e.message}")
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # a bug, not a user mistake: still one line, the traceback on request
+        logging.getLogger("kprobe_exporter").debug("internal error", exc_info=True)
+        return _fail(f"internal error: {type(e).__name__}: {e} (--log.level=debug shows the traceback)", 1)

@@ -253,20 +253,54 @@ def _pydantic_error(path: str, data: Any, err: ValidationError) -> ConfigError:
         msg = f"unknown key {key!r}" + (f"; did you mean {near[0]!r}?" if near else f"; known: {', '.join(names)}")
     elif e["type"] == "missing":
         msg = "is required"
+    elif e["type"] == "model_type":
+        msg = f"must be a mapping of keys (like name, uprobe, args), not {type(e.get('input')).__name__}"
     elif field == "" and model in (ProbeConfig, PairConfig):
         pass
     return ConfigError(format_error(path, probe, field, msg))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:
+                continue  # an unhashable key: construct_mapping below reports it
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (the second would silently win)", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _line_col(text: str, position: int) -> str:
+    line = text.count("\n", 0, position) + 1
+    column = position - (text.rfind("\n", 0, position) + 1) + 1
+    return f"line {line}, column {column}"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def load_text(text: str, path: str = "<config>") -> Config:
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError(f"{path}: YAML error at {where}{e.problem}") from None
+        raise ConfigError(f"{path}: YAML error at {where}{_one_line(e.problem or e.context or '')}") from None
+    except yaml.reader.ReaderError as e:
+        char = chr(e.character) if isinstance(e.character, int) else str(e.character)
+        raise ConfigError(f"{path}: YAML error at {_line_col(text, e.position)}: "
+                          f"character {char!r} is not allowed in YAML") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: YAML error: {e}") from None
+        raise ConfigError(f"{path}: YAML error: {_one_line(str(e))}") from None
     if data is None:
         raise ConfigError(f"{path}: the file is empty; it needs at least 'probes:'")
     if not isinstance(data, dict):
@@ -278,10 +312,17 @@ def load_text(text: str, path: str = "<config>") -> Config:
     return config
 
 
+MAX_CONFIG_BYTES = 4 << 20
+
+
 def load(path: str | Path) -> Config:
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with p.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{p}: the config file is over {MAX_CONFIG_BYTES >> 20} MiB; is it the right file?")
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such config file") from None
     except IsADirectoryError:

@@ -124,7 +124,7 @@ class ExporterCollector(Collector):
         for name, st in sorted(snap.pairs.items()):
             pending.add_metric([name], st.pending)
             unmatched.add_metric([name], st.unmatched)
-            for reason in EVICT_REASONS:
+            for reason in (*EVICT_REASONS, *sorted(set(st.evicted) - set(EVICT_REASONS))):  # + 'reload'
                 evicted.add_metric([name, reason], st.evicted.get(reason, 0))
         yield pending
         yield evicted

@@ -31,6 +31,7 @@ _TYPE_RE = re.compile(r"^(?:[usx](?:8|16|32|64)|char|string|ustring|symbol|symst
 _STRING_TYPES = ("string", "ustring", "symstr")
 _TRACEPOINT_RE = re.compile(r"^([A-Za-z0-9_]+)/([A-Za-z0-9_]+)$")
 _KSYM_RE = re.compile(r"^([A-Za-z_.][A-Za-z0-9_.$]*)(?:\+(0x[0-9a-fA-F]+|\d+))?$")
+_PID_LABEL_RE = re.compile(r"(?:^|_)(?:pid|tid|tgid)$", re.IGNORECASE)
 _RAW_RE = re.compile(r"^\s*([pr])(\d*)(?::(?:([^/\s]+)/)?([^\s/]+))?\s+(\S+)\s*(.*?)\s*$")
 
 
@@ -62,6 +63,7 @@ class EventSpec:
     labels: tuple[str, ...] = ()
     counted: bool = True  # generated return probes feed pairs only
     key: bytes = b""  # how the event's name prints in trace text (see parser)
+    raw: bool = False  # from a `raw:` line (errors name that field)
 
     @property
     def is_return(self) -> bool:
@@ -143,6 +145,8 @@ def check_field(probe: str, fld: str, value: str) -> None:
         raise ProbeError(probe, fld, str(e)) from None
     if any(c.isspace() for c in value):
         raise ProbeError(probe, fld, "must not contain whitespace")
+    if "#" in value:
+        raise ProbeError(probe, fld, "must not contain '#' (the kernel reads the rest of the line as a comment)")
 
 
 Resolver = Callable[[str, str], int]
@@ -210,7 +214,7 @@ def _raw(probe_cfg: ProbeConfig, group: str, resolve: Resolver | None) -> EventS
     head = f"{letter}{maxactive}:{group}/{event}"
     definition = " ".join([head, target, *(f"{a.name}={a.fetch}" for a in args)])
     return EventSpec(event, kind, group, target, function, definition, tuple(args), probe_cfg.filter,
-                     tuple(probe_cfg.labels), key=event_key(kind, event))
+                     tuple(probe_cfg.labels), key=event_key(kind, event), raw=True)
 
 
 def _probe_events(p: ProbeConfig, group: str, resolve: Resolver | None) -> tuple[list[EventSpec], PairSpec | None]:
@@ -265,6 +269,9 @@ def _probe_events(p: ProbeConfig, group: str, resolve: Resolver | None) -> tuple
             raise ProbeError(probe, "filter", str(e)) from None
     arg_names = {a.name for a in ev.args}
     for label in p.labels:
+        if _PID_LABEL_RE.search(label):
+            raise ProbeError(probe, "labels", f"label {label!r}: pid and tid are never labels (one series per "
+                             "process or thread grows without bound); use 'comm'")
         if label == "comm" or label in arg_names:
             continue
         if ev.kind == "tracepoint" and re.fullmatch(r"[A-Za-z_]\w*", label):
@@ -350,8 +357,8 @@ def _build(config: Config, resolve: Resolver | None) -> ProbeSet:
     keys: dict[bytes, EventSpec] = {}
     for ev in events:
         if ev.name in seen:
-            raise ProbeError(f"{ev.name!r}", "name", "duplicate name; each probe (and its generated "
-                             f"'{ev.name}' return probe) needs a unique name")
+            raise ProbeError(f"{ev.name!r}", "name", "duplicate name; each probe needs a unique name "
+                             "(and 'latency: true' takes NAME_ret for the return probe)")
         if ev.key in keys:
             other = keys[ev.key]
             raise ProbeError(f"{ev.name!r}", "tracepoint", f"prints the same as probe {other.name!r} "
@@ -377,7 +384,7 @@ def _build(config: Config, resolve: Resolver | None) -> ProbeSet:
     for pr in pairs:
         for ev_name in (pr.entry, pr.exit):
             if ev_name in used:
-                raise ProbeError(f"pair {pr.name!r}", "entry", f"event {ev_name!r} is already in pair {used[ev_name]!r}; "
-                                 "an event belongs to one pair")
+                raise ProbeError(f"pair {pr.name!r}", "entry",
+                                 f"event {ev_name!r} is already in pair {used[ev_name]!r}; an event is in one pair")
             used[ev_name] = pr.name
     return ProbeSet(group, tuple(events), tuple(pairs), tuple(names))

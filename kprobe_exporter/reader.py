@@ -1,9 +1,22 @@
-"""Reader: drain trace_pipe with one read() into a preallocated buffer; hand on complete lines only."""
+"""Reader: drain trace_pipe into a preallocated buffer; hand on complete lines only, in big chunks.
+
+A read() of trace_pipe returns at most two pages (~8 KB, ~130 lines): the kernel formats events
+into a page-sized buffer per call. The aggregate digests a chunk in whole-array passes whose fixed
+cost is ~0.2 ms, so one read per chunk would cost ~1.5 µs a line more than it needs. read_chunk
+therefore keeps reading until trace_pipe is empty or the buffer is nearly full, and when a drain
+came up short (a quiet moment), it lets events gather for `batch_s` before the next one: at 200k
+events/s that makes ~4000-line chunks instead of 130-line ones. Under overload every drain fills
+the buffer, so it never waits. (splice() into a pipe moves 0.5 MB a call but measured 620 ns of
+CPU a line against 330 for read(): it formats the same text and copies it twice.)
+"""
 
 from __future__ import annotations
 
 import os
 import select
+import time
+
+MIN_FREE = 16 << 10  # stop filling when less than this is free: a read takes up to ~8 KB
 
 
 class ReaderError(Exception):
@@ -13,32 +26,36 @@ class ReaderError(Exception):
 class TracePipeReader:
     """Non-blocking reads of a trace_pipe; a partial last line is carried to the next read."""
 
-    def __init__(self, path: str, bufsize: int = 1 << 20) -> None:
+    def __init__(self, path: str, bufsize: int = 1 << 20, batch_s: float = 0.02,
+                 batch_bytes: int = 256 << 10) -> None:
         self.path = path
         self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        self._buf = bytearray(bufsize)
+        self._buf = bytearray(max(bufsize, 2 * MIN_FREE))
         self._view = memoryview(self._buf)
         self._have = 0  # bytes of a partial line kept at the buffer's start
         self._poll = select.poll()
         self._poll.register(self.fd, select.POLLIN)
+        self.batch_s = batch_s
+        self.batch_bytes = batch_bytes
+        self._quiet_until = 0.0
 
     def read_chunk(self, timeout_s: float = 0.1) -> bytes:
         """Complete lines read now, or b'' after waiting up to timeout_s for any."""
-        view = self._view
-        try:
-            n = os.readv(self.fd, [view[self._have :]])
-        except BlockingIOError:
+        wait = self._quiet_until - time.monotonic()
+        if wait > 0:
+            time.sleep(min(wait, timeout_s))
+        start = self._have
+        end, drained = self._fill()
+        got = end - start
+        if drained and got < self.batch_bytes:
+            self._quiet_until = time.monotonic() + self.batch_s
+        if got == 0 and drained:
             self._readable(timeout_s)  # wait here; the next call reads what arrived
             return b""
-        except OSError as e:
-            # EINTR is retried by Python itself (PEP 475); the rest means tracefs went away.
-            raise ReaderError(f"reading {self.path} failed: {os.strerror(e.errno or 0)}") from None
-        if n == 0 and self._have == 0:
-            return b""
-        end = self._have + n
+        view = self._view
         cut = self._buf.rfind(b"\n", 0, end) + 1
         if cut == 0:
-            if end == len(self._buf):  # a line longer than the buffer: pass it on as is
+            if end >= len(self._buf) - MIN_FREE:  # a line longer than the buffer: pass it on as is
                 self._have = 0
                 return bytes(view[:end])
             self._have = end
@@ -49,6 +66,22 @@ class TracePipeReader:
             self._buf[:rest] = view[cut:end]
         self._have = rest
         return chunk
+
+    def _fill(self) -> tuple[int, bool]:
+        """Read until trace_pipe is empty or the buffer nearly full: (bytes held, whether emptied)."""
+        view, end, size = self._view, self._have, len(self._buf)
+        while size - end >= MIN_FREE:
+            try:
+                n = os.readv(self.fd, [view[end:]])
+            except BlockingIOError:
+                return end, True
+            except OSError as e:
+                # EINTR is retried by Python itself (PEP 475); the rest means tracefs went away.
+                raise ReaderError(f"reading {self.path} failed: {os.strerror(e.errno or 0)}") from None
+            if n == 0:
+                return end, True
+            end += n
+        return end, False
 
     def _readable(self, timeout_s: float) -> bool:
         try:

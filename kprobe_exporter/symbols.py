@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 
 from elftools.common.exceptions import ELFError
@@ -15,6 +16,10 @@ class SymbolError(Exception):
 
 
 _FUNC_TYPES = ("STT_FUNC", "STT_GNU_IFUNC")
+# Reading a symbol table with pyelftools costs ~10 µs a symbol: a config with several uprobes in one
+# binary (or libc) reads it once. Keyed by the file's identity, so a rebuilt binary is read again.
+_CACHE: dict[tuple[str, int, int, int, int], tuple[dict[str, int], bool]] = {}
+_CACHE_MAX = 32
 
 
 def _functions(elf: ELFFile) -> tuple[dict[str, int], bool]:
@@ -52,8 +57,15 @@ def resolve(path: str, symbol: str) -> int:
     p = Path(path)
     try:
         with p.open("rb") as f:
+            st = os.fstat(f.fileno())
+            key = (str(p), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             elf = ELFFile(f)
-            functions, has_symtab = _functions(elf)
+            cached = _CACHE.get(key)
+            if cached is None:
+                if len(_CACHE) >= _CACHE_MAX:
+                    _CACHE.clear()
+                cached = _CACHE[key] = _functions(elf)
+            functions, has_symtab = cached
             if symbol not in functions:
                 if not functions and not has_symtab:
                     raise SymbolError(f"{path} is stripped (no .symtab and no function in .dynsym)")

@@ -21,6 +21,12 @@ from pathlib import Path
 from kprobe_exporter.probes import EventSpec, ProbeSet
 
 CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+# (type, (major, minor) kernels, what was seen): types a kernel accepts but that break it once the probe
+# fires. symstr on Debian's 6.1.192 (a backport): a kprobe with %ip:symstr on do_sys_openat2 corrupts the
+# slab within seconds of opens (GPF in kmem_cache_alloc, list_del corruption); see tests/test_kernel_lab.py.
+BROKEN_TYPES: tuple[tuple[str, tuple[tuple[int, ...], ...], str], ...] = (
+    ("symstr", ((6, 1),), "Debian 6.1.192: general protection faults in kmem_cache_alloc once the probe fires"),
+)
 _DEF_RE = re.compile(r"^[pr]\d*:([^/\s]+)/(\S+)\s")
 
 
@@ -95,6 +101,22 @@ def kernel_reason(entry: str) -> str:
     return head
 
 
+def rejected_field(ev: EventSpec, entry: str) -> str:
+    """The config field an error_log entry's caret points into: `args.NAME`, else the probe's kind (or `raw`)."""
+    lines = entry.splitlines()
+    if not ev.raw and ev.definition and len(lines) >= 3 and "Command: " in lines[1]:
+        pos = lines[2].find("^") - (lines[1].find("Command: ") + len("Command: "))
+        tokens = ev.definition.split(" ")
+        end = -1
+        for i, token in enumerate(tokens):
+            end += len(token) + 1
+            if pos <= end:
+                if i >= 2 and i - 2 < len(ev.args):
+                    return f"args.{ev.args[i - 2].name}"
+                break
+    return "raw" if ev.raw else ev.kind
+
+
 @dataclass
 class InstanceLock:
     """A live agent holds its instance through an abstract unix socket; a dead one's is gone."""
@@ -121,7 +143,14 @@ class InstanceLock:
 class Tracefs:
     """One agent's view of tracefs: its instance directory and its event group."""
 
-    def __init__(self, root: Path, instance: str, group: str | None = None) -> None:
+    def __init__(self, root: Path, instance: str, group: str | None = None, pin: bool = False) -> None:
+        self.mount = root  # where tracefs is mounted: for messages, and to notice it being unmounted
+        self._root_fd = -1
+        if pin:
+            # Everything goes through a descriptor of the root, so that a tracefs unmounted under us
+            # (umount -l) still lets us remove what we installed: no half state left in the kernel.
+            self._root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            root = Path(f"/proc/self/fd/{self._root_fd}")
         self.root = root
         self.instance = instance
         self.group = group or instance
@@ -129,6 +158,25 @@ class Tracefs:
         self._defined: list[tuple[str, str]] = []  # (probe file, event name) we defined
         self._enabled: list[EventSpec] = []
         self._lock = threading.Lock()
+
+    def show(self, path: Path | str) -> str:
+        """A path as the user knows it (the mount point, not our pinned descriptor)."""
+        return str(path).replace(str(self.root), str(self.mount)) if self._root_fd >= 0 else str(path)
+
+    def mounted(self) -> bool:
+        """Whether tracefs is still reachable where it was mounted (False after an unmount under us)."""
+        if self._root_fd < 0:
+            return (self.root / "instances").is_dir()
+        try:
+            here, ours = os.stat(self.mount / "instances"), os.stat(self.root / "instances")
+        except OSError:
+            return False
+        return (here.st_dev, here.st_ino) == (ours.st_dev, ours.st_ino)
+
+    def close(self) -> None:
+        if self._root_fd >= 0:
+            os.close(self._root_fd)
+            self._root_fd = -1
 
     # --- capability -------------------------------------------------------------------
     def supports(self, probe_file: str) -> bool:
@@ -150,6 +198,23 @@ class Tracefs:
                 near = difflib.get_close_matches(name, known, n=1)
                 hint = f"; did you mean {group}/{near[0]}?" if near else ""
                 raise TracefsError(f"no tracepoint {ev.target} in this kernel{hint}", ev.name, "tracepoint")
+        self.check_types(events)
+
+    def check_types(self, events: Iterable[EventSpec], release: str | None = None) -> None:
+        """Refuse fetcharg types that this kernel takes but that corrupt its memory when the probe fires."""
+        release = release or os.uname().release
+        version = tuple(int(x) for x in re.findall(r"\d+", release)[:2])
+        for ev in events:
+            if ev.kind not in ("kprobe", "kretprobe"):
+                continue
+            for arg in ev.args:
+                typ = re.search(r":(\w+)(?:\[\d+\])?$", arg.fetch)
+                for broken, versions, seen in BROKEN_TYPES:
+                    if typ and typ.group(1) == broken and version in versions:
+                        raise TracefsError(
+                            f"type '{broken}' corrupts kernel memory on this kernel ({release}; seen on {seen}); "
+                            "use ':symbol' (the same text in the trace)", ev.name,
+                            "raw" if ev.raw else f"args.{arg.name}")
 
     # --- group definitions ---------------------------------------------------------
     def own_definitions(self, group: str | None = None) -> list[tuple[str, str]]:
@@ -176,10 +241,12 @@ class Tracefs:
         except OSError as e:
             after = read_text(log) if log.exists() else ""
             new = [x for x in error_log_entries(after) if x not in error_log_entries(before)]
-            reason = kernel_reason(new[-1]) if new else os.strerror(e.errno or 0)
+            # error_log is global: another writer's error can land meanwhile; ours echoes our command
+            mine = [x for x in new if f"Command: {ev.definition}" in x] or new
+            reason = kernel_reason(mine[-1]) if mine else os.strerror(e.errno or 0)
             hint = self._symbol_hint(ev) if ev.kind in ("kprobe", "kretprobe") else ""
             raise TracefsError(f"the kernel rejected '{ev.definition}': {reason}{hint}", ev.name,
-                               ev.kind) from None
+                               rejected_field(ev, mine[-1] if mine else "")) from None
         self._defined.append((ev.probe_file, ev.name))
 
     def _symbol_hint(self, ev: EventSpec) -> str:
@@ -222,10 +289,10 @@ class Tracefs:
         except FileExistsError:
             raise TracefsError(f"instance {self.instance} exists; run 'kprobe-exporter cleanup'") from None
         except OSError as e:
-            raise TracefsError(f"cannot create instance {self.inst}: {e.strerror}") from None
+            raise TracefsError(f"cannot create instance {self.show(self.inst)}: {e.strerror}") from None
 
     def configure(self, buffer_size_kb: int, record_tgid: bool, own_tids: Iterable[int]) -> None:
-        write_file(self.inst / "buffer_size_kb", str(buffer_size_kb))
+        self.set_buffer_size(buffer_size_kb)
         clocks = read_text(self.inst / "trace_clock")
         # 'mono' timestamps convert to wall time for spans; 'local' is not comparable across CPUs.
         write_file(self.inst / "trace_clock", "mono" if "mono" in clocks.split() or "[mono]" in clocks else "global")
@@ -233,6 +300,13 @@ class Tracefs:
         self.set_option("record-tgid", record_tgid)
         self.set_option("event-fork", True)  # threads we start later stay excluded
         self.exclude_pids(own_tids)
+
+    def set_buffer_size(self, buffer_size_kb: int) -> None:
+        try:
+            write_file(self.inst / "buffer_size_kb", str(buffer_size_kb))
+        except OSError as e:
+            raise TracefsError(f"the kernel refused a ring buffer of {buffer_size_kb} KiB per CPU: {e.strerror}",
+                               "", "buffer_size_kb") from None
 
     def set_option(self, name: str, on: bool) -> None:
         path = self.inst / "options" / name
@@ -267,7 +341,11 @@ class Tracefs:
             text = read_text(path).strip().splitlines()
             reason = " ".join(x.strip() for x in text if x.strip().startswith("parse_error")) or "rejected"
             caret = next((x.find("^") for x in text if "^" in x), -1)
-            where = f" at {filt[caret:].split(' ', 1)[0]!r}" if 0 <= caret < len(filt) else ""
+            where = ""
+            if 0 <= caret < len(filt):  # the kernel points at the operator after an unknown field: show both
+                before = filt[:caret].split()
+                near = " ".join([*before[-1:], filt[caret:].split(" ", 1)[0]])
+                where = f" near {near!r}"
             raise TracefsError(f"the kernel rejected the filter {ev.filter!r}: {reason}{where}", ev.name,
                                "filter") from None
 
@@ -291,29 +369,95 @@ class Tracefs:
         try:
             self.create_instance()
             self.configure(buffer_size_kb, record_tgid, own_tids)
-            for ev in probes.events:
-                if ev.dynamic:
-                    self.define(ev)
-            for ev in probes.events:
-                self.check_labels(ev)
-                self.set_filter(ev)
-            for ev in probes.events:
-                self.enable(ev)
-        except BaseException:
+            self._add(probes.events)
+        except BaseException as e:
             self.remove()
+            if isinstance(e, OSError):
+                raise TracefsError(f"{self.show(e.filename or self.inst)}: {e.strerror}") from None
             raise
+
+    def _add(self, events: Iterable[EventSpec]) -> None:
+        events = list(events)
+        for ev in events:
+            if ev.dynamic:
+                self.define(ev)
+        for ev in events:
+            self.check_labels(ev)
+            self.set_filter(ev)
+        for ev in events:
+            self.enable(ev)
+
+    # --- changes on a live instance (reload) ----------------------------------------------
+    def add_events(self, events: Iterable[EventSpec]) -> None:
+        """Define, filter and enable more events in the live instance; on failure take them back out."""
+        events = list(events)
+        defined, enabled = len(self._defined), len(self._enabled)
+        try:
+            self._add(events)
+        except BaseException as e:
+            with self._lock:
+                for ev in self._enabled[enabled:]:
+                    self._disable(ev)
+                del self._enabled[enabled:]
+                for probe_file, name in reversed(self._defined[defined:]):
+                    try:
+                        self.undefine(probe_file, name)
+                    except TracefsError:
+                        pass
+                del self._defined[defined:]
+            if isinstance(e, OSError):
+                raise TracefsError(f"{self.show(e.filename or self.inst)}: {e.strerror}") from None
+            raise
+
+    def disable_events(self, events: Iterable[EventSpec]) -> list[str]:
+        """Stop events in the live instance (their definitions stay until undefine_events). Problems."""
+        problems = []
+        names = {ev.name for ev in events}
+        with self._lock:
+            for ev in [e for e in self._enabled if e.name in names]:
+                problem = self._disable(ev)
+                if problem:
+                    problems.append(problem)
+            self._enabled = [e for e in self._enabled if e.name not in names]
+        return problems
+
+    def undefine_events(self, events: Iterable[EventSpec]) -> list[str]:
+        """Remove the definitions of disabled events of ours. Problems."""
+        problems = []
+        names = {ev.name for ev in events if ev.dynamic}
+        with self._lock:
+            for probe_file, name in [d for d in self._defined if d[1] in names]:
+                try:
+                    self.undefine(probe_file, name)
+                except TracefsError as e:
+                    problems.append(e.message)
+            self._defined = [d for d in self._defined if d[1] not in names]
+        return problems
+
+    def event_id(self, ev: EventSpec) -> int | None:
+        """The kernel's id of an event: a definition removed and made again gets a new one."""
+        try:
+            return int(read_text(self.event_dir(ev) / "id"))
+        except (OSError, ValueError):
+            return None
+
+    def _disable(self, ev: EventSpec) -> str:
+        try:
+            write_file(self.event_dir(ev) / "enable", "0")
+        except OSError as e:
+            return f"disable {ev.name}: {e.strerror}"
+        return ""
 
     def remove(self) -> list[str]:
         """Disable, rmdir the instance, then undefine; the order the kernel needs. Returns problems."""
         problems: list[str] = []
         with self._lock:
             for ev in self._enabled:
-                try:
-                    write_file(self.event_dir(ev) / "enable", "0")
-                except OSError as e:
-                    problems.append(f"disable {ev.name}: {e.strerror}")
+                problem = self._disable(ev)
+                if problem:
+                    problems.append(problem)
             self._enabled.clear()
-            problems += remove_instance(self.inst)
+            problems += [self.show(p) for p in remove_instance(self.inst)]
             for probe_file, name in reversed(self._defined):
                 try:
                     self.undefine(probe_file, name)
@@ -326,22 +470,17 @@ class Tracefs:
         return {name for _, name in self._defined} | {ev.name for ev in self._enabled}
 
     def profile(self) -> dict[str, tuple[int, int]]:
-        """Hits and misses per event of our group from kprobe_profile and uprobe_profile."""
-        ours = {name for _, name in self._defined}
+        """Hits and misses per event of our group from kprobe_profile and uprobe_profile.
+
+        The profile files print an event's name without its group, so another agent's event of the
+        same name would be indistinguishable; both files list the definitions in the order of
+        kprobe_events/uprobe_events, so lines are matched to definitions by position instead.
+        """
         out: dict[str, tuple[int, int]] = {}
-        for probe_file in ("kprobe_profile", "uprobe_profile"):
-            path = self.root / probe_file
-            if not path.exists():
-                continue
-            for line in read_text(path).splitlines():
-                cols = line.split()
-                if probe_file == "kprobe_profile" and len(cols) >= 3:
-                    name, hits, misses = cols[-3].rpartition("/")[2], cols[-2], cols[-1]
-                elif probe_file == "uprobe_profile" and len(cols) >= 3:
-                    name, hits, misses = cols[-2].rpartition("/")[2], cols[-1], "0"
-                else:
-                    continue
-                if name in ours and hits.isdigit() and misses.isdigit():
+        for events_file, profile_file in (("kprobe_events", "kprobe_profile"), ("uprobe_events", "uprobe_profile")):
+            for name, cols in profile_rows(self.root, events_file, profile_file, self.group):
+                hits, misses = (cols[-2], cols[-1]) if profile_file == "kprobe_profile" else (cols[-1], "0")
+                if hits.isdigit() and misses.isdigit():
                     out[name] = (int(hits), int(misses))
         return out
 
@@ -361,6 +500,22 @@ class Tracefs:
                     lost += int(value.strip() or 0)
             out[int(d.name[3:])] = lost
         return out
+
+
+def profile_rows(root: Path, events_file: str, profile_file: str, group: str) -> list[tuple[str, list[str]]]:
+    """(event, columns of its profile line) for the definitions of one group, matched by position."""
+    if not (root / profile_file).exists():
+        return []
+    for _ in range(5):  # the lists can change between the two reads: then read both again
+        defs = [ln for ln in read_text(root / events_file).splitlines() if ln.strip()]
+        rows = [ln.split() for ln in read_text(root / profile_file).splitlines() if ln.strip()]
+        name_col = -3 if profile_file == "kprobe_profile" else -2
+        parsed = [_DEF_RE.match(d + " ") for d in defs]
+        if len(rows) == len(defs) and all(
+                m is not None and len(r) >= 3 and r[name_col].rpartition("/")[2] == m.group(2)
+                for m, r in zip(parsed, rows, strict=True)):
+            return [(m.group(2), r) for m, r in zip(parsed, rows, strict=True) if m is not None and m.group(1) == group]
+    return []
 
 
 def remove_instance(inst: Path) -> list[str]:

@@ -6,6 +6,7 @@ import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
@@ -23,10 +24,40 @@ LANDING = """<!doctype html>
 RequestCheck = Callable[[BaseHTTPRequestHandler], bool]
 
 
+MAX_CONNECTIONS = 128  # connections served at once; more are closed at once (each holds a thread)
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    block_on_close = False  # stopping never waits for a stalled client's thread
     allow_reuse_address = True
     request_queue_size = 64
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], family: int) -> None:
+        self.address_family = family
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # Clients that connect and stall hold a thread each until the handler's timeout: cap them,
+        # so that many at once cost a bounded number of threads (the reader never waits on them).
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that hangs up, times out or fails the TLS handshake: not worth a traceback
 
 
 def make_handler(registry: CollectorRegistry, healthy: Callable[[], tuple[bool, str]],
@@ -67,8 +98,7 @@ def make_handler(registry: CollectorRegistry, healthy: Callable[[], tuple[bool, 
 class WebServer:
     def __init__(self, host: str, port: int, handler: type[BaseHTTPRequestHandler],
                  wrap: Callable[[socket.socket], socket.socket] | None = None) -> None:
-        _Server.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.httpd = _Server((host, port), handler)
+        self.httpd = _Server((host, port), handler, socket.AF_INET6 if ":" in host else socket.AF_INET)
         if wrap is not None:
             self.httpd.socket = wrap(self.httpd.socket)
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="web", daemon=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import difflib
 import socket
 import ssl
 from collections.abc import Callable
@@ -41,16 +42,39 @@ Authorize = Callable[[BaseHTTPRequestHandler], bool]
 
 def load(path: str) -> tuple[SocketWrap | None, Authorize | None]:
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        cfg = WebConfig.model_validate(data)
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such web config file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: the web config file is not UTF-8 text") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the web config ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: YAML error{where}: {' '.join(str(e.problem).split())}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: YAML error: {e}".replace("\n", " ")) from None
+        raise ConfigError(f"{path}: YAML error: {' '.join(str(e).split())}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping (tls_server_config, basic_auth_users)")
+    try:
+        cfg = WebConfig.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        field = ".".join(str(x) for x in err["loc"])
-        raise ConfigError(f"{path}: field {field!r}: {err['msg']}") from None
+        loc = [str(x) for x in err["loc"]]
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            parent: type[BaseModel] = TLSServerConfig if loc[:1] == ["tls_server_config"] else WebConfig
+            near = difflib.get_close_matches(loc[-1], list(parent.model_fields), n=1)
+            msg = f"unknown key {loc[-1]!r}" + (f"; did you mean {near[0]!r}?" if near else
+                                                 f"; known: {', '.join(parent.model_fields)}")
+        elif err["type"] == "missing":
+            msg = "is required"
+        raise ConfigError(f"{path}: field {'.'.join(loc)!r}: {msg}") from None
     return _tls(path, cfg.tls_server_config), _basic_auth(path, cfg.basic_auth_users)
 
 
@@ -59,12 +83,24 @@ def _tls(path: str, tls: TLSServerConfig | None) -> SocketWrap | None:
         return None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = _TLS_VERSIONS[tls.min_version]
+    files: dict[str, str] = {}
+    for key in ("cert_file", "key_file", "client_ca_file"):
+        file = getattr(tls, key)
+        if file is None:
+            continue
+        file = str(Path(path).parent / file)  # relative paths are relative to the web config, as in exporter-toolkit
+        try:
+            with open(file, "rb"):
+                pass
+        except OSError as e:
+            raise ConfigError(f"{path}: field 'tls_server_config.{key}': cannot read {file} ({e.strerror})") from None
+        files[key] = file
+    if tls.client_auth_type == "RequireAndVerifyClientCert" and "client_ca_file" not in files:
+        raise ConfigError(f"{path}: field 'tls_server_config.client_ca_file': is required for client certs")
     try:
-        ctx.load_cert_chain(tls.cert_file, tls.key_file)
+        ctx.load_cert_chain(files["cert_file"], files["key_file"])
         if tls.client_auth_type == "RequireAndVerifyClientCert":
-            if not tls.client_ca_file:
-                raise ConfigError(f"{path}: field 'tls_server_config.client_ca_file': is required for client certs")
-            ctx.load_verify_locations(tls.client_ca_file)
+            ctx.load_verify_locations(files["client_ca_file"])
             ctx.verify_mode = ssl.CERT_REQUIRED
     except (OSError, ssl.SSLError) as e:
         raise ConfigError(f"{path}: field 'tls_server_config': cannot load certificate/key: {e}") from None

@@ -42,8 +42,9 @@ def progs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     subprocess.run(["gcc", "-O1", "-pthread", "-fno-pie", "-no-pie", "-o", str(out["nopie"]), str(src)], check=True)
     subprocess.run(["gcc", "-O1", "-pthread", "-s", "-o", str(out["stripped"]), str(src)], check=True)
     lib = d / "libfx.so"
-    subprocess.run(["gcc", "-O1", "-pthread", "-shared", "-fPIC", "-Dmain=fx_unused_main", "-o", str(lib), str(src)],
-                   check=True)
+    subprocess.run(
+        ["gcc", "-O1", "-pthread", "-shared", "-fPIC", "-Dmain=fx_unused_main", "-o", str(lib), str(src)], check=True
+    )
     out["lib"] = lib
     driver = d / "driver.c"
     driver.write_text("int fx_unused_main(int, char **);\nint main(int c, char **v) { return fx_unused_main(c, v); }\n")

@@ -62,17 +62,22 @@ def reference_pairs(path: Path, entry: bytes, exit_: bytes) -> tuple[int, int, i
 
 
 def test_fixture_618_counts_and_pairs_match_an_independent_reference() -> None:
-    for name in ("uprobes-tracepoints.trace", "uprobes-tracepoints-no-irq-info.trace",
-                 "uprobes-tracepoints-record-tgid.trace"):
+    for name in (
+        "uprobes-tracepoints.trace",
+        "uprobes-tracepoints-no-irq-info.trace",
+        "uprobes-tracepoints-record-tgid.trace",
+    ):
         agg = from_file(HERE / "configs" / "fixture-6.18.yaml")
         trace = FIX / "linux-6.18" / name
         agg.feed(trace.read_bytes())
         snap = agg.snapshot()
         assert snap.lines_read == 278 and sum(snap.parse_errors.values()) == 0
-        for pair, (entry, exit_) in {"open_path": (b"open_path:", b"open_path_ret:"),
-                                     "compute": (b"compute:", b"compute_ret:"),
-                                     "recurse": (b"recurse:", b"recurse_ret:"),
-                                     "openat": (b"sys_openat(", b"sys_openat")}.items():
+        for pair, (entry, exit_) in {
+            "open_path": (b"open_path:", b"open_path_ret:"),
+            "compute": (b"compute:", b"compute_ret:"),
+            "recurse": (b"recurse:", b"recurse_ret:"),
+            "openat": (b"sys_openat(", b"sys_openat"),
+        }.items():
             want = reference_pairs(trace, entry, exit_)
             st = snap.pairs[pair]
             assert (st.count, st.unmatched, st.pending) == want, (name, pair)
@@ -88,8 +93,11 @@ def test_fixture_61_two_kretprobes_on_one_function_still_pair() -> None:
     snap = agg.snapshot()
     assert sum(snap.parse_errors.values()) == 0
     assert (snap.pairs["openat2"].count, snap.pairs["openat2"].unmatched) == reference_pairs(
-        trace, b"myargs:", b"myretprobe:")[:2]
-    assert (snap.pairs["grp"].count, snap.pairs["grp"].unmatched) == reference_pairs(trace, b"grpprobe:", b"grpret:")[:2]
+        trace, b"myargs:", b"myretprobe:"
+    )[:2]
+    assert (snap.pairs["grp"].count, snap.pairs["grp"].unmatched) == reference_pairs(trace, b"grpprobe:", b"grpret:")[
+        :2
+    ]
     assert snap.events[("getname_ret", ())] == 20
     labelled = {dict(lbls)["fname"] for (p, lbls), _ in snap.events.items() if p == "myargs"}
     assert "/sys/kernel/tracing/instances/lab/tracing_on" in labelled
@@ -97,10 +105,15 @@ def test_fixture_61_two_kretprobes_on_one_function_still_pair() -> None:
 
 def test_nested_calls_pair_lifo_per_thread() -> None:
     agg = make(UP)
-    feed(agg,
-         line("a", 1, 1_000_000, "f: (0x1) n=1"), line("b", 2, 1_000_001, "f: (0x1) n=9"),
-         line("a", 1, 1_000_010, "f: (0x1) n=2"), line("a", 1, 1_000_012, "f_ret: (0x2 <- 0x1) ret=0"),
-         line("b", 2, 1_000_500, "f_ret: (0x2 <- 0x1) ret=0"), line("a", 1, 1_001_000, "f_ret: (0x2 <- 0x1) ret=0"))
+    feed(
+        agg,
+        line("a", 1, 1_000_000, "f: (0x1) n=1"),
+        line("b", 2, 1_000_001, "f: (0x1) n=9"),
+        line("a", 1, 1_000_010, "f: (0x1) n=2"),
+        line("a", 1, 1_000_012, "f_ret: (0x2 <- 0x1) ret=0"),
+        line("b", 2, 1_000_500, "f_ret: (0x2 <- 0x1) ret=0"),
+        line("a", 1, 1_001_000, "f_ret: (0x2 <- 0x1) ret=0"),
+    )
     st = agg.snapshot().pairs["f"]
     assert (st.count, st.pending, st.unmatched) == (3, 0, 0)
     assert st.sum_ns == (2 + 499 + 1000) * 1000  # inner 2 µs, thread b 499 µs, outer 1000 µs
@@ -128,7 +141,9 @@ def test_pending_is_bounded_by_count_and_age() -> None:
 
 def test_lost_line_drops_pending_and_counts_loss() -> None:
     agg = make(UP)
-    feed(agg, line("a", 1, 10, "f: (0x1) n=1"), b"CPU:1 [LOST 77 EVENTS]", line("a", 1, 20, "f_ret: (0x2 <- 0x1) ret=0"))
+    feed(
+        agg, line("a", 1, 10, "f: (0x1) n=1"), b"CPU:1 [LOST 77 EVENTS]", line("a", 1, 20, "f_ret: (0x2 <- 0x1) ret=0")
+    )
     snap = agg.snapshot()
     st = snap.pairs["f"]
     assert snap.lost == {1: 77}
@@ -173,9 +188,21 @@ def test_span_sink_gets_sampled_pairs_with_args_and_retval() -> None:
 
     agg = make(UP)
     agg.set_sink("f", Sampling(), got.append)
-    feed(agg, line("app", 7, 100, "f: (0x1) n=-3"), line("app", 7, 102, "f_ret: (0x2 <- 0x1) ret=0xfffffffffffffffe"),
-         line("app", 7, 200, "f: (0x1) n=4"), line("app", 7, 290, "f_ret: (0x2 <- 0x1) ret=5"))
+    feed(
+        agg,
+        line("app", 7, 100, "f: (0x1) n=-3"),
+        line("app", 7, 102, "f_ret: (0x2 <- 0x1) ret=0xfffffffffffffffe"),
+        line("app", 7, 200, "f: (0x1) n=4"),
+        line("app", 7, 290, "f_ret: (0x2 <- 0x1) ret=5"),
+    )
     assert len(got) == 1  # the 2 µs call is under min_duration
     p = got[0]
     assert (p.pair, p.tid, p.comm, p.start_ns, p.end_ns, p.args, p.retval) == (
-        "f", 7, "app", 200_000, 290_000, (("n", "4"),), "5")
+        "f",
+        7,
+        "app",
+        200_000,
+        290_000,
+        (("n", "4"),),
+        "5",
+    )

@@ -35,25 +35,44 @@ def cases(progs: dict[str, Path]) -> list[tuple[str, str, str]]:
         ("missing-binary", head + "  - {name: a, uprobe: '/no/such/bin:compute'}\n", "no such file /no/such/bin"),
         ("unknown-symbol", head + f"  - {{name: a, uprobe: '{pie}:compuet'}}\n", "did you mean compute"),
         ("stripped", head + f"  - {{name: a, uprobe: '{progs['stripped']}:compute'}}\n", "stripped"),
-        ("duplicate", head + f"  - {{name: a, uprobe: '{pie}:compute'}}\n  - {{name: a, uprobe: '{pie}:recurse'}}\n",
-         "duplicate name"),
-        ("newline", head + f"  - {{name: a, uprobe: '{pie}:compute', filter: \"x == 1\\n-:{INSTANCE}/a\"}}\n",
-         "must not contain a newline"),
-        ("kernel-rejects-arg", head + f"  - {{name: a, uprobe: '{pie}:compute', args: {{x: '%di:b4@70/64'}}}}\n",
-         "the kernel rejected"),
-        ("kernel-rejects-filter", head + f"  - {{name: a, uprobe: '{pie}:compute', filter: 'nosuch == 1'}}\n",
-         "rejected the filter"),
+        (
+            "duplicate",
+            head + f"  - {{name: a, uprobe: '{pie}:compute'}}\n  - {{name: a, uprobe: '{pie}:recurse'}}\n",
+            "duplicate name",
+        ),
+        (
+            "newline",
+            head + f"  - {{name: a, uprobe: '{pie}:compute', filter: \"x == 1\\n-:{INSTANCE}/a\"}}\n",
+            "must not contain a newline",
+        ),
+        (
+            "kernel-rejects-arg",
+            head + f"  - {{name: a, uprobe: '{pie}:compute', args: {{x: '%di:b4@70/64'}}}}\n",
+            "the kernel rejected",
+        ),
+        (
+            "kernel-rejects-filter",
+            head + f"  - {{name: a, uprobe: '{pie}:compute', filter: 'nosuch == 1'}}\n",
+            "rejected the filter",
+        ),
         ("kprobe-without-kprobes", head + "  - {name: a, kprobe: do_sys_openat2}\n", "CONFIG_KPROBE_EVENTS"),
-        ("unknown-tracepoint", head + "  - {name: a, tracepoint: syscalls/sys_enter_opnat}\n",
-         "did you mean syscalls/sys_enter_openat"),
-        ("tracepoint-label", head + "  - {name: a, tracepoint: syscalls/sys_enter_openat, labels: [nosuch]}\n",
-         "not a field of syscalls/sys_enter_openat"),
+        (
+            "unknown-tracepoint",
+            head + "  - {name: a, tracepoint: syscalls/sys_enter_opnat}\n",
+            "did you mean syscalls/sys_enter_openat",
+        ),
+        (
+            "tracepoint-label",
+            head + "  - {name: a, tracepoint: syscalls/sys_enter_openat, labels: [nosuch]}\n",
+            "not a field of syscalls/sys_enter_openat",
+        ),
     ]
 
 
 @pytest.mark.root
-def test_bad_configs_exit_2_with_one_line_and_install_nothing(tracefs: Path, progs: dict[str, Path],
-                                                              tmp_path: Path) -> None:
+def test_bad_configs_exit_2_with_one_line_and_install_nothing(
+    tracefs: Path, progs: dict[str, Path], tmp_path: Path
+) -> None:
     if (tracefs / "kprobe_events").exists():
         pytest.fail("this test expects a kernel without kprobe_events (the kprobe case runs in the kernel lab)")
     for case_id, text, needle in cases(progs):
@@ -112,7 +131,7 @@ def test_replay_missing_trace_is_one_line(tmp_path: Path) -> None:
 def test_check_installs_in_scratch_group_and_removes_it(tracefs: Path, progs: dict[str, Path], write_config) -> None:
     cfg = write_config(f"""instance: {INSTANCE}
 probes:
-  - {{name: a, uprobe: '{progs['pie']}:compute', args: {{x: '%di:s32', s: '+0(%si):string'}}, latency: true}}
+  - {{name: a, uprobe: '{progs["pie"]}:compute', args: {{x: '%di:s32', s: '+0(%si):string'}}, latency: true}}
   - {{name: openat, tracepoint: syscalls/sys_enter_openat, latency: true}}
 """)
     r = kpe("check", "--config", str(cfg))

@@ -22,24 +22,30 @@ def test_durations(value: object, seconds: float) -> None:
     assert config.parse_duration(value) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize(("text", "needle"), [
-    ("probes: [\n", "YAML error at line 2, column 1"),
-    ("", "the file is empty"),
-    ("- a\n", "top level must be a mapping"),
-    ("probes:\n  - {name: a, kprobe: f, lables: [x]}\n", "probe 'a', field 'lables': unknown key 'lables'; did you mean 'labels'?"),
-    ("instanse: x\nprobes: []\n", "did you mean 'instance'?"),
-    ("probes:\n  - {name: a}\n", "probe 'a': needs exactly one kind"),
-    ("probes:\n  - {name: a, kprobe: f, uprobe: '/x:y'}\n", "has two kinds (kprobe and uprobe)"),
-    ("probes:\n  - {name: 'a-b', kprobe: f}\n", "field 'name'"),
-    ("probes:\n  - {name: " + "a" * 70 + ", kprobe: f}\n", "at most 63"),
-    ("probes:\n  - {name: a, kprobe: \"f\\nr:x/y f\"}\n", "field 'kprobe': must not contain a newline"),
-    ("probes:\n  - {name: a, kprobe: f, filter: 'x == 1; y'}\n", "field 'filter'"),
-    ("probes:\n  - {name: a, kprobe: f, args: {x: '-:kprobes/foo'}}\n", "field 'args'"),
-    ("probes:\n  - {name: a, kprobe: f, latency: maybe}\n", "field 'latency'"),
-    ("buckets: [0.1, 0.01]\nprobes: []\n", "field 'buckets'"),
-    ("listen_address: nope\nprobes: []\n", "field 'listen_address'"),
-    ("probes:\n  - {name: a, kprobe: f, latency: true, spans: {sample_ratio: 2}}\n", "spans.sample_ratio"),
-])
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("probes: [\n", "YAML error at line 2, column 1"),
+        ("", "the file is empty"),
+        ("- a\n", "top level must be a mapping"),
+        (
+            "probes:\n  - {name: a, kprobe: f, lables: [x]}\n",
+            "probe 'a', field 'lables': unknown key 'lables'; did you mean 'labels'?",
+        ),
+        ("instanse: x\nprobes: []\n", "did you mean 'instance'?"),
+        ("probes:\n  - {name: a}\n", "probe 'a': needs exactly one kind"),
+        ("probes:\n  - {name: a, kprobe: f, uprobe: '/x:y'}\n", "has two kinds (kprobe and uprobe)"),
+        ("probes:\n  - {name: 'a-b', kprobe: f}\n", "field 'name'"),
+        ("probes:\n  - {name: " + "a" * 70 + ", kprobe: f}\n", "at most 63"),
+        ('probes:\n  - {name: a, kprobe: "f\\nr:x/y f"}\n', "field 'kprobe': must not contain a newline"),
+        ("probes:\n  - {name: a, kprobe: f, filter: 'x == 1; y'}\n", "field 'filter'"),
+        ("probes:\n  - {name: a, kprobe: f, args: {x: '-:kprobes/foo'}}\n", "field 'args'"),
+        ("probes:\n  - {name: a, kprobe: f, latency: maybe}\n", "field 'latency'"),
+        ("buckets: [0.1, 0.01]\nprobes: []\n", "field 'buckets'"),
+        ("listen_address: nope\nprobes: []\n", "field 'listen_address'"),
+        ("probes:\n  - {name: a, kprobe: f, latency: true, spans: {sample_ratio: 2}}\n", "spans.sample_ratio"),
+    ],
+)
 def test_errors_are_one_line_naming_file_probe_field(text: str, needle: str) -> None:
     with pytest.raises(ConfigError) as e:
         config.load_text(text, "cfg.yaml")

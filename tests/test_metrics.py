@@ -23,9 +23,15 @@ def replayed_registry(exemplar: tuple[str, float, float] | None = None):  # type
     ps = probes.build_probe_set(cfg, resolve=None)
     agg = Aggregate(ps, cfg.buckets, cfg.label_limit)
     agg.feed((HERE / "fixtures" / "linux-6.18" / "uprobes-tracepoints.trace").read_bytes())
-    return make_registry(Sources(snapshot=agg.snapshot, probes=ps, installed=lambda: {"compute"},
-                                 spans=lambda: SpanCounts(7, {"queue_full": 2}),
-                                 exemplar=lambda pair: exemplar if pair == "compute" else None))
+    return make_registry(
+        Sources(
+            snapshot=agg.snapshot,
+            probes=ps,
+            installed=lambda: {"compute"},
+            spans=lambda: SpanCounts(7, {"queue_full": 2}),
+            exemplar=lambda pair: exemplar if pair == "compute" else None,
+        )
+    )
 
 
 def promtool_check(text: bytes) -> subprocess.CompletedProcess[bytes]:
@@ -45,8 +51,11 @@ def test_exposition_passes_promtool() -> None:
     assert value(s, "kprobe_exporter_spans_dropped_total", reason="queue_full") == 2
     assert value(s, "kprobe_exporter_build_info") == 1
     # cumulative buckets never decrease
-    buckets = sorted((float(dict(lbls)["le"]), v) for (n, lbls), v in s.items()
-                     if n == "kprobe_latency_seconds_bucket" and dict(lbls)["probe"] == "compute")
+    buckets = sorted(
+        (float(dict(lbls)["le"]), v)
+        for (n, lbls), v in s.items()
+        if n == "kprobe_latency_seconds_bucket" and dict(lbls)["probe"] == "compute"
+    )
     assert all(a[1] <= b[1] for a, b in zip(buckets, buckets[1:], strict=False))
 
 
@@ -64,7 +73,7 @@ def test_live_exposition_passes_promtool(tracefs: Path, progs: dict[str, Path], 
     cfg = write_config(f"""
 instance: kpe_t_metrics
 probes:
-  - {{name: compute, uprobe: '{progs['pie']}:compute', args: {{a: '%di:s32'}}, labels: [comm], latency: true}}
+  - {{name: compute, uprobe: '{progs["pie"]}:compute', args: {{a: '%di:s32'}}, labels: [comm], latency: true}}
   - {{name: openat, tracepoint: syscalls/sys_enter_openat, latency: true}}
 """)
     with running_agent(cfg) as agent:
@@ -84,7 +93,7 @@ def test_real_prometheus_reads_exact_count(tracefs: Path, progs: dict[str, Path]
     cfg = write_config(f"""
 instance: kpe_t_prom
 probes:
-  - {{name: compute, uprobe: '{progs['pie']}:compute', latency: true}}
+  - {{name: compute, uprobe: '{progs["pie"]}:compute', latency: true}}
 """)
     with running_agent(cfg) as agent:
         target = f"127.0.0.1:{agent.port}"

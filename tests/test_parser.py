@@ -32,9 +32,18 @@ def parse_all(path: Path) -> tuple[list[parser.TraceLine], list[bytes]]:
 
 SIX18 = ["uprobes-tracepoints.trace", "uprobes-tracepoints-no-irq-info.trace", "uprobes-tracepoints-record-tgid.trace"]
 # Per-key counts, taken with grep from the fixture files.
-SIX18_KEYS = {b"compute:": 25, b"compute_ret:": 25, b"open_path:": 28, b"open_path_ret:": 28, b"recurse:": 20,
-              b"recurse_ret:": 20, b"sched_process_exec:": 2, b"sched_process_exit:": 7, b"sys_openat": 61,
-              b"sys_openat(": 62}
+SIX18_KEYS = {
+    b"compute:": 25,
+    b"compute_ret:": 25,
+    b"open_path:": 28,
+    b"open_path_ret:": 28,
+    b"recurse:": 20,
+    b"recurse_ret:": 20,
+    b"sched_process_exec:": 2,
+    b"sched_process_exit:": 7,
+    b"sys_openat": 61,
+    b"sys_openat(": 62,
+}
 
 
 @pytest.mark.parametrize("name", SIX18)
@@ -57,19 +66,25 @@ def test_six18_formats_parse_every_line(name: str) -> None:
 
 
 def test_timestamps_are_exact_nanoseconds() -> None:
-    line = b"           plain-7268    [000] DBZff   298.511609: open_path: (0x561ed7696179) path=\"/x\""
+    line = b'           plain-7268    [000] DBZff   298.511609: open_path: (0x561ed7696179) path="/x"'
     t = parser.parse_line(line)
     assert (t.tid, t.cpu, t.ts_ns, t.token) == (7268, 0, 298_511_609_000, b"open_path:")
 
 
 def test_string_args_with_quotes_tabs_and_non_utf8() -> None:
-    ev = EventSpec("open_path", "uprobe", "g", "/x:0x1", "open_path", "p:g/open_path /x:0x1",
-                   (ArgSpec("path", "+0(%di):string", True), ArgSpec("flags", "%si:x32", False)))
+    ev = EventSpec(
+        "open_path",
+        "uprobe",
+        "g",
+        "/x:0x1",
+        "open_path",
+        "p:g/open_path /x:0x1",
+        (ArgSpec("path", "+0(%di):string", True), ArgSpec("flags", "%si:x32", False)),
+    )
     read = parser.probe_arg_reader(ev)
-    lines = {t.body for t in parse_all(FIX / "linux-6.18" / "uprobes-tracepoints.trace")[0]
-             if t.token == b"open_path:"}
+    lines = {t.body for t in parse_all(FIX / "linux-6.18" / "uprobes-tracepoints.trace")[0] if t.token == b"open_path:"}
     paths = {read(b)["path"] for b in lines}
-    assert b"/no/such/file with spaces\tand\"quote" in paths
+    assert b'/no/such/file with spaces\tand"quote' in paths
     assert b"" in paths and b"/etc/hostname" in paths
     assert any(not _utf8(p) for p in paths)
     assert {read(b)["flags"] for b in lines} == {b"0x0"}
@@ -99,8 +114,15 @@ def test_uretprobe_and_syscall_bodies() -> None:
 
 def test_kernel_61_kprobes_kretprobes_eprobe() -> None:
     lines, _ = parse_all(FIX / "linux-6.1-debian" / "kprobes-kretprobes-eprobe.trace")
-    assert Counter(t.token for t in lines) == {b"eopen:": 11, b"getname_ret:": 20, b"grpprobe:": 13,
-                                               b"grpret:": 12, b"myargs:": 14, b"myprobe:": 6, b"myretprobe:": 16}
+    assert Counter(t.token for t in lines) == {
+        b"eopen:": 11,
+        b"getname_ret:": 20,
+        b"grpprobe:": 13,
+        b"grpret:": 12,
+        b"myargs:": 14,
+        b"myprobe:": 6,
+        b"myretprobe:": 16,
+    }
     unknown = [t for t in lines if b"[unknown/kretprobe'd]" in t.body]
     assert unknown and all(t.token in (b"myretprobe:", b"grpret:") for t in unknown)
     kret = next(t for t in lines if t.token == b"getname_ret:")
@@ -121,9 +143,17 @@ def test_overload_lost_lines() -> None:
     assert len(lines) == 5997
 
 
-@pytest.mark.parametrize("bad", [b"", b"garbage", b"x" * 40, b"            comm-12x    [000] .....  1.000000: e: x",
-                                 b"            comm-12     [0a0] .....  1.000000: e: x",
-                                 b"            comm-12     [000] .....  1,000000: e: x"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"",
+        b"garbage",
+        b"x" * 40,
+        b"            comm-12x    [000] .....  1.000000: e: x",
+        b"            comm-12     [0a0] .....  1.000000: e: x",
+        b"            comm-12     [000] .....  1,000000: e: x",
+    ],
+)
 def test_bad_lines_raise_parse_error_with_reason(bad: bytes) -> None:
     with pytest.raises(parser.ParseError) as e:
         parser.parse_line(bad)
@@ -136,23 +166,44 @@ val_st = st.binary(max_size=40).filter(lambda b: b"\n" not in b)
 
 
 @settings(max_examples=300, deadline=None)
-@given(comm=comm_st, pid=st.integers(1, 4194304), tgid=st.one_of(st.none(), st.integers(1, 4194304)),
-       cpu=st.integers(0, 511), flags=st.sampled_from([None, b"....", b".....", b"dNh1.", b"DBZff"]),
-       sec=st.integers(0, 10**8), usec=st.integers(0, 999999), name=name_st, s=val_st, n=st.integers(-2**63, 2**64))
-def test_generated_lines_round_trip(comm: bytes, pid: int, tgid: int | None, cpu: int, flags: bytes | None,
-                                    sec: int, usec: int, name: str, s: bytes, n: int) -> None:
+@given(
+    comm=comm_st,
+    pid=st.integers(1, 4194304),
+    tgid=st.one_of(st.none(), st.integers(1, 4194304)),
+    cpu=st.integers(0, 511),
+    flags=st.sampled_from([None, b"....", b".....", b"dNh1.", b"DBZff"]),
+    sec=st.integers(0, 10**8),
+    usec=st.integers(0, 999999),
+    name=name_st,
+    s=val_st,
+    n=st.integers(-(2**63), 2**64),
+)
+def test_generated_lines_round_trip(
+    comm: bytes,
+    pid: int,
+    tgid: int | None,
+    cpu: int,
+    flags: bytes | None,
+    sec: int,
+    usec: int,
+    name: str,
+    s: bytes,
+    n: int,
+) -> None:
     head = comm.rjust(16) + b"-" + str(pid).encode().ljust(7) + b" "
     if tgid is not None:
         head += b"(" + str(tgid).encode().rjust(7) + b") "
     head += b"[" + str(cpu).zfill(3).encode() + b"] "
     if flags:
         head += flags + b" "
-    line = head + f"{sec:5d}.{usec:06d}: {name}: (0x55) s=\"".encode() + s + f"\" n={n}".encode()
+    line = head + f'{sec:5d}.{usec:06d}: {name}: (0x55) s="'.encode() + s + f'" n={n}'.encode()
     t = parser.parse_line(line)
     assert (t.comm, t.tid, t.tgid, t.cpu) == (comm, pid, -1 if tgid is None else tgid, cpu)
     assert t.ts_ns == (sec * 10**6 + usec) * 1000
     assert t.token == name.encode() + b":"
-    ev = EventSpec(name, "uprobe", "g", "/x:0x1", name, "p", (ArgSpec("s", "x:string", True), ArgSpec("n", "%di", False)))
+    ev = EventSpec(
+        name, "uprobe", "g", "/x:0x1", name, "p", (ArgSpec("s", "x:string", True), ArgSpec("n", "%di", False))
+    )
     args = parser.probe_arg_reader(ev)(t.body)
     assert args["n"] == str(n).encode()
     if b'" n=' not in s:
@@ -166,3 +217,58 @@ def test_arbitrary_bytes_never_raise_anything_but_parse_error(data: bytes) -> No
         parser.parse_line(data)
     except parser.ParseError:
         pass
+
+
+# --- Debian 6.1 under the kernel lab (tests/test_kernel_lab.py): irq-info off, as the agent sets it --------
+
+KL61 = FIX / "linux-6.1-debian"
+KL61_CONFIGS = Path(__file__).parent / "configs"
+
+
+def _replay(config: str, trace: str, capsys: pytest.CaptureFixture[str]) -> str:
+    from kprobe_exporter import cli
+
+    assert cli.main(["replay", "--config", str(KL61_CONFIGS / config), str(KL61 / trace)]) == 0
+    return capsys.readouterr().out
+
+
+def _sample(text: str, line_start: str) -> float:
+    hits = [ln for ln in text.splitlines() if ln.startswith(line_start + " ")]
+    assert len(hits) == 1, (line_start, text)
+    return float(hits[0].rsplit(" ", 1)[1])
+
+
+@pytest.mark.parametrize("name", ["two-kretprobes-no-irq-info.trace", "getname-strings-no-irq-info.trace"])
+def test_kernel_61_without_irq_info_parses_every_line(name: str) -> None:
+    lines, lost = parse_all(KL61 / name)
+    assert not lost and lines
+    assert {t.comm for t in lines} == {b"kpe_opener"}
+    assert {t.cpu for t in lines} <= {0, 1}
+    assert all(t.tgid == -1 and t.tid > 0 for t in lines)
+    assert [t.ts_ns for t in lines] == sorted(t.ts_ns for t in lines)  # one thread: in order
+
+
+def test_kernel_61_two_kretprobes_unknown_caller_still_pairs(capsys: pytest.CaptureFixture[str]) -> None:
+    lines, _ = parse_all(KL61 / "two-kretprobes-no-irq-info.trace")
+    unknown = [t for t in lines if t.body.startswith(b"open_ret: ([unknown/kretprobe'd] <- do_sys_openat2) ret=")]
+    assert len(unknown) == 60 and len(lines) == 240
+    out = _replay("fixture-6.1-tworet.yaml", "two-kretprobes-no-irq-info.trace", capsys)
+    for pair in ("open", "open2_call"):
+        assert _sample(out, f'kprobe_latency_seconds_count{{probe="{pair}"}}') == 60
+        assert _sample(out, f'kprobe_exporter_pairs_unmatched_total{{probe="{pair}"}}') == 0
+    assert _sample(out, 'kprobe_events_total{probe="open2_ret"}') == 60
+    assert _sample(out, 'kprobe_exporter_parse_errors_total{reason="unknown_event"}') == 0
+
+
+def test_kernel_61_getname_strings_raw_quotes_and_non_utf8(capsys: pytest.CaptureFixture[str]) -> None:
+    lines, _ = parse_all(KL61 / "getname-strings-no-irq-info.trace")
+    ev = EventSpec("myprobe", "kretprobe", "g", "getname", "getname", "r", (ArgSpec("arg1", "x:string", True),))
+    values = Counter(parser.probe_arg_reader(ev)(t.body)["arg1"] for t in lines if t.token == b"myprobe:")
+    assert values == {
+        b"/tmp/kpe-lab/getname-marker": 41,
+        b'/tmp/kpe-lab/with space "quoted" \xc3\xbc': 7,
+        b"/tmp/kpe-lab/bad-\xff-byte": 3,
+    }
+    out = _replay("fixture-6.1-getname.yaml", "getname-strings-no-irq-info.trace", capsys)
+    assert _sample(out, 'kprobe_events_total{file="/tmp/kpe-lab/with space \\"quoted\\" ü",probe="getname_ret"}') == 7
+    assert _sample(out, 'kprobe_events_total{arg1="/tmp/kpe-lab/bad-\\\\xff-byte",probe="myprobe"}') == 3

@@ -26,8 +26,10 @@ probes:
     args: {dfd: "$arg1:s32", path: "+0($arg2):ustring"}
     latency: true
 """)
-    assert defs(ps) == ["p:kprobe_exporter/open do_sys_openat2 dfd=$arg1:s32 path=+0($arg2):ustring",
-                        "r:kprobe_exporter/open_ret do_sys_openat2 ret=$retval"]
+    assert defs(ps) == [
+        "p:kprobe_exporter/open do_sys_openat2 dfd=$arg1:s32 path=+0($arg2):ustring",
+        "r:kprobe_exporter/open_ret do_sys_openat2 ret=$retval",
+    ]
     assert [(p.name, p.entry, p.exit, p.function) for p in ps.pairs] == [("open", "open", "open_ret", "do_sys_openat2")]
     assert [e.counted for e in ps.events] == [True, False]
 
@@ -40,9 +42,11 @@ probes:
   - raw: 'r:myretprobe do_sys_open $retval'
   - raw: 'r:getname_probe getname +0($retval):string'
 """)
-    assert defs(ps) == ["p:mygrp/myprobe do_sys_open dfd=%ax filename=%dx flags=%cx mode=+4($stack)",
-                        "r:mygrp/myretprobe do_sys_open arg1=$retval",
-                        "r:mygrp/getname_probe getname arg1=+0($retval):string"]
+    assert defs(ps) == [
+        "p:mygrp/myprobe do_sys_open dfd=%ax filename=%dx flags=%cx mode=+4($stack)",
+        "r:mygrp/myretprobe do_sys_open arg1=$retval",
+        "r:mygrp/getname_probe getname arg1=+0($retval):string",
+    ]
     assert [e.kind for e in ps.events] == ["kprobe", "kretprobe", "kretprobe"]
 
 
@@ -52,39 +56,49 @@ def test_raw_line_group_is_replaced_and_maxactive_kept() -> None:
 
 
 def test_uprobe_symbol_resolved_and_offset_kept(tmp_path: Path) -> None:
-    ps = build("""
+    ps = build(
+        """
 probes:
   - {name: a, uprobe: "/bin/x:compute", latency: true}
   - {name: b, uretprobe: "/bin/x:0x1139"}
-""", resolve=lambda path, sym: 0x1234)
-    assert defs(ps) == ["p:kprobe_exporter/a /bin/x:0x1234", "r:kprobe_exporter/a_ret /bin/x:0x1234 ret=$retval",
-                        "r:kprobe_exporter/b /bin/x:0x1139"]
+""",
+        resolve=lambda path, sym: 0x1234,
+    )
+    assert defs(ps) == [
+        "p:kprobe_exporter/a /bin/x:0x1234",
+        "r:kprobe_exporter/a_ret /bin/x:0x1234 ret=$retval",
+        "r:kprobe_exporter/b /bin/x:0x1139",
+    ]
 
 
 def test_syscall_tracepoints_print_keys_told_apart() -> None:
     ps = build("probes:\n  - {name: openat, tracepoint: syscalls/sys_enter_openat, latency: true}\n")
     assert [(e.kind, e.target, e.key) for e in ps.events] == [
         ("tracepoint", "syscalls/sys_enter_openat", b"sys_openat("),
-        ("tracepoint", "syscalls/sys_exit_openat", b"sys_openat ")]
+        ("tracepoint", "syscalls/sys_exit_openat", b"sys_openat "),
+    ]
     assert defs(ps) == [None, None]
 
 
-@pytest.mark.parametrize(("probe", "field", "needle"), [
-    ("{name: a, kprobe: f, args: {x: '%nosuch'}}", "args.x", "unknown register %nosuch"),
-    ("{name: a, kprobe: f, args: {x: '%dd'}}", "args.x", "did you mean %d"),
-    ("{name: a, uprobe: '/bin/x:0x1', args: {x: '%di:symbol'}}", "args.x", "kernel probes only"),
-    ("{name: a, kprobe: f, args: {x: '%di:u33'}}", "args.x", "unknown type 'u33'"),
-    ("{name: a, kprobe: f, args: {x: '$retval'}}", "args.x", "only available on return probes"),
-    ("{name: a, kprobe: f, args: {x: '$bogus'}}", "args.x", "unknown variable $bogus"),
-    ("{name: a, kprobe: f, labels: [y]}", "labels", "not an arg of this probe"),
-    ("{name: a, kretprobe: f, latency: true}", "latency", "already the return"),
-    ("{name: a, tracepoint: sched/sched_switch, latency: true}", "latency", "no matching return event"),
-    ("{name: a, tracepoint: nogroup}", "tracepoint", "not GROUP/EVENT"),
-    ("{name: a, kprobe: 'f+4', latency: true}", "latency", "function entry"),
-    ("{name: a, uprobe: 'rel/path:sym'}", "uprobe", "absolute path"),
-    ("{name: a, kprobe: f, spans: {sample_ratio: 1}}", "spans", "latency"),
-    ("{raw: 'p do_sys_open'}", "raw", "needs an event name"),
-])
+@pytest.mark.parametrize(
+    ("probe", "field", "needle"),
+    [
+        ("{name: a, kprobe: f, args: {x: '%nosuch'}}", "args.x", "unknown register %nosuch"),
+        ("{name: a, kprobe: f, args: {x: '%dd'}}", "args.x", "did you mean %d"),
+        ("{name: a, uprobe: '/bin/x:0x1', args: {x: '%di:symbol'}}", "args.x", "kernel probes only"),
+        ("{name: a, kprobe: f, args: {x: '%di:u33'}}", "args.x", "unknown type 'u33'"),
+        ("{name: a, kprobe: f, args: {x: '$retval'}}", "args.x", "only available on return probes"),
+        ("{name: a, kprobe: f, args: {x: '$bogus'}}", "args.x", "unknown variable $bogus"),
+        ("{name: a, kprobe: f, labels: [y]}", "labels", "not an arg of this probe"),
+        ("{name: a, kretprobe: f, latency: true}", "latency", "already the return"),
+        ("{name: a, tracepoint: sched/sched_switch, latency: true}", "latency", "no matching return event"),
+        ("{name: a, tracepoint: nogroup}", "tracepoint", "not GROUP/EVENT"),
+        ("{name: a, kprobe: 'f+4', latency: true}", "latency", "function entry"),
+        ("{name: a, uprobe: 'rel/path:sym'}", "uprobe", "absolute path"),
+        ("{name: a, kprobe: f, spans: {sample_ratio: 1}}", "spans", "latency"),
+        ("{raw: 'p do_sys_open'}", "raw", "needs an event name"),
+    ],
+)
 def test_probe_mistakes_name_probe_and_field(probe: str, field: str, needle: str) -> None:
     with pytest.raises(ConfigError) as e:
         build(f"probes:\n  - {probe}\n")
@@ -100,7 +114,9 @@ def test_duplicates_and_pairs() -> None:
         build("probes:\n  - {name: a, kprobe: f, latency: true}\n  - {name: a_ret, kprobe: g}\n")
     with pytest.raises(ConfigError, match=r"pair 'p', field 'exit': names unknown event 'nope'"):
         build("probes:\n  - {name: a, kprobe: f}\npairs:\n  - {name: p, entry: a, exit: nope}\n")
-    ps = build("probes:\n  - {name: a, kprobe: f}\n  - {name: b, kretprobe: f}\npairs:\n  - {name: p, entry: a, exit: b}\n")
+    ps = build(
+        "probes:\n  - {name: a, kprobe: f}\n  - {name: b, kretprobe: f}\npairs:\n  - {name: p, entry: a, exit: b}\n"
+    )
     assert [(p.name, p.entry, p.exit) for p in ps.pairs] == [("p", "a", "b")]
 
 

@@ -1,0 +1,182 @@
+"""Shared bench helpers: build the C load generators, own a tracefs instance, describe the machine."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+OUT = HERE / "out"
+TRACEFS = Path("/sys/kernel/tracing")
+sys.path.insert(0, str(REPO))
+
+# A syscall tracepoint pair at one core's full rate (getppid is the cheapest syscall there is),
+# optionally throttled to RATE pairs/s in 1 ms steps.
+LOADGEN_C = r"""
+#define _GNU_SOURCE
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec / 1e9; }
+int main(int argc, char **argv) {
+    double secs = argc > 1 ? atof(argv[1]) : 5, rate = argc > 2 ? atof(argv[2]) : 0;
+    double t0 = now(), end = t0 + secs; long done = 0;
+    for (;;) {
+        if (rate > 0) {
+            double t = now(); if (t >= end) break;
+            long want = (long)((t - t0) * rate);
+            if (done >= want) { struct timespec ts = {0, 200000}; nanosleep(&ts, NULL); continue; }
+            for (long i = done; i < want && i < done + 1000; i++) syscall(SYS_getppid);
+            done = want < done + 1000 ? want : done + 1000;
+        } else {
+            for (int i = 0; i < 4096; i++) syscall(SYS_getppid);
+            if (now() >= end) break;
+        }
+    }
+    return 0;
+}
+"""
+
+# Threads each leaving one unmatched entry: uprobe `leak` is entered and its thread exits inside it
+# (pthread_exit), so the return never fires.
+LEAKGEN_C = r"""
+#include <pthread.h>
+#include <stdlib.h>
+__attribute__((noinline)) void leak(int i) { (void)i; pthread_exit(NULL); }
+static void *worker(void *p) { leak((int)(long)p); return NULL; }
+int main(int argc, char **argv) {
+    long n = argc > 1 ? atol(argv[1]) : 1000;
+    for (long i = 0; i < n; i++) {
+        pthread_t t;
+        if (pthread_create(&t, NULL, worker, (void *)i)) return 1;
+        pthread_join(t, NULL);
+    }
+    return 0;
+}
+"""
+
+
+def build(name: str) -> Path:
+    """Compile one of the bench's C programs (or tests/progs/fxgen.c) into bench/out/."""
+    OUT.mkdir(exist_ok=True)
+    exe = OUT / name
+    if name == "fxgen":
+        src = REPO / "tests" / "progs" / "fxgen.c"
+    else:
+        src = OUT / f"{name}.c"
+        src.write_text({"loadgen": LOADGEN_C, "leakgen": LEAKGEN_C}[name])
+    if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
+        # -O1 as the tests build it: -O2 clones fxgen's functions (open_path.constprop.0) past the probes
+        subprocess.run(["gcc", "-O1", "-pthread", "-o", str(exe), str(src)], check=True)
+    return exe
+
+
+def ensure_tracefs() -> Path:
+    if not (TRACEFS / "instances").exists():
+        subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACEFS)], check=True)
+    return TRACEFS
+
+
+def write(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def plain_instance(name: str, events: list[str], buffer_kb: int = 4096) -> Iterator[Path]:
+    """A tracefs instance with tracepoints enabled the way the agent configures its own (mono, no irq-info)."""
+    inst = ensure_tracefs() / "instances" / name
+    if inst.exists():
+        remove_instance(inst)
+    inst.mkdir()
+    try:
+        write(inst / "buffer_size_kb", str(buffer_kb))
+        write(inst / "trace_clock", "mono")
+        write(inst / "options" / "irq-info", "0")
+        for ev in events:
+            write(inst / "events" / ev / "enable", "1")
+        yield inst
+    finally:
+        remove_instance(inst)
+
+
+def remove_instance(inst: Path) -> None:
+    # Other sessions add and remove event groups concurrently: list each level defensively.
+    def ls(p: Path) -> list[Path]:
+        try:
+            return [p / x for x in os.listdir(p)]
+        except OSError:
+            return []
+
+    for group in ls(inst / "events"):
+        for ev in ls(group):
+            enable = ev / "enable"
+            try:
+                if enable.read_text().strip() != "0":
+                    write(enable, "0")
+            except OSError:
+                pass
+    for _ in range(100):
+        try:
+            inst.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
+def cpu_stats_lost(inst: Path) -> int:
+    lost = 0
+    for d in inst.glob("per_cpu/cpu*"):
+        for line in (d / "stats").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("overrun", "dropped events"):
+                lost += int(value)
+    return lost
+
+
+def cpu_stats_entries(inst: Path) -> int:
+    """Events written into the instance's ring buffer (read + still there + lost)."""
+    total = 0
+    for d in inst.glob("per_cpu/cpu*"):
+        stats = dict(ln.split(":", 1) for ln in (d / "stats").read_text().splitlines() if ":" in ln)
+        total += int(stats.get("entries", 0)) + int(stats.get("overrun", 0)) + int(stats.get("read events", 0))
+    return total
+
+
+def machine() -> str:
+    model = "unknown cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()}x {model}, Linux {platform.release()}, Python {platform.python_version()}"
+
+
+def proc_cpu_s(pid: int) -> float:
+    """user+sys seconds of a live process (children excluded)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / tick
+
+
+def proc_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0

@@ -1,0 +1,132 @@
+"""In-guest helper of the kernel-lab tests (stdlib only: it starts fast under TCG).
+
+tests/test_kernel_lab.py passes this file into the guest with each boot; scenario scripts call it:
+
+    python3 labkit.py ready PORT PID            wait until the agent answers /healthz (fails if PID exits)
+    python3 labkit.py wait PORT WANT METRIC [LABEL=VALUE ...] [-- WANT METRIC [LABEL=VALUE ...] ...]
+                                                scrape until the sum of matching samples reaches WANT,
+                                                for each condition (then once more after a grace period,
+                                                so anything beyond WANT shows too)
+    python3 labkit.py scrape PORT               print /metrics
+    python3 labkit.py defs GROUP                print GROUP's lines of kprobe_events and uprobe_events
+    python3 labkit.py snap GROUP NAME           GROUP's definitions into NAME.defs, the instances into
+                                                NAME.instances
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+
+TRACEFS = "/sys/kernel/tracing"
+SAMPLE_RE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
+LABEL_RE = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+
+
+def unescape(value: str) -> str:
+    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), value)
+
+
+def total(text: str, metric: str, labels: dict[str, str]) -> float | None:
+    found = None
+    for line in text.splitlines():
+        m = SAMPLE_RE.match(line)
+        if not m or m.group(1) != metric:
+            continue
+        have = {k: unescape(v) for k, v in LABEL_RE.findall(m.group(2) or "")}
+        if all(have.get(k) == v for k, v in labels.items()):
+            found = (found or 0.0) + float(m.group(3))
+    return found
+
+
+def ready(port: int, pid: int, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+            zombie = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+        except (ProcessLookupError, FileNotFoundError):
+            zombie = True
+        if zombie:
+            sys.exit(f"labkit: the agent (pid {pid}) exited before it was ready")
+        try:
+            if get(port, "/healthz")[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    sys.exit(f"labkit: the agent on port {port} was not ready within {timeout} s")
+
+
+Condition = tuple[float, str, dict[str, str]]
+
+
+def wait(port: int, conditions: list[Condition], timeout: float = 60, grace: float = 0.5) -> None:
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        text = get(port, "/metrics")[1]
+        if all((total(text, m, labels) or 0) >= want for want, m, labels in conditions):
+            time.sleep(grace)  # anything beyond `want` (a bug) gets time to show
+            text = get(port, "/metrics")[1]
+            break
+        time.sleep(0.2)
+    for want, metric, labels in conditions:
+        print(f"labkit: {metric}{labels} = {total(text, metric, labels)} (waited for {want})", file=sys.stderr)
+
+
+def conditions(args: list[str]) -> list[Condition]:
+    out: list[Condition] = []
+    while args:
+        group, args = (args[: args.index("--")], args[args.index("--") + 1 :]) if "--" in args else (args, [])
+        out.append((float(group[0]), group[1], dict(a.split("=", 1) for a in group[2:])))
+    return out
+
+
+def defs(group: str) -> str:
+    out = []
+    for name in ("kprobe_events", "uprobe_events"):
+        try:
+            with open(f"{TRACEFS}/{name}") as f:
+                out += [ln for ln in f.read().splitlines() if re.match(rf"^[pr]\d*:{re.escape(group)}/", ln)]
+        except FileNotFoundError:
+            pass
+    return "".join(ln + "\n" for ln in out)
+
+
+def main(argv: list[str]) -> None:
+    cmd, args = argv[0], argv[1:]
+    if cmd == "ready":
+        ready(int(args[0]), int(args[1]))
+    elif cmd == "wait":
+        wait(int(args[0]), conditions(args[1:]))
+    elif cmd == "scrape":
+        status, body = get(int(args[0]), "/metrics")
+        sys.stdout.write(body)
+        if status != 200:
+            sys.exit(f"labkit: /metrics answered {status}")
+    elif cmd == "defs":
+        sys.stdout.write(defs(args[0]))
+    elif cmd == "snap":
+        with open(f"{args[1]}.defs", "w") as f:
+            f.write(defs(args[0]))
+        with open(f"{args[1]}.instances", "w") as f:
+            f.write("".join(name + "\n" for name in sorted(os.listdir(f"{TRACEFS}/instances"))))
+    else:
+        sys.exit(f"labkit: unknown command {cmd!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

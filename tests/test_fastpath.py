@@ -1,0 +1,259 @@
+"""The columnar fast path (fastparse + pairing + aggregate) against the simplest per-line loop.
+
+Differential tests: generated traces (several kernels' layouts, nesting, threads, LOST lines, age
+and capacity evictions, labels and their caps, spans, long event names, garbage and one-byte
+mutations of valid lines, random chunking) must give exactly the snapshot and the spans of
+tests/ref_aggregate.py, whether the aggregate takes them in columns or line by line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from ref_aggregate import RefAggregate
+
+from kprobe_exporter import config, fastparse, pairing, parser, probes
+from kprobe_exporter.aggregate import Aggregate, CompletedPair
+
+HERE = Path(__file__).parent
+FIX = HERE / "fixtures"
+LONG = "a_very_long_event_name_that_takes_six_words_of_eight"
+
+CFG = f"""
+label_limit: 3
+pending: {{max_pending: 7, max_age: 2s}}
+probes:
+  - name: f
+    uprobe: /bin/x:0x10
+    args: {{s: "+0(%di):string", n: "%si:s32"}}
+    labels: [s]
+    latency: true
+  - name: g
+    uprobe: /bin/x:0x20
+    args: {{n: "%di:s32"}}
+    labels: [comm, n]
+    latency: true
+  - name: openat
+    tracepoint: syscalls/sys_enter_openat
+    latency: true
+  - name: {LONG}
+    uprobe: /bin/x:0x30
+    latency: true
+  - name: tick
+    tracepoint: sched/sched_switch
+"""
+
+
+class Sampling:
+    sample_ratio = 1.0
+    min_duration_ns = 3_000
+
+
+def build(cls: type, cfg_text: str = CFG) -> Any:
+    cfg = config.load_text(cfg_text)
+    ps = probes.build_probe_set(cfg, resolve=None)
+    agg = cls(ps, cfg.buckets, cfg.label_limit, cfg.pending.max_pending, cfg.pending.max_age)
+    spans: list[CompletedPair] = []
+    for p in ps.pairs:
+        if p.name in ("f", "openat"):
+            agg.set_sink(p.name, Sampling(), spans.append)
+    return agg, spans
+
+
+COMMS = [b"app", b"sp ace", b"x)y:z [1]", b"<...>", b"0123456789abcde", b"d-a-s-h"]
+BODIES = {
+    "f": [b'f: (0x55d0) s="/etc/hostname" n=1', b'f: (0x55d0) s="a b\\"c" n=-2', b'f: (0x55d0) s="\xff\xfe" n=3',
+          b'f: (0x55d0) s="x" n=4', b'f: (0x55d0) s="y" n=5'],
+    "f_ret": [b"f_ret: (0x55e0 <- 0x55d0) ret=0x3"],
+    "g": [b"g: (0x55d1) n=1", b"g: (0x55d1) n=2", b"g: (0x55d1) n=-7", b"g: (0x55d1) n=9"],
+    "g_ret": [b"g_ret: (0x55e1 <- 0x55d1) ret=0x0"],
+    "openat": [b"sys_openat(dfd: 0xffffff9c, filename: 0x7f, flags: 0x80000, mode: 0)"],
+    "openat_ret": [b"sys_openat -> 0x3", b"sys_openat -> 0xfffffffffffffffe"],
+    "long": [f"{LONG}: (0x55d2)".encode()],
+    "long_ret": [f"{LONG}_ret: (0x55e2 <- 0x55d2) ret=0x1".encode()],
+    "tick": [b"sched_switch: prev_comm=a prev_pid=1 prev_prio=120 prev_state=S ==> next_comm=b next_pid=2"],
+    "unknown": [b"zzz: (0x1)", b"sys_read(fd: 3)", b"", b"f:", b"sys_openat", b"openat: x"],
+}
+KINDS = list(BODIES)
+OTHER = [b"CPU:1 [LOST 17 EVENTS]", b"CPU:0 [LOST 3 EVENTS]", b"CPU:x [LOST 1 EVENTS]", b"# tracer: nop", b"",
+         b"#           TASK-PID     CPU#  |||||  TIMESTAMP  FUNCTION", b"garbage", b"x" * 60]
+
+
+def head(layout: int, comm: bytes, tid: int, cpu: int, ts_us: int) -> bytes:
+    sec, usec = divmod(ts_us, 1_000_000)
+    c = comm.rjust(16)
+    if layout == 0:  # 6.x with irq-info
+        return c + b"-%-7d [%03d] ..... %5d.%06d: " % (tid, cpu, sec, usec)
+    if layout == 1:  # 6.x without irq-info (the agent's own)
+        return c + b"-%-7d [%03d]  %5d.%06d: " % (tid, cpu, sec, usec)
+    if layout == 2:  # record-tgid
+        return c + b"-%-7d (%7d) [%03d] d.h1. %5d.%06d: " % (tid, tid - tid % 10, cpu, sec, usec)
+    return c + b"-%-5d [%03d] d... %5d.%06d: " % (tid, cpu, sec, usec)  # 4.x
+
+
+step = st.tuples(
+    st.sampled_from(KINDS + ["f", "f_ret", "g", "g_ret", "openat", "openat_ret"] * 3 + ["other"]),
+    st.integers(0, 5),  # thread
+    st.sampled_from([0, 1, 1, 3, 40, 900, 1_100_000, 2_500_000]),  # µs since the previous line
+    st.integers(0, 99),  # which body / other line / layout switch
+    st.integers(-1, 200),  # byte to mutate (-1: none)
+    st.integers(0, 255),  # the byte to put there
+)
+
+
+def render(steps: list[tuple[str, int, int, int, int, int]], start_us: int, layout: int) -> list[bytes]:
+    lines, ts = [], start_us
+    for kind, t, dt, pick, mut, byte in steps:
+        ts += dt
+        if kind == "other":
+            lines.append(OTHER[pick % len(OTHER)])
+            continue
+        lay = layout if pick < 90 else pick % 4  # mostly one layout, sometimes another mid-stream
+        tid = 100 + t * 1001 if lay != 3 else 100 + t
+        body = BODIES[kind][pick % len(BODIES[kind])]
+        line = head(lay, COMMS[t % len(COMMS)], tid, t % 3, ts) + body
+        if 0 <= mut < len(line):
+            line = line[:mut] + bytes([byte]) + line[mut + 1 :]
+            line = line.replace(b"\n", b" ")
+        lines.append(line)
+    return lines
+
+
+def chunks(lines: list[bytes], cuts: list[int]) -> list[bytes]:
+    out, prev = [], 0
+    for c in sorted({min(c, len(lines)) for c in cuts} | {len(lines)}):
+        if c > prev:
+            out.append(b"\n".join(lines[prev:c]) + b"\n")
+            prev = c
+    return out
+
+
+def compare(lines: list[bytes], cuts: list[int], min_columnar: int) -> None:
+    agg, spans = build(Aggregate)
+    agg.min_columnar = min_columnar
+    ref, ref_spans = build(RefAggregate)
+    for c in chunks(lines, cuts):
+        agg.feed(c)
+        ref.feed(c)
+    got, want = agg.snapshot(), ref.snapshot()
+    assert got.lines_read == want.lines_read
+    assert got.parse_errors == want.parse_errors
+    assert got.lost == want.lost
+    assert got.events == want.events
+    assert got.label_overflow == want.label_overflow
+    for name, w in want.pairs.items():
+        assert got.pairs[name] == w, name
+    assert spans == ref_spans
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(step, max_size=400), start=st.sampled_from([1, 99_995_000_000, 12_345_678_000]),
+       layout=st.integers(0, 3), cuts=st.lists(st.integers(0, 400), max_size=5),
+       min_columnar=st.sampled_from([0, 0, 1, 128]))
+def test_columnar_equals_per_line(steps: list[Any], start: int, layout: int, cuts: list[int],
+                                  min_columnar: int) -> None:
+    compare(render(steps, start, layout), cuts, min_columnar)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.binary(max_size=3000), cuts=st.lists(st.integers(0, 60), max_size=4))
+def test_arbitrary_bytes_columnar_equals_per_line(data: bytes, cuts: list[int]) -> None:
+    lines = data.split(b"\n")
+    compare(lines, cuts, 0)
+
+
+@pytest.mark.parametrize("path", sorted(p for p in FIX.rglob("*") if p.is_file()))
+def test_fixtures_columnar_equals_per_line(path: Path) -> None:
+    lines = path.read_bytes().split(b"\n")
+    for mc in (0, 10**9):
+        compare(lines, [7, 100], mc)
+
+
+def test_fastparse_agrees_with_parse_head_on_every_fixture_line() -> None:
+    for path in sorted(p for p in FIX.rglob("*") if p.is_file()):
+        buf = path.read_bytes()
+        starts, ends = fastparse.lines_of(buf)
+        tpl = next((t for t in (fastparse.learn(ln) for ln in buf.split(b"\n")[:40]) if t), None)
+        if tpl is None:
+            continue
+        table = fastparse.TokenTable()
+        p = fastparse.parse(buf, starts, ends, fastparse.Plan.of(tpl), table)
+        took = 0
+        for i in np.flatnonzero(p.ok).tolist():
+            line = buf[starts[i] : ends[i]]
+            tid, _, _, ts, start = parser.parse_head(line)
+            assert (int(p.tid[i]), int(p.ts[i]), table.tokens[p.cls[i]]) == (tid, ts, parser.event_token(line, start))
+            took += 1
+        assert took > 0, path
+
+
+def test_template_learns_the_layouts_of_three_kernels() -> None:
+    six = fastparse.learn(b"           plain-7268    [000] DBZff   298.511609: open_path: (0x1) path=\"/x\"")
+    four = fastparse.learn(b"   zabbix_agentd-1762  [002] d... 43812230.892155: myprobe: (x)")
+    tgid = fastparse.learn(b"           plain-7408    (   7400) [000]    301.443865: f: x")
+    assert six == fastparse.Template(7, 25, 29, 5, 49)
+    assert four == fastparse.Template(5, 23, 27, 8, 49)
+    assert tgid == fastparse.Template(7, 35, 39, 5, 54)
+    assert fastparse.learn(b"CPU:0 [LOST 1020 EVENTS]") is None
+
+
+def test_stable_order_equals_numpy_stable_argsort() -> None:
+    rng = np.random.default_rng(1)
+    for n in (0, 1, 2, 17, 1000):
+        key = rng.integers(0, 5, n).astype(np.int64)
+        assert (pairing.stable_order(key) == np.argsort(key, kind="stable")).all()
+    big = np.array([2**61, 3, 2**61, 3], np.int64)  # too wide to pack: numpy's own stable sort
+    assert pairing.stable_order(big).tolist() == [1, 3, 0, 2]
+
+
+def test_match_is_lifo_per_group_with_unmatched_exits() -> None:
+    # group 0: exit(unmatched) entry entry exit exit exit(unmatched); group 1: entry entry exit
+    group = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1], np.int64)
+    sign = np.array([-1, 1, 1, -1, -1, -1, 1, 1, -1], np.int64)
+    m = pairing.match(group, sign)
+    assert sorted(zip(m.entries.tolist(), m.exits.tolist(), strict=True)) == [(1, 4), (2, 3), (7, 8)]
+    assert np.flatnonzero(m.unmatched).tolist() == [0, 5]
+    assert m.open.tolist() == [6]
+
+
+def test_a_chunk_bigger_than_a_piece_is_cut_at_lines() -> None:
+    bodies = (b'f: (0x1) s="a" n=1', b"f_ret: (0x2 <- 0x1) ret=0x0")
+    lines = [head(1, b"t", 7, 0, 1_000_000 + i) + bodies[i % 2] for i in range(20000)]
+    agg, _ = build(Aggregate)
+    import kprobe_exporter.aggregate as am
+    old = am.PIECE
+    am.PIECE = 4096
+    try:
+        agg.feed(b"\n".join(lines) + b"\n")
+    finally:
+        am.PIECE = old
+    st_ = agg.snapshot().pairs["f"]
+    assert (st_.count, st_.unmatched, st_.pending) == (10000, 0, 0)
+
+
+def test_arg_picker_equals_arg_reader() -> None:
+    ps = probes.build_probe_set(config.load_text(CFG), resolve=None)
+    for ev in ps.events:
+        names = tuple(a.name for a in ev.args)
+        pick = parser.arg_picker(ev, names)
+        read = parser.arg_reader(ev)
+        for bodies in BODIES.values():
+            for b in bodies:
+                d = read(b)
+                assert pick(b) == tuple(d.get(n, b"") for n in names)
+
+
+def test_token_table_collisions_and_a_full_table_stay_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    import random
+
+    monkeypatch.setattr(fastparse.TokenTable, "BITS", 1)  # two slots: most tokens collide
+    monkeypatch.setattr(fastparse.TokenTable, "MAX_CLASSES", 3)  # and the table fills, then starts afresh
+    r = random.Random(3)
+    kinds = [k for k in KINDS if k != "unknown"]
+    steps = [(r.choice(kinds), r.randrange(4), r.choice([1, 3, 40]), r.randrange(100), -1, 0) for _ in range(3000)]
+    compare(render(steps, 5_000_000, 1), [700, 1500, 2200], 0)
