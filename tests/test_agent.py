@@ -90,15 +90,18 @@ instance: kpe_t_sys
 probes:
   - name: openat
     tracepoint: syscalls/sys_enter_openat
-    filter: 'comm == "fxgen"'
+    filter: 'comm == "kpe_fxsys"'
     latency: true
 """)
+    exe = progs["pie"].with_name("kpe_fxsys")  # a comm no other process on the machine has
+    exe.write_bytes(progs["pie"].read_bytes())
+    exe.chmod(0o755)
     with running_agent(cfg) as agent:
-        run(progs["pie"], "open", 0)  # the loader's own openat calls, as a baseline
+        run(exe, "open", 0)  # the loader's own openat calls, as a baseline
         time.sleep(1)
         base = value(agent.scrape(), "kprobe_events_total", probe="openat") or 0
         assert base > 0
-        run(progs["pie"], "open", 300)
+        run(exe, "open", 300)
         want = 2 * base + 300
         assert agent.wait_value("kprobe_events_total", want, probe="openat") == want
         text = agent.scrape()
