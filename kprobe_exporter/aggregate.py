@@ -501,9 +501,11 @@ class Aggregate:
     def set_stats_lost(self, cpu: int, total: int) -> None:
         """Loss the per-CPU stats show; it overlaps the LOST lines, so the larger of the two counts."""
         with self.lock:
-            if total > self.lost_stats.get(cpu, 0):
-                self.lost_stats[cpu] = total
-                self.drop_pending("lost")
+            seen = self.lost_stats.get(cpu)
+            if seen is None or total > seen:
+                self.lost_stats[cpu] = total  # a 0 too: every CPU's series exists from the start
+                if total > (seen or 0):
+                    self.drop_pending("lost")
 
     def drop_pending(self, reason: str) -> None:
         for pair in self.pairs.values():

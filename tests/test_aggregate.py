@@ -206,3 +206,10 @@ def test_span_sink_gets_sampled_pairs_with_args_and_retval() -> None:
         (("n", "4"),),
         "5",
     )
+
+
+def test_stats_make_every_cpu_series_exist_at_zero() -> None:
+    agg = make(UP)
+    agg.set_stats_lost(0, 0)
+    agg.set_stats_lost(1, 0)
+    assert agg.snapshot().lost == {0: 0, 1: 0}
