@@ -6,7 +6,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +15,8 @@ REPO = HERE.parent
 OUT = HERE / "out"
 TRACEFS = Path("/sys/kernel/tracing")
 sys.path.insert(0, str(REPO))
+
+from kprobe_exporter import tracefs  # noqa: E402  (after the path, so a checkout works uninstalled)
 
 # A syscall tracepoint pair at one core's full rate (getppid is the cheapest syscall there is),
 # optionally throttled to RATE pairs/s in 1 ms steps.
@@ -112,29 +113,7 @@ def plain_instance(name: str, events: list[str], buffer_kb: int = 4096) -> Itera
 
 
 def remove_instance(inst: Path) -> None:
-    # Other sessions add and remove event groups concurrently: list each level defensively.
-    def ls(p: Path) -> list[Path]:
-        try:
-            return [p / x for x in os.listdir(p)]
-        except OSError:
-            return []
-
-    for group in ls(inst / "events"):
-        for ev in ls(group):
-            enable = ev / "enable"
-            try:
-                if enable.read_text().strip() != "0":
-                    write(enable, "0")
-            except OSError:
-                pass
-    for _ in range(100):
-        try:
-            inst.rmdir()
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            time.sleep(0.1)
+    tracefs.remove_instance(inst)  # the agent's own teardown: disable every event, then rmdir
 
 
 def cpu_stats_lost(inst: Path) -> int:

@@ -24,6 +24,7 @@ from kprobe_exporter.notify import SystemdNotifier
 from kprobe_exporter.probes import EventSpec, ProbeSet
 from kprobe_exporter.reader import ReaderError, TracePipeReader
 from kprobe_exporter.spans import SpanPolicy, SpanShipper
+from kprobe_exporter.tasks import Tasks
 from kprobe_exporter.tracefs import InstanceLock, Tracefs, TracefsError
 from kprobe_exporter.web import WebServer, make_handler
 
@@ -156,6 +157,7 @@ class Agent:
             root = tfs_mod.find_tracefs()
             tfs = self.tracefs = Tracefs(root, self.config.instance, pin=True)
             tfs.check_kinds(self.probes.events)
+            self.aggregate.tasks = Tasks(root)  # live: a `<...>` the kernel prints can still be named
             # A killed predecessor of this instance left its group behind: ours to remove.
             for problem in tfs_mod.cleanup(root, self.config.instance):
                 log.warning("cleanup of a previous run: %s", problem)
@@ -312,6 +314,7 @@ class Agent:
         base = reload_mod.carry(self.base, self.aggregate.snapshot(), new_cfg.label_limit, plan.keep,
                                 plan.keep_pairs)
         agg = make_aggregate(new_cfg, new_probes)
+        agg.tasks = self.aggregate.tasks
         self._attach_spans(agg, new_probes)
         self._stats_offset = dict(self._stats_seen)
         self.config, self.probes, self.aggregate, self.base = new_cfg, new_probes, agg, base

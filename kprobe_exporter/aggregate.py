@@ -28,6 +28,10 @@ import numpy.typing as npt
 from kprobe_exporter import fastparse, pairing, parser, ringbuf
 from kprobe_exporter.config import OVERFLOW_VALUE
 from kprobe_exporter.probes import EventSpec, ProbeSet
+from kprobe_exporter.tasks import UNKNOWN_COMM, Tasks
+
+_UNKNOWN = UNKNOWN_COMM.encode()
+EV_NONE = -2  # a chunk line that is no event (comment, LOST, unparsable)
 
 EVICT_REASONS = ("age", "capacity", "lost")
 I64 = npt.NDArray[np.int64]
@@ -157,6 +161,9 @@ class Aggregate:
         self.max_pending = max_pending
         self.max_age_ns = int(max_age_s * 1e9)
         self.lines_read = 0
+        # Live agents name the `<...>` the kernel prints when its comm cache lost a thread (from the
+        # same chunk's other lines of that thread, saved_cmdlines again, /proc); replay has none.
+        self.tasks: Tasks | None = None
         self.parse_errors = dict.fromkeys(parser.REASONS, 0)
         self.lost: dict[int, int] = {}  # from LOST lines
         self.lost_stats: dict[int, int] = {}  # from per-CPU stats (overrun + dropped)
@@ -258,8 +265,8 @@ class Aggregate:
     def _parse(self, buf: bytes) -> _Chunk:
         starts, ends = fastparse.lines_of(buf)
         n = len(starts)
-        c = _Chunk(buf, starts, ends, np.full(n, -2, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64), 0, {},
-                   [])
+        c = _Chunk(buf, starts, ends, np.full(n, EV_NONE, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64),
+                   0, {}, [])
         todo = np.arange(n)
         if self._table.full:  # a stream of ever new tokens (garbage): start the classes afresh
             self._table = fastparse.TokenTable()
@@ -343,6 +350,22 @@ class Aggregate:
         return c
 
     # --- labels ------------------------------------------------------------------------
+    @staticmethod
+    def _name_unknown(c: _Chunk, idx: list[int], comms: list[bytes], tasks: Tasks) -> list[bytes]:
+        tids, evs, starts = c.tid.tolist(), c.ev.tolist(), c.starts_list()
+        known: dict[int, bytes] = {}
+        for i, t in enumerate(tids):  # rare (the kernel's cache missed): the whole chunk may be read
+            cm = c.buf[starts[i] : starts[i] + 16].lstrip()
+            if cm != _UNKNOWN and evs[i] != EV_NONE:
+                known[t] = cm
+        out = []
+        for i, cm in zip(idx, comms, strict=True):
+            if cm == _UNKNOWN:
+                t = tids[i]
+                cm = known.get(t) or tasks.comm(t).encode("utf-8", "backslashreplace")[-16:]
+            out.append(cm)
+        return out
+
     def _count_labelled(self, rec: _Event, c: _Chunk) -> None:
         # Bodies are counted first (Counter runs at C speed) and args are read once per distinct
         # body: label values repeat, and so do whole bodies more often than not (the corpus: 0.9 ->
@@ -361,6 +384,8 @@ class Aggregate:
                 rows[pick(b)] += n
         else:
             comms = [buf[starts[i] : starts[i] + 16].lstrip() for i in idx]
+            if self.tasks is not None and _UNKNOWN in comms:
+                comms = self._name_unknown(c, idx, comms, self.tasks)
             for (comm, b), n in Counter(zip(comms, bodies, strict=True)).items():
                 v = pick(b)
                 rows[(*v[:comm_at], comm, *v[comm_at:])] += n
@@ -495,6 +520,11 @@ class Aggregate:
         args = tuple((k, v.decode("utf-8", "backslashreplace")) for k, v in raw_args.items())
         ret = parser.retval_of(pair.exit, exit_line[exit_start:])
         comm = parser.comm_of(entry_line).decode("utf-8", "backslashreplace")
+        if self.tasks is not None:
+            if comm == UNKNOWN_COMM:
+                comm = self.tasks.comm(tid)
+            if tgid < 0:
+                tgid = self.tasks.tgid(tid)
         sink(CompletedPair(pair.stats.name, ent.function, tid, tgid, comm, start_ts, end_ts, args,
                            ret.decode("ascii", "replace") if ret is not None else None))
 

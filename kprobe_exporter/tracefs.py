@@ -518,12 +518,24 @@ def profile_rows(root: Path, events_file: str, profile_file: str, group: str) ->
     return []
 
 
+def _ls(path: Path) -> list[Path]:
+    try:
+        return [path / name for name in os.listdir(path)]
+    except OSError:
+        return []
+
+
+def _enable_files(inst: Path) -> list[Path]:
+    # Groups come and go while we list (other agents define and remove theirs): each level may vanish.
+    return [ev / "enable" for group in _ls(inst / "events") for ev in _ls(group)]
+
+
 def remove_instance(inst: Path) -> list[str]:
     """Disable every event in an instance of ours and rmdir it (retrying while a reader lets go)."""
     problems: list[str] = []
     if not inst.exists():
         return problems
-    for enable in inst.glob("events/*/*/enable"):
+    for enable in _enable_files(inst):
         try:
             if read_text(enable).strip() not in ("0", ""):
                 write_file(enable, "0")

@@ -6,6 +6,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
+
 from kprobe_exporter import config, probes
 from kprobe_exporter.aggregate import Aggregate, CompletedPair
 
@@ -213,3 +215,41 @@ def test_stats_make_every_cpu_series_exist_at_zero() -> None:
     agg.set_stats_lost(0, 0)
     agg.set_stats_lost(1, 0)
     assert agg.snapshot().lost == {0: 0, 1: 0}
+
+
+COMM_LABEL = """
+probes:
+  - name: f
+    uprobe: /bin/x:0x10
+    args: {n: "%di:s32"}
+    labels: [comm]
+"""
+
+
+@pytest.mark.parametrize("repeat", [1, 100])  # the per-line path and the columnar one (>= 128 lines)
+def test_unknown_comm_is_named_live_and_left_alone_in_replay(tmp_path: Path, repeat: int) -> None:
+    """`<...>` is what the kernel prints when its 128-entry comm cache lost the thread. A live agent names
+    it from the chunk's other lines of that thread, then saved_cmdlines, then /proc; replay cannot."""
+    import os
+
+    from kprobe_exporter.tasks import Tasks
+
+    me = os.getpid()
+    comm = Path("/proc/self/comm").read_text().strip()
+    lines = repeat * [
+        line("worker", 11, 10, "f: (0x1) n=1"),
+        line("<...>", 11, 11, "f: (0x1) n=1"),  # the same thread, evicted by the time this line printed
+        line("<...>", me, 12, "f: (0x1) n=1"),  # a live thread: /proc names it
+        line("<...>", 999_999_999, 13, "f: (0x1) n=1"),  # gone: stays unknown
+    ]
+    (tmp_path / "saved_cmdlines").write_text("")
+    live = make(COMM_LABEL)
+    live.tasks = Tasks(tmp_path)
+    feed(live, *lines)
+    got = {dict(lbls)["comm"]: v for (_, lbls), v in live.snapshot().events.items()}
+    assert got == {"worker": 2 * repeat, comm: repeat, "<...>": repeat}
+
+    replay = make(COMM_LABEL)
+    feed(replay, *lines)
+    got = {dict(lbls)["comm"]: v for (_, lbls), v in replay.snapshot().events.items()}
+    assert got == {"worker": repeat, "<...>": 3 * repeat}

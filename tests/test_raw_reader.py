@@ -2,8 +2,9 @@
 
 Two instances of our own get the same events (each event is written into every instance that has
 it enabled): one is read as trace_pipe text, the other as per-CPU ring-buffer pages, each into its
-own aggregate with a span sink on every pair. They must agree exactly on counts, labels, threads,
-process ids, args, return values and pairs, and on timestamps to the microsecond the text shows.
+own aggregate with a span sink on every pair. They must agree exactly on counts, labels (but for the
+kernel's lossy comm cache, see the test), threads, process ids, args, return values and pairs, and on
+timestamps to the microsecond the text shows.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from agent_proc import running_agent, value
 from kprobe_exporter import config, probes, ringbuf
 from kprobe_exporter.aggregate import Aggregate, CompletedPair
 from kprobe_exporter.reader import TracePipeReader
+from kprobe_exporter.tasks import UNKNOWN_COMM, Tasks
 from kprobe_exporter.tracefs import Tracefs
 
 pytestmark = pytest.mark.root
@@ -80,6 +82,7 @@ class Pipeline:
         # no own pids excluded: with event-fork on, the workload (our child) would be excluded too
         self.tfs.install(self.probes, 4096, record_tgid=True, own_tids=[])
         self.agg = Aggregate(self.probes, cfg.buckets)
+        self.agg.tasks = Tasks(root)  # as the agent has it: a `<...>` is named while it can be
         self.spans: list[CompletedPair] = []
         for p in self.probes.pairs:
             self.agg.set_sink(p.name, Sampling(), self.spans.append)
@@ -113,6 +116,15 @@ class Pipeline:
         self.tfs.close()
 
 
+def comm_blurred(events: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> dict[object, float]:
+    """Counts with `<...>` taken as the workload's comm (see the test)."""
+    out: dict[object, float] = {}
+    for (name, labels), v in events.items():
+        key = (name, tuple((k, COMM if k == "comm" and x == UNKNOWN_COMM else x) for k, x in labels))
+        out[key] = out.get(key, 0) + v
+    return out
+
+
 def usec(ns: int) -> int:
     return (ns + 500) // 1000
 
@@ -135,7 +147,12 @@ def test_both_readers_agree_on_the_same_events(tracefs: Path, exe: Path) -> None
         text.close()
     t, r = text.agg.snapshot(), raw.agg.snapshot()
     assert t.lost == r.lost == {} or (not any(t.lost.values()) and not any(r.lost.values()))
-    assert r.events == t.events
+    # The kernel names threads from a 128-entry cache: a short-lived thread evicted before its line was
+    # formatted and gone from /proc by the time either reader asked is `<...>` there, and the two readers
+    # ask at different moments. That is the only way their labels may differ, and rarely.
+    assert comm_blurred(r.events) == comm_blurred(t.events)
+    for ev in (r.events, t.events):
+        assert ev.get(("openat", (("comm", UNKNOWN_COMM),)), 0) <= ev[("openat", (("comm", COMM),))] // 100, ev
     assert r.events[("open_path", (("path", "/etc/hostname"),))] == 300 + 200 * 4
     assert r.events[("open_path", (("path", "/nonexistent/file"),))] == 20
     assert r.events[("compute", ())] == 400 + 200 * 4
@@ -152,7 +169,8 @@ def test_both_readers_agree_on_the_same_events(tracefs: Path, exe: Path) -> None
     assert len(rs_) == len(ts_) == sum(p.count for p in r.pairs.values())
     for a, b in zip(rs_, ts_, strict=True):
         assert (a.pair, a.tid, a.tgid, a.args, a.retval) == (b.pair, b.tid, b.tgid, b.args, b.retval)
-        assert a.comm == b.comm == COMM
+    assert {a.comm for a in rs_} | {b.comm for b in ts_} <= {COMM, UNKNOWN_COMM}
+    assert sum(a.comm != COMM or b.comm != COMM for a, b in zip(rs_, ts_, strict=True)) <= len(rs_) // 100
     # Each instance's buffer stamps an event itself, a few hundred ns apart: the same call's latency in
     # the two is within the text's rounding (< 1 us) plus that
     dl = np.array([(a.end_ns - a.start_ns) - (b.end_ns - b.start_ns) for a, b in zip(rs_, ts_, strict=True)])
