@@ -39,6 +39,7 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 # Shell functions every scenario gets (see scenario()).
 PRELUDE = r"""
 set -u
+SCENARIO_LIMIT_S=${SCENARIO_LIMIT_S:-150}
 PS4='+ $EPOCHREALTIME '  # the scenario's log times every command
 T=/sys/kernel/tracing
 chmod +x "$LAB_IN/kpe_opener"
@@ -80,11 +81,23 @@ observed() {  # FILE: the observer's trace into FILE; the observer removed (befo
   rmdir "$O"
 }
 scenario() {  # NAME: $LAB_IN/NAME.sh runs in $LAB_OUT/NAME; its log, exit status and seconds land there
-  local name=$1 t0 rc=0
+  local name=$1 t0 rc=0 pid dog
   t0=$(date +%s.%N)
   mkdir -p "$LAB_OUT/$name"
-  ( cd "$LAB_OUT/$name" && trap reap_agents EXIT && set -eo pipefail -x && . "$LAB_IN/$name.sh" ) \
-    > "$LAB_OUT/$name/log" 2>&1 || rc=$?
+  # In a session of its own, so that past SCENARIO_LIMIT_S it and everything it started can be killed,
+  # after `labkit hang` has written down (to NAME/hang and the console) what each process waits on:
+  # one stuck scenario must not eat the boot's time and leave nothing to read.
+  setsid -w bash -c 'cd "$LAB_OUT/$1" && . "$LAB_IN/prelude.sh" && trap reap_agents EXIT &&
+    set -eo pipefail -x && . "$LAB_IN/$1.sh"' scenario "$name" > "$LAB_OUT/$name/log" 2>&1 &
+  pid=$!
+  ( sleep "$SCENARIO_LIMIT_S"
+    echo "kernel-lab scenario $name: still running after $SCENARIO_LIMIT_S s; what waits on what:"
+    labkit hang | tee "$LAB_OUT/$name/hang"
+    sync
+    kill -KILL -- "-$pid" "$pid" ) &
+  dog=$!
+  wait "$pid" || rc=$?
+  kill "$dog" 2>/dev/null || true
   echo "$rc" > "$LAB_OUT/$name/rc"
   python3 -c 'import sys, time; print(f"{time.time() - float(sys.argv[1]):.2f}")' "$t0" > "$LAB_OUT/$name/seconds"
   echo "kernel-lab scenario $name: exit $rc in $(cat "$LAB_OUT/$name/seconds") s"
@@ -122,7 +135,8 @@ class Scenario:
     console: str
 
     def ok(self) -> Scenario:
-        assert self.rc == 0, f"scenario {self.name} failed (exit {self.rc}); its log:\n{self.tail('log')}"
+        hang = f"\nwhat each process waited on when stopped:\n{self.text('hang')[:8000]}" if "hang" in self.files else ""
+        assert self.rc == 0, f"scenario {self.name} failed (exit {self.rc}); its log:\n{self.tail('log')}{hang}"
         return self
 
     def text(self, name: str) -> str:

@@ -12,7 +12,7 @@ that holds this checkout's kprobe_exporter/ package, the script and the input fi
 
 The script runs as root under bash, stdin from /dev/null, HOME=/tmp, loopback up (127.0.0.1, ::1), no
 other network. Its output goes to the serial console, which comes back as GuestResult.stdout. The script
-gets `timeout` minus 15 s inside the guest (then it is killed and its exit status is 124, and whatever
+gets `timeout` minus 30 s inside the guest (then it is killed and its exit status is 124, and whatever
 it wrote to /out still comes back); the whole boot is killed at `timeout` (GuestTimeout).
 """
 
@@ -36,7 +36,7 @@ __all__ = ["GuestImage", "GuestResult", "GuestTimeout", "LabError", "require_gue
 
 MEMORY_MB = 1024
 OUT_SPACE_MB = 256  # free space on the job disk for the script's results (sparse on the host)
-SCRIPT_MARGIN_S = 15.0  # boot + power-off allowance taken from `timeout` for the script's own limit
+SCRIPT_MARGIN_S = 30.0  # boot + power-off allowance taken from `timeout` for the script's own limit
 START_MARKER = "===== kernel-lab: script start ====="
 END_MARKER = "===== kernel-lab: script end"
 

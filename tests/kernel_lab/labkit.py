@@ -11,6 +11,8 @@ tests/test_kernel_lab.py passes this file into the guest with each boot; scenari
     python3 labkit.py defs GROUP                print GROUP's lines of kprobe_events and uprobe_events
     python3 labkit.py snap GROUP NAME           GROUP's definitions into NAME.defs, the instances into
                                                 NAME.instances
+    python3 labkit.py hang                      every process: state, wait channel, command line, and the
+                                                kernel stack of those asleep (what a stuck scenario waits on)
 """
 
 from __future__ import annotations
@@ -106,6 +108,30 @@ def defs(group: str) -> str:
     return "".join(ln + "\n" for ln in out)
 
 
+def hang() -> str:
+    def read(path: str) -> str:
+        try:
+            with open(path, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    out = []
+    for pid in sorted((int(p) for p in os.listdir("/proc") if p.isdigit()), reverse=True):
+        stat = read(f"/proc/{pid}/stat")
+        if not stat:
+            continue
+        comm = stat[stat.find("(") + 1:stat.rfind(")")]
+        state, ppid = stat[stat.rfind(")") + 2:].split()[:2]
+        cmd = " ".join(read(f"/proc/{pid}/cmdline").replace("\0", " ").split()) or f"[{comm}]"
+        if cmd.startswith("[") or int(ppid) == 2:
+            continue  # kernel threads
+        out.append(f"{pid} ppid {ppid} {state} wchan={read(f'/proc/{pid}/wchan') or '-'} {cmd[:150]}")
+        if state in "DS":
+            out += [f"    {ln}" for ln in read(f"/proc/{pid}/stack").splitlines()[:12]]
+    return "".join(ln + "\n" for ln in out)
+
+
 def main(argv: list[str]) -> None:
     cmd, args = argv[0], argv[1:]
     if cmd == "ready":
@@ -124,6 +150,8 @@ def main(argv: list[str]) -> None:
             f.write(defs(args[0]))
         with open(f"{args[1]}.instances", "w") as f:
             f.write("".join(name + "\n" for name in sorted(os.listdir(f"{TRACEFS}/instances"))))
+    elif cmd == "hang":
+        sys.stdout.write(hang())
     else:
         sys.exit(f"labkit: unknown command {cmd!r}")
 
