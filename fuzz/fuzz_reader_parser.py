@@ -21,11 +21,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from ref_aggregate import RefAggregate  # noqa: E402
-
 from kprobe_exporter import config, parser, probes  # noqa: E402
 from kprobe_exporter.aggregate import Aggregate, CompletedPair  # noqa: E402
 from kprobe_exporter.reader import MIN_FREE, TracePipeReader  # noqa: E402
+from ref_aggregate import RefAggregate  # noqa: E402
 
 try:
     import atheris

@@ -65,7 +65,7 @@ class AgentProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                out, err = self.proc.communicate()
+                _, err = self.proc.communicate()
                 raise AssertionError(f"agent exited {self.proc.returncode}: {err.decode()}")
             try:
                 with urllib.request.urlopen(self.url + "/healthz", timeout=2) as r:

@@ -26,9 +26,8 @@ G = "kpe_rawcap"
 
 
 def local() -> None:
-    from raw_capture import capture
-
     from kprobe_exporter import symbols
+    from raw_capture import capture
 
     work = Path(tempfile.mkdtemp(prefix="kpe-rawcap-"))
     exe = work / "fxgen"

@@ -13,14 +13,14 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import prom_server
 import pytest
 import yaml
+
+import prom_server
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "alerts" / "kprobe-exporter.rules.yml"

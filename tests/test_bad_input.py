@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from agent_proc import REPO, free_port, group_definitions, running_agent
 
 TRACEFS = Path("/sys/kernel/tracing")

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ref_aggregate import RefAggregate
 
 from kprobe_exporter import config, fastparse, pairing, parser, probes
 from kprobe_exporter.aggregate import Aggregate, CompletedPair
+from ref_aggregate import RefAggregate
 
 HERE = Path(__file__).parent
 FIX = HERE / "fixtures"

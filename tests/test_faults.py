@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from agent_proc import group_definitions, value
 from hard_helpers import (
     LoggedAgent,

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from agent_proc import samples, value
 from kernel_lab.guest import GuestImage, GuestResult, require_guest, run_in_guest
 
@@ -135,7 +136,8 @@ class Scenario:
     console: str
 
     def ok(self) -> Scenario:
-        hang = f"\nwhat each process waited on when stopped:\n{self.text('hang')[:8000]}" if "hang" in self.files else ""
+        hang = f"\nwhat each process waited on when stopped:\n{self.text('hang')[:8000]}" if "hang" in self.files \
+            else ""
         assert self.rc == 0, f"scenario {self.name} failed (exit {self.rc}); its log:\n{self.tail('log')}{hang}"
         return self
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from kernel_lab.guest import GuestImage, require_guest, run_in_guest
 
 pytestmark = pytest.mark.kernel_lab

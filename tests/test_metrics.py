@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from agent_proc import running_agent, samples, value
 from kprobe_exporter import config, probes
 from kprobe_exporter.aggregate import Aggregate
-from kprobe_exporter.metrics import SpanCounts, Sources, make_registry
+from kprobe_exporter.metrics import Sources, SpanCounts, make_registry
 
 HERE = Path(__file__).parent
 
@@ -56,7 +57,7 @@ def test_exposition_passes_promtool() -> None:
         for (n, lbls), v in s.items()
         if n == "kprobe_latency_seconds_bucket" and dict(lbls)["probe"] == "compute"
     )
-    assert all(a[1] <= b[1] for a, b in zip(buckets, buckets[1:], strict=False))
+    assert all(a[1] <= b[1] for a, b in itertools.pairwise(buckets))
 
 
 def test_exemplar_in_openmetrics_only() -> None:

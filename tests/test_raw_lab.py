@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from agent_proc import value
 from kernel_lab.guest import GuestImage, require_guest, run_in_guest
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from agent_proc import running_agent, value
 
+from agent_proc import running_agent, value
 from kprobe_exporter import config, probes, ringbuf
 from kprobe_exporter.aggregate import Aggregate, CompletedPair
 from kprobe_exporter.reader import TracePipeReader

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from otlp_receiver import GrpcReceiver, HttpReceiver, ReceivedSpan, decode_request
 
 from kprobe_exporter.aggregate import CompletedPair
 from kprobe_exporter.spans import (
@@ -22,6 +21,7 @@ from kprobe_exporter.spans import (
     otlp_protocol,
     resource_attributes,
 )
+from otlp_receiver import GrpcReceiver, HttpReceiver, ReceivedSpan, decode_request
 
 RESOURCE = {"service.name": "test", "host.name": "h"}
 
