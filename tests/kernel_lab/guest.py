@@ -56,6 +56,8 @@ mount --bind /job/out /out
 $bb hostname kernel-lab
 $bb ifconfig lo 127.0.0.1 up
 echo "@START@"
+# a heartbeat on the console: after a GuestTimeout it tells a guest that froze from one that was only busy
+( while $bb sleep 30; do echo "kernel-lab: alive, uptime $($bb cut -d' ' -f1 /proc/uptime) s"; done ) &
 cd /job/in
 HOME=/tmp LAB_IN=/job/in LAB_OUT=/out PYTHONPATH=/job/src:/opt/kprobe-lab/site PYTHONUNBUFFERED=1 \\
     timeout -k 5 @SCRIPT_TIMEOUT@ /bin/bash /job/script.sh </dev/null
