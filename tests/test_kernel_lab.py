@@ -41,6 +41,7 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 PRELUDE = r"""
 set -u
 SCENARIO_LIMIT_S=${SCENARIO_LIMIT_S:-150}
+STOP_LIMIT_S=30  # an agent slower than this to stop fails (the unit's TimeoutStopSec is 30 s too)
 PS4='+ $EPOCHREALTIME '  # the scenario's log times every command
 T=/sys/kernel/tracing
 chmod +x "$LAB_IN/kpe_opener"
@@ -52,15 +53,34 @@ start_agent() {  # CONFIG PORT NAME: the agent in the background, serving; its p
   AGENTS="${AGENTS:-} $AGENT_PID"
   labkit ready "$2" "$AGENT_PID"
 }
-stop_agent() {  # PID SIGNAL NAME: signal the agent, wait for it; its exit status in NAME.rc
-  kill "-$2" "$1"
-  local rc=0
+exited_within() {  # PID SECONDS: whether the process has ended (a zombie counts) within SECONDS
+  local i stat  # builtins only: a command substitution's subshell was seen running the EXIT trap here
+  for ((i = 0; i < $2 * 10; i++)); do
+    { read -r stat < "/proc/$1/stat"; } 2>/dev/null || return 0
+    stat=${stat##*) }
+    [ "${stat%% *}" != Z ] || return 0
+    sleep 0.1
+  done
+  return 1
+}
+stop_agent() {  # PID SIGNAL NAME: signal the agent, wait for it; its exit status in NAME.rc ("hung" and
+  kill "-$2" "$1"  # NAME.hang past STOP_LIMIT_S: SIGKILLed then, so the scenario goes on to fail clearly)
+  local rc=0 hung=""
+  if ! exited_within "$1" "$STOP_LIMIT_S"; then
+    labkit hang > "$3.hang"
+    kill -KILL "$1"
+    hung=1
+  fi
   wait "$1" || rc=$?
+  if [ -n "$hung" ]; then rc=hung; fi
   echo "$rc" > "$3.rc"
 }
 reap_agents() {  # a failed scenario's agents must not outlive it
-  for p in ${AGENTS:-}; do kill -TERM "$p" 2>/dev/null && wait "$p"; done
-  true
+  for p in ${AGENTS:-}; do
+    kill -TERM "$p" 2>/dev/null || continue
+    exited_within "$p" "$STOP_LIMIT_S" || kill -KILL "$p"
+    wait "$p" || true  # errexit holds in the trap too: a failed wait would end it, and set its status
+  done
 }
 observe() {  # GROUP EVENT...: an instance of our own shows these events of kpe_opener as the kernel prints
   O="$T/instances/lab_observer"  # them (irq-info off, as the agent has it)
@@ -140,6 +160,13 @@ class Scenario:
             else ""
         assert self.rc == 0, f"scenario {self.name} failed (exit {self.rc}); its log:\n{self.tail('log')}{hang}"
         return self
+
+    def stopped_cleanly(self, agent: str) -> None:
+        """stop_agent AGENT's verdict: exit 0 (else its log, and what it waited on if it would not stop)."""
+        rc = self.text(f"{agent}.rc").strip()
+        hang = f"\nit did not stop within STOP_LIMIT_S; what each process waited on:\n{self.text(f'{agent}.hang')}" \
+            if rc == "hung" else ""
+        assert rc == "0", f"agent {agent} exit {rc}; its log:\n{self.text(f'{agent}.log')}{hang}"
 
     def text(self, name: str) -> str:
         assert name in self.files, f"scenario {self.name} left no {name!r}; its log:\n{self.tail('log')}"
@@ -389,7 +416,7 @@ def test_kprobe_latency_and_ustring_label_count_exactly(boot_a: Boot) -> None:
         assert value(m, "kprobe_exporter_probe_misses_total", probe=probe) == 0
         assert num(m, "kprobe_exporter_probe_hits_total", probe=probe) >= n
     assert_clean_run(s)
-    assert s.text("agent.rc").strip() == "0", s.text("agent.log")
+    s.stopped_cleanly("agent")
     assert_removed(s, "lab_open", "after")
 
 
@@ -415,7 +442,7 @@ def test_kretprobe_on_getname_fetches_the_right_strings(boot_a: Boot) -> None:
     assert value(m, "kprobe_events_total", probe="getname_ret", file=OPENER) == len(GETNAME_PATHS)
     assert value(m, "kprobe_exporter_probe_misses_total", probe="getname_ret") == 0
     assert_clean_run(s)
-    assert s.text("agent.rc").strip() == "0", s.text("agent.log")
+    s.stopped_cleanly("agent")
     assert_removed(s, "lab_getname", "after")
 
 
@@ -443,7 +470,7 @@ def test_two_kretprobes_on_one_function_still_pair(boot_a: Boot) -> None:
     assert value(m, "kprobe_events_total", probe="open2_ret") == n
     assert value(m, "kprobe_exporter_pairs_unmatched_total", probe="open2_call") == 0
     assert_clean_run(s)
-    assert s.text("agent.rc").strip() == "0", s.text("agent.log")
+    s.stopped_cleanly("agent")
     assert_removed(s, "lab_tworet", "after")
 
 
@@ -479,7 +506,7 @@ def test_spans_of_a_kprobe_pair_reach_an_otlp_receiver_in_the_guest(boot_a: Boot
     assert not value(m, "kprobe_exporter_spans_dropped_total")
     assert value(m, "kprobe_latency_seconds_count", probe="open") == n
     assert_clean_run(s, f"{name}.metrics")  # with spans on, lines carry the (TGID) column: 6.1's too
-    assert s.text(f"{name}.agent.rc").strip() == "0", s.text(f"{name}.agent.log")
+    s.stopped_cleanly(f"{name}.agent")
     assert_removed(s, "lab_spans", f"{name}.after")
 
 
@@ -620,7 +647,7 @@ def test_notes_lines_verbatim_are_taken_but_do_sys_open_never_fires_on_6_1(boot_
     assert value(m, "kprobe_events_total", probe="myprobe") == 0
     assert value(m, "kprobe_exporter_probe_hits_total", probe="myprobe") == 0
     assert value(m, "kprobe_exporter_probe_installed", probe="myprobe") == 1
-    assert s.text("verbatim.rc").strip() == "0", s.text("verbatim.log")
+    s.stopped_cleanly("verbatim")
 
 
 def test_notes_lines_on_an_unknown_symbol_fail_with_the_kernels_text(boot_b: Boot) -> None:
@@ -654,7 +681,7 @@ def test_notes_lines_pointed_at_do_sys_openat2_work(boot_b: Boot) -> None:
     assert value(m, "kprobe_exporter_pairs_unmatched_total", probe="open_call") == 0
     assert value(m, "kprobe_exporter_pairs_pending", probe="open_call") == 0
     assert_clean_run(s, "openat2.metrics")
-    assert s.text("openat2.rc").strip() == "0", s.text("openat2.log")
+    s.stopped_cleanly("openat2")
     assert_removed(s, "lab_notes", "openat2_after")
 
 
@@ -682,7 +709,7 @@ def test_sigterm_removes_the_group_and_the_instance(boot_b: Boot) -> None:
     assert value(m, "kprobe_latency_seconds_count", probe="open") == LIFE_N
     assert value(m, "kprobe_latency_seconds_count", probe="compute") == LIFE_N
     assert value(m, "kprobe_events_total", probe="openat")  # the tracepoint too
-    assert s.text("term.rc").strip() == "0", s.text("term.log")
+    s.stopped_cleanly("term")
     assert_removed(s, "lab_life", "term_after")
 
 
@@ -701,7 +728,7 @@ def test_sigkill_then_restart_removes_the_leftovers(boot_b: Boot) -> None:
     assert value(m, "kprobe_latency_seconds_count", probe="open") == LIFE_N  # a fresh count
     assert value(m, "kprobe_latency_seconds_count", probe="compute") == LIFE_N
     assert_clean_run(s, "restarted.metrics")
-    assert s.text("restarted.rc").strip() == "0", s.text("restarted.log")
+    s.stopped_cleanly("restarted")
     assert_removed(s, "lab_life", "restarted_after_term")
 
 
