@@ -13,6 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
+
+from prometheus_client.registry import CollectorRegistry
 
 from kprobe_exporter import reload as reload_mod
 from kprobe_exporter import ringbuf
@@ -27,6 +30,9 @@ from kprobe_exporter.spans import SpanPolicy, SpanShipper
 from kprobe_exporter.tasks import Tasks
 from kprobe_exporter.tracefs import InstanceLock, Tracefs, TracefsError
 from kprobe_exporter.web import WebServer, make_handler
+
+if TYPE_CHECKING:
+    from kprobe_exporter.otlp_metrics import OtlpMetricsPush
 
 log = logging.getLogger("kprobe_exporter")
 
@@ -171,6 +177,7 @@ class Agent:
                 exemplar=self.exemplar,
             )
             registry = make_registry(sources)
+            push = self._metrics_push(registry, sources)
             try:
                 web = WebServer(host, port, make_handler(registry, self.healthy, self.authorize), self.wrap_socket)
             except OSError as e:
@@ -188,6 +195,8 @@ class Agent:
             web.start()
             if self.shipper is not None:
                 self.shipper.start()
+            if push is not None:
+                push.start()
             tfs.exclude_pids(own_tids())  # the web and span threads, now that they exist
             log.info("installed %d events in instance %s; serving on %s", len(self.probes.events),
                      self.config.instance, self.listen)
@@ -200,6 +209,8 @@ class Agent:
                 problems = tfs.remove()
                 if self.shipper is not None:
                     self.shipper.shutdown(timeout_s=5.0)  # flush what is queued, bounded
+                if push is not None:
+                    push.shutdown()  # the final counts, bounded by the exporter's timeout
                 for p in problems:
                     log.error("removing probes: %s", p)
                 web.stop()
@@ -208,6 +219,18 @@ class Agent:
             if self.tracefs is not None:
                 self.tracefs.close()
             lock.release()
+
+    def _metrics_push(self, registry: CollectorRegistry, sources: Sources) -> OtlpMetricsPush | None:
+        if self.config.otlp_metrics is None:
+            return None
+        from kprobe_exporter.otlp_metrics import OtlpMetricsPush  # the OTel SDK loads only when asked for
+
+        try:
+            push = OtlpMetricsPush(registry, self.config.otlp_metrics.interval)
+        except ValueError as e:  # an unsupported OTEL_EXPORTER_OTLP_PROTOCOL
+            raise StartupError(str(e), "", "OTEL_EXPORTER_OTLP_PROTOCOL") from None
+        sources.extra.append(push.families)
+        return push
 
     def _open_reader(self, tfs: Tracefs) -> Reader:
         """`reader: raw` reads the per-CPU ring buffers; where they cannot be read or decoded, the text

@@ -62,6 +62,9 @@ def _run_args(p: argparse.ArgumentParser) -> None:
                    help="TLS and basic-auth settings in the exporter-toolkit format")
     p.add_argument("--reader", choices=["text", "raw"], default=None,
                    help="trace_pipe text, or the per-CPU binary ring buffers (default: the config's, else text)")
+    p.add_argument("--otlp.metrics", dest="otlp_metrics", action="store_true",
+                   help="also push the metrics over OTLP (OTEL_EXPORTER_OTLP_* say where; interval: the config's, "
+                        "else 30 s)")
     p.add_argument("--log.level", dest="log_level", default="info",
                    choices=["debug", "info", "warning", "error"])
 
@@ -101,6 +104,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             cfg = cfg.model_copy(update={"listen_address": args.listen})
         if getattr(args, "reader", None):  # and so does --reader
             cfg = cfg.model_copy(update={"reader": args.reader})
+        if getattr(args, "otlp_metrics", False) and cfg.otlp_metrics is None:
+            cfg = cfg.model_copy(update={"otlp_metrics": config.OtlpMetricsConfig()})
         return cfg, probes.build_probe_set(cfg, path)
 
     if args.listen:

@@ -73,6 +73,14 @@ class SpanConfig(_Strict):
     _dur = field_validator("min_duration", mode="before")(lambda v: parse_duration(v))
 
 
+class OtlpMetricsConfig(_Strict):
+    """Push what /metrics serves over OTLP too (endpoint and protocol from OTEL_EXPORTER_OTLP_*)."""
+
+    interval: float = Field(default=30.0, ge=1.0, le=86400.0)
+
+    _dur = field_validator("interval", mode="before")(lambda v: parse_duration(v))
+
+
 class ProbeConfig(_Strict):
     name: str | None = None
     kprobe: str | None = None
@@ -164,6 +172,7 @@ class Config(_Strict):
     pending: PendingConfig = Field(default_factory=PendingConfig)
     probes: list[ProbeConfig] = Field(default_factory=list)
     pairs: list[PairConfig] = Field(default_factory=list)
+    otlp_metrics: OtlpMetricsConfig | None = None
 
     _inst = field_validator("instance")(lambda v: check_name(v))
 

@@ -22,7 +22,7 @@ from kprobe_exporter.probes import EventSpec, ProbeSet
 # Pending entries of kept pairs that a rebuilt aggregate cannot inherit are counted, not hidden.
 RELOAD_EVICT_REASON = "reload"
 # Config fields that a running agent cannot change in place: they need a restart.
-RESTART_FIELDS = ("instance", "listen_address", "reader")
+RESTART_FIELDS = ("instance", "listen_address", "reader", "otlp_metrics")
 
 
 @dataclass(frozen=True)

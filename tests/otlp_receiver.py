@@ -1,4 +1,5 @@
-"""Real OTLP trace receivers for tests: gRPC (TraceService) and HTTP/protobuf (POST /v1/traces).
+"""Real OTLP receivers for tests: gRPC (TraceService, MetricsService) and HTTP/protobuf (POST /v1/traces,
+/v1/metrics). Metrics requests are kept whole (`metric_requests`); spans are decoded.
 
 Both listen on 127.0.0.1 with an ephemeral port and are context managers. Modes:
   "ok"      accept and record every span;
@@ -14,6 +15,7 @@ import gzip
 import socket
 import threading
 import zlib
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,6 +23,11 @@ from types import TracebackType
 from typing import Any, Self
 
 import grpc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+    ExportMetricsServiceResponse,
+)
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -87,6 +94,12 @@ class _Store:
     requests: int = 0
     headers: list[dict[str, str]] = field(default_factory=list)  # per request, lower-case keys
     lock: threading.Condition = field(default_factory=threading.Condition)
+    metric_requests: list[ExportMetricsServiceRequest] = field(default_factory=list)
+
+    def add_metrics(self, request: ExportMetricsServiceRequest) -> None:
+        with self.lock:
+            self.metric_requests.append(request)
+            self.lock.notify_all()
 
     def add(self, request: ExportTraceServiceRequest, headers: dict[str, str]) -> None:
         decoded = decode_request(request) if self.decode else []
@@ -139,6 +152,27 @@ class _Receiver:
     def wait_for(self, count: int, timeout: float = 10.0) -> bool:
         return self.store.wait_for(count, timeout)
 
+    @property
+    def metric_requests(self) -> list[ExportMetricsServiceRequest]:
+        with self.store.lock:
+            return list(self.store.metric_requests)
+
+    def wait_for_metrics(self, done: Callable[[ExportMetricsServiceRequest], bool], timeout: float = 20.0) -> bool:
+        """Wait until a metrics request arrives for which `done` holds."""
+        with self.store.lock:
+            return self.store.lock.wait_for(lambda: any(done(r) for r in self.store.metric_requests), timeout)
+
+    @property
+    def metrics_endpoint(self) -> str:
+        return self.endpoint
+
+    def metrics_env(self) -> dict[str, str]:
+        """The OTEL_* variables that point a metrics exporter at this receiver."""
+        return {
+            "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": self.protocol,
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": self.metrics_endpoint,
+        }
+
     def env(self) -> dict[str, str]:
         """The OTEL_* variables that point an exporter at this receiver."""
         return {
@@ -187,11 +221,23 @@ class GrpcReceiver(_Receiver):
                 receiver.store.add(request, headers)
                 return ExportTraceServiceResponse()
 
+        class MetricsServicer(metrics_service_pb2_grpc.MetricsServiceServicer):
+            def Export(
+                self, request: ExportMetricsServiceRequest, context: grpc.ServicerContext
+            ) -> ExportMetricsServiceResponse:
+                if receiver.mode == "hang":
+                    receiver._release.wait(receiver.hang_s)
+                if receiver.mode != "ok":
+                    context.abort(grpc.StatusCode.UNAVAILABLE, "refused by test receiver")
+                receiver.store.add_metrics(request)
+                return ExportMetricsServiceResponse()
+
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=4),
             options=[("grpc.max_receive_message_length", 64 << 20)],
         )
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Servicer(), self._server)  # type: ignore[no-untyped-call]
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(MetricsServicer(), self._server)  # type: ignore[no-untyped-call]
         self.port = self._server.add_insecure_port("127.0.0.1:0")
         self._server.start()
 
@@ -206,6 +252,10 @@ class HttpReceiver(_Receiver):
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1/traces"
 
+    @property
+    def metrics_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/metrics"
+
     def _start(self) -> None:
         receiver = self
 
@@ -216,7 +266,7 @@ class HttpReceiver(_Receiver):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 if receiver.mode == "hang":
                     receiver._release.wait(receiver.hang_s)
-                if self.path != "/v1/traces":
+                if self.path not in ("/v1/traces", "/v1/metrics"):
                     return self._answer(404, b"")
                 if receiver.mode != "ok":
                     return self._answer(503, b"refused by test receiver")
@@ -225,6 +275,9 @@ class HttpReceiver(_Receiver):
                     body = gzip.decompress(body)
                 elif encoding == "deflate":
                     body = zlib.decompress(body)
+                if self.path == "/v1/metrics":
+                    receiver.store.add_metrics(ExportMetricsServiceRequest.FromString(body))
+                    return self._answer(200, ExportMetricsServiceResponse().SerializeToString())
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 receiver.store.add(ExportTraceServiceRequest.FromString(body), headers)
                 self._answer(200, ExportTraceServiceResponse().SerializeToString())

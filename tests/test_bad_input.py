@@ -93,6 +93,8 @@ CASES: list[Case] = [
          "is not a duration like '10s'", field="pending.max_age"),
     Case("out-of-range", "Config files and YAML", {"buffer_size_kb": 0, "probes": []}, "greater than or equal to 4",
          field="buffer_size_kb"),
+    Case("otlp-metrics-interval", "Config files and YAML", {"otlp_metrics": {"interval": "100ms"}, "probes": []},
+         "greater than or equal to 1", field="otlp_metrics.interval"),
     Case("empty-file", "Config files and YAML", "", "the file is empty; it needs at least 'probes:'"),
     Case("comments-only", "Config files and YAML", "# probes: later\n", "the file is empty"),
     Case("top-level-list", "Config files and YAML", "- probes\n", "the top level must be a mapping"),
