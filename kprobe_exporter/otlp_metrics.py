@@ -113,7 +113,7 @@ def _histogram(family: PromMetric, start_ns: int, now_ns: int) -> Histogram:
 
 
 def to_metrics_data(families: Iterable[PromMetric], resource: Resource, start_ns: int, now_ns: int) -> MetricsData:
-    """prometheus-client families as OTLP metrics (the `_created` samples are the start times)."""
+    """prometheus-client families as OTLP metrics; every series starts at start_ns (`_created` is dropped)."""
     metrics: list[Metric] = []
     for f in families:
         data: Sum | Gauge | Histogram
