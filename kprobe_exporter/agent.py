@@ -163,7 +163,8 @@ class Agent:
             root = tfs_mod.find_tracefs()
             tfs = self.tracefs = Tracefs(root, self.config.instance, pin=True)
             tfs.check_kinds(self.probes.events)
-            self.aggregate.tasks = Tasks(root)  # live: a `<...>` the kernel prints can still be named
+            # live: a `<...>` the kernel printed can still be named, from /proc (its tables had no entry)
+            self.aggregate.tasks = Tasks()
             # A killed predecessor of this instance left its group behind: ours to remove.
             for problem in tfs_mod.cleanup(root, self.config.instance):
                 log.warning("cleanup of a previous run: %s", problem)

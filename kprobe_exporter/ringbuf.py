@@ -1099,6 +1099,7 @@ class RawReader:
             runs.append((cpu, first * ps, slot - first))
             marks.append((cpu, drained, t0))
         self.stats.pages += slot
+        self.tasks.batch_read()  # every event below was written before now: older table reads may be stale
         self._short = slot < self.SHORT_PAGES
         new = batch_from_pages(bytes(memoryview(self.buf)[:slot * ps]), runs, self.layout, self.events.lut)
         merged = _merge(self.held, new)

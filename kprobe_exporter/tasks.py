@@ -1,7 +1,9 @@
 """Tasks: the comm and tgid of a thread id, where a trace record or line does not carry them.
 
-The kernel names a task in trace output from a small cache (saved_cmdlines, 128 entries by default):
-busy hosts with short-lived threads evict entries before the text is formatted, and `<...>` prints.
+The kernel names a task in trace output from a bounded cache (saved_cmdlines: 128 entries on older
+kernels, a few thousand on newer ones): busy hosts with short-lived threads evict entries before the
+text is formatted, and `<...>` prints. Thread ids are reused (pid_max is often 32768), so an entry
+is only good if it was read after the event was: the tables keep old incarnations' entries.
 """
 
 from __future__ import annotations
@@ -13,15 +15,19 @@ UNKNOWN_COMM = "<...>"
 
 
 class Tasks:
-    """comm and tgid by thread id, for labels and spans (a record carries only the pid).
+    """comm and tgid by thread id, for labels and spans.
 
-    As the text path prints them: from tracefs' saved_cmdlines and saved_tgids (the kernel records
-    a task's comm there when its events are written, and trace text looks it up when it formats),
-    else from /proc while the thread lives, else `<...>` and -1. Answers are kept for TTL_S seconds:
-    thread ids are reused and comms change at exec.
+    With a tracefs root (the raw reader, whose records carry only the pid): comm as the text path
+    prints it, from saved_cmdlines, then /proc while the thread lives; tgid from /proc, then
+    saved_tgids for a thread that is gone. A table is consulted only if it was read after the
+    newest batch of events (`batch_read`); it is read again at most every REREAD_S, and a thread a
+    table cannot vouch for is unknown rather than maybe someone else. Without a root (the text
+    path, where the kernel has already looked in its tables): /proc only. Else `<...>` and -1.
+    Answers are kept for TTL_S seconds (thread ids are reused and comms change at exec); unknowns are not.
     """
 
     TTL_S = 5.0
+    REREAD_S = 0.2
 
     def __init__(self, tracefs_root: Path | None = None) -> None:
         self.root = tracefs_root
@@ -29,14 +35,18 @@ class Tasks:
         self._tgid: dict[int, int] = {}
         self._saved: dict[str, dict[int, str]] = {}
         self._read_at: dict[str, float] = {}
+        self._batch_at = 0.0
         self._stamp = time.monotonic()
+
+    def batch_read(self, at: float | None = None) -> None:
+        """Events up to monotonic time `at` (now) have been read: tables older than that may be stale."""
+        self._batch_at = time.monotonic() if at is None else at
 
     def _fresh(self) -> None:
         now = time.monotonic()
         if now - self._stamp > self.TTL_S:
             self._comm.clear()
             self._tgid.clear()
-            self._saved.clear()
             self._stamp = now
 
     def comm(self, tid: int) -> str:
@@ -49,7 +59,7 @@ class Tasks:
                     with open(f"/proc/{tid}/comm", "rb") as f:
                         c = f.read().rstrip(b"\n").decode("utf-8", "backslashreplace")
                 except OSError:
-                    c = UNKNOWN_COMM
+                    return UNKNOWN_COMM  # not kept: a table read a moment later may still know it
             self._comm[tid] = c
         return c
 
@@ -57,32 +67,38 @@ class Tasks:
         self._fresh()
         t = self._tgid.get(tid)
         if t is None:
-            s = self._lookup("saved_tgids", tid)
-            t = int(s) if s is not None and s.isdigit() and s != "0" else -1
+            t = -1
+            try:  # a live thread's own word first: it cannot be a previous incarnation's
+                with open(f"/proc/{tid}/status", "rb") as f:
+                    for line in f:
+                        if line.startswith(b"Tgid:"):
+                            t = int(line.split()[1])
+                            break
+            except (OSError, ValueError, IndexError):
+                pass
             if t < 0:
-                try:
-                    with open(f"/proc/{tid}/status", "rb") as f:
-                        for line in f:
-                            if line.startswith(b"Tgid:"):
-                                t = int(line.split()[1])
-                                break
-                except (OSError, ValueError, IndexError):
-                    pass
+                s = self._lookup("saved_tgids", tid)
+                if s is None or not s.isdigit() or s == "0":
+                    return -1  # not kept, as for comm
+                t = int(s)
             self._tgid[tid] = t
         return t
 
     def _lookup(self, name: str, tid: int) -> str | None:
-        table = self._saved.get(name)
-        now = time.monotonic()
-        if table is None or (tid not in table and now - self._read_at.get(name, 0.0) > 0.2):
-            table = self._saved[name] = self._read(name)  # a thread it lacks: read again, 5 times a second at most
+        if self.root is None:
+            return None
+        read_at = self._read_at.get(name, -1.0)
+        if read_at < self._batch_at:  # older than the events: it may hold a previous incarnation
+            now = time.monotonic()
+            if now - read_at < self.REREAD_S:
+                return None
+            self._saved[name] = self._read(name)
             self._read_at[name] = now
-        return table.get(tid)
+        return self._saved.get(name, {}).get(tid)
 
     def _read(self, name: str) -> dict[int, str]:
         out: dict[int, str] = {}
-        if self.root is None:
-            return out
+        assert self.root is not None
         try:
             text = (self.root / name).read_text("utf-8", "backslashreplace")
         except OSError:

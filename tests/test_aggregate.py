@@ -229,7 +229,7 @@ probes:
 @pytest.mark.parametrize("repeat", [1, 100])  # the per-line path and the columnar one (>= 128 lines)
 def test_unknown_comm_is_named_live_and_left_alone_in_replay(tmp_path: Path, repeat: int) -> None:
     """`<...>` is what the kernel prints when its 128-entry comm cache lost the thread. A live agent names
-    it from the chunk's other lines of that thread, then saved_cmdlines, then /proc; replay cannot."""
+    it from the chunk's other lines of that thread, then /proc; replay cannot."""
     import os
 
     from kprobe_exporter.tasks import Tasks
@@ -242,9 +242,8 @@ def test_unknown_comm_is_named_live_and_left_alone_in_replay(tmp_path: Path, rep
         line("<...>", me, 12, "f: (0x1) n=1"),  # a live thread: /proc names it
         line("<...>", 999_999_999, 13, "f: (0x1) n=1"),  # gone: stays unknown
     ]
-    (tmp_path / "saved_cmdlines").write_text("")
     live = make(COMM_LABEL)
-    live.tasks = Tasks(tmp_path)
+    live.tasks = Tasks()  # as the agent has it: /proc only (the kernel looked in its tables already)
     feed(live, *lines)
     got = {dict(lbls)["comm"]: v for (_, lbls), v in live.snapshot().events.items()}
     assert got == {"worker": 2 * repeat, comm: repeat, "<...>": repeat}

@@ -1,10 +1,12 @@
-"""Tasks: a thread id's comm and tgid from saved_cmdlines / saved_tgids, else /proc, else `<...>` and -1."""
+"""Tasks: a thread id's comm and tgid from fresh reads of saved_cmdlines / saved_tgids and from /proc,
+never from a table read before the events (thread ids are reused: it may name a previous incarnation)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 from kprobe_exporter.tasks import UNKNOWN_COMM, Tasks
@@ -20,20 +22,38 @@ def dead_tid() -> int:
     return p.pid  # reaped: /proc has no such entry (pid reuse within the test is vanishingly unlikely)
 
 
-def test_the_kernels_tables_come_first(tmp_path: Path) -> None:
-    # The files as tracefs prints them ("PID COMM" / "PID TGID"); a thread the kernel names differently
-    # from /proc (comm changed since) shows what the trace would have shown.
+def tables(root: Path, cmdlines: str, tgids: str = "") -> None:
+    # the files as tracefs prints them: "PID COMM" and "PID TGID" lines
+    (root / "saved_cmdlines").write_text(cmdlines)
+    (root / "saved_tgids").write_text(tgids)
+
+
+def test_comm_as_the_trace_names_it_tgid_as_the_live_thread_says(tmp_path: Path) -> None:
+    # A comm changed since the event (exec, prctl): the table has what the trace would have printed.
+    # A tgid in the table that is not the live thread's: an old incarnation's entry; /proc wins.
     me = os.getpid()
-    (tmp_path / "saved_cmdlines").write_text(f"1 init\n{me} as-traced\n")
-    (tmp_path / "saved_tgids").write_text(f"{me} 4242\n")
+    tables(tmp_path, f"1 init\n{me} as-traced\n", f"{me} 4242\n")
     t = Tasks(tmp_path)
     assert t.comm(me) == "as-traced"
-    assert t.tgid(me) == 4242
+    assert t.tgid(me) == me
+
+
+def test_gone_threads_come_from_tables_read_after_their_events(tmp_path: Path) -> None:
+    gone = dead_tid()
+    tables(tmp_path, f"{gone} old-one\n", f"{gone} 777\n")  # a previous incarnation of that tid
+    t = Tasks(tmp_path)
+    assert (t.comm(gone), t.tgid(gone)) == ("old-one", 777)  # no batch yet: the first read stands
+    tables(tmp_path, f"{gone} new-one\n", f"{gone} 888\n")  # the thread that wrote the next events
+    t.batch_read()  # those events: the tables in hand predate them
+    t._comm.clear(), t._tgid.clear()  # (as after TTL_S)
+    # read again only after REREAD_S: until then, unknown rather than the old incarnation's name
+    assert (t.comm(gone), t.tgid(gone)) == (UNKNOWN_COMM, -1)
+    time.sleep(Tasks.REREAD_S + 0.05)
+    assert (t.comm(gone), t.tgid(gone)) == ("new-one", 888)
 
 
 def test_proc_names_live_threads_the_tables_lack(tmp_path: Path) -> None:
-    (tmp_path / "saved_cmdlines").write_text("1 init\n")
-    (tmp_path / "saved_tgids").write_text("")
+    tables(tmp_path, "1 init\n")
     t = Tasks(tmp_path)
     tids: list[int] = []
     ready, done = threading.Event(), threading.Event()
@@ -52,24 +72,26 @@ def test_proc_names_live_threads_the_tables_lack(tmp_path: Path) -> None:
     finally:
         done.set()
         th.join()
-    assert Tasks(None).comm(os.getpid()) == own_comm()
 
 
-def test_gone_threads_are_unknown(tmp_path: Path) -> None:
-    (tmp_path / "saved_cmdlines").write_text("")
-    tid = dead_tid()
-    t = Tasks(tmp_path)
-    assert t.comm(tid) == UNKNOWN_COMM
-    assert t.tgid(tid) == -1
+def test_without_tables_only_proc(tmp_path: Path) -> None:
+    # the text path: the kernel looked in its tables already and printed `<...>`
+    t = Tasks()
+    assert (t.comm(os.getpid()), t.tgid(os.getpid())) == (own_comm(), os.getpid())
+    gone = dead_tid()
+    assert (t.comm(gone), t.tgid(gone)) == (UNKNOWN_COMM, -1)
 
 
 def test_answers_expire(tmp_path: Path) -> None:
     # tids are reused and comms change at exec: an answer is good for TTL_S only
     me = os.getpid()
-    (tmp_path / "saved_cmdlines").write_text(f"{me} first\n")
+    tables(tmp_path, f"{me} first\n")
     t = Tasks(tmp_path)
     assert t.comm(me) == "first"
-    (tmp_path / "saved_cmdlines").write_text(f"{me} second\n")
-    assert t.comm(me) == "first"  # cached
+    tables(tmp_path, f"{me} second\n")
+    t.batch_read(time.monotonic() - 1)  # events older than the table read: it stays good
+    assert t.comm(me) == "first"  # and the answer is kept
     t._stamp -= Tasks.TTL_S + 1  # as if TTL_S had passed
+    t.batch_read()
+    time.sleep(Tasks.REREAD_S + 0.05)
     assert t.comm(me) == "second"
