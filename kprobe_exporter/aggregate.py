@@ -523,8 +523,9 @@ class Aggregate:
         if self.tasks is not None:
             if comm == UNKNOWN_COMM:
                 comm = self.tasks.comm(tid)
-            if tgid < 0:
-                tgid = self.tasks.tgid(tid)
+            # The kernel prints the tgid its table had when it formatted the line: for a thread not yet
+            # switched out since it started, a previous holder's of that id. A live thread knows better.
+            tgid = t if (t := self.tasks.tgid(tid)) >= 0 else tgid
         sink(CompletedPair(pair.stats.name, ent.function, tid, tgid, comm, start_ts, end_ts, args,
                            ret.decode("ascii", "replace") if ret is not None else None))
 

@@ -17,13 +17,13 @@ UNKNOWN_COMM = "<...>"
 class Tasks:
     """comm and tgid by thread id, for labels and spans.
 
-    With a tracefs root (the raw reader, whose records carry only the pid): comm as the text path
-    prints it, from saved_cmdlines, then /proc while the thread lives; tgid from /proc, then
-    saved_tgids for a thread that is gone. A table is consulted only if it was read after the
-    newest batch of events (`batch_read`); it is read again at most every REREAD_S, and a thread a
-    table cannot vouch for is unknown rather than maybe someone else. Without a root (the text
-    path, where the kernel has already looked in its tables): /proc only. Else `<...>` and -1.
-    Answers are kept for TTL_S seconds (thread ids are reused and comms change at exec); unknowns are not.
+    A live thread answers for itself (/proc). For one that is gone, the kernel's tables (with a
+    tracefs root): saved_cmdlines and saved_tgids, which it fills when a task that wrote events is
+    switched out, so a table is consulted only if it was read after the newest batch of events
+    (`batch_read`), and read again at most every REREAD_S (saved_tgids is ~10 ms to read with
+    32k entries); a thread that no table can vouch for is unknown, `<...>` and -1, rather than
+    maybe someone else. Answers are kept for TTL_S seconds (thread ids are reused and comms change
+    at exec); unknowns are not.
     """
 
     TTL_S = 5.0
@@ -53,12 +53,12 @@ class Tasks:
         self._fresh()
         c = self._comm.get(tid)
         if c is None:
-            c = self._lookup("saved_cmdlines", tid)
-            if c is None:
-                try:
-                    with open(f"/proc/{tid}/comm", "rb") as f:
-                        c = f.read().rstrip(b"\n").decode("utf-8", "backslashreplace")
-                except OSError:
+            try:
+                with open(f"/proc/{tid}/comm", "rb") as f:
+                    c = f.read().rstrip(b"\n").decode("utf-8", "backslashreplace")
+            except OSError:
+                c = self._lookup("saved_cmdlines", tid)
+                if c is None:
                     return UNKNOWN_COMM  # not kept: a table read a moment later may still know it
             self._comm[tid] = c
         return c
@@ -68,7 +68,7 @@ class Tasks:
         t = self._tgid.get(tid)
         if t is None:
             t = -1
-            try:  # a live thread's own word first: it cannot be a previous incarnation's
+            try:
                 with open(f"/proc/{tid}/status", "rb") as f:
                     for line in f:
                         if line.startswith(b"Tgid:"):

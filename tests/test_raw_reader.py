@@ -170,7 +170,11 @@ def test_both_readers_agree_on_the_same_events(tracefs: Path, exe: Path) -> None
     ts_, rs_ = sorted(text.spans, key=key), sorted(raw.spans, key=key)
     assert len(rs_) == len(ts_) == sum(p.count for p in r.pairs.values())
     for a, b in zip(rs_, ts_, strict=True):
-        assert (a.pair, a.tid, a.tgid, a.args, a.retval) == (b.pair, b.tid, b.tgid, b.args, b.retval)
+        assert (a.pair, a.tid, a.args, a.retval) == (b.pair, b.tid, b.args, b.retval)
+    # A thread gone before it is named has its tgid only from saved_tgids, which the kernel fills when
+    # it switches the thread out (the text may print a previous holder's) and which the raw reader reads
+    # at most 5 times a second (~10 ms a read): rarely, the two differ or one does not know.
+    assert sum(a.tgid != b.tgid for a, b in zip(rs_, ts_, strict=True)) <= len(rs_) // 100
     assert {a.comm for a in rs_} | {b.comm for b in ts_} <= {COMM, UNKNOWN_COMM}
     assert sum(a.comm != COMM or b.comm != COMM for a, b in zip(rs_, ts_, strict=True)) <= len(rs_) // 100
     # Each instance's buffer stamps an event itself, a few hundred ns apart: the same call's latency in
@@ -180,7 +184,7 @@ def test_both_readers_agree_on_the_same_events(tracefs: Path, exe: Path) -> None
     # The exact check, on one buffer, is the next test.
     assert np.percentile(np.abs(dl), 99) < 1000, np.percentile(np.abs(dl), [50, 99, 100])
     assert np.count_nonzero(np.abs(dl) >= 2000) <= len(dl) // 100
-    assert all(s.tgid > 0 for s in rs_)
+    assert sum(s.tgid <= 0 for s in rs_) <= len(rs_) // 100
     d = np.array([s.end_ns - s.start_ns for s in rs_])
     assert np.count_nonzero(d % 1000) > len(d) // 2  # nanoseconds, where text has microseconds
 

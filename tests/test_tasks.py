@@ -1,4 +1,4 @@
-"""Tasks: a thread id's comm and tgid from fresh reads of saved_cmdlines / saved_tgids and from /proc,
+"""Tasks: a thread id's comm and tgid from /proc while it lives, then from saved_cmdlines / saved_tgids,
 never from a table read before the events (thread ids are reused: it may name a previous incarnation)."""
 
 from __future__ import annotations
@@ -28,14 +28,13 @@ def tables(root: Path, cmdlines: str, tgids: str = "") -> None:
     (root / "saved_tgids").write_text(tgids)
 
 
-def test_comm_as_the_trace_names_it_tgid_as_the_live_thread_says(tmp_path: Path) -> None:
-    # A comm changed since the event (exec, prctl): the table has what the trace would have printed.
-    # A tgid in the table that is not the live thread's: an old incarnation's entry; /proc wins.
+def test_a_live_thread_answers_for_itself(tmp_path: Path) -> None:
+    # The tables hold what a previous holder of the id left until the kernel next switches the new
+    # one out: they are not asked about a thread /proc knows.
     me = os.getpid()
-    tables(tmp_path, f"1 init\n{me} as-traced\n", f"{me} 4242\n")
+    tables(tmp_path, f"1 init\n{me} previous\n", f"{me} 4242\n")
     t = Tasks(tmp_path)
-    assert t.comm(me) == "as-traced"
-    assert t.tgid(me) == me
+    assert (t.comm(me), t.tgid(me)) == (own_comm(), me)
 
 
 def test_gone_threads_come_from_tables_read_after_their_events(tmp_path: Path) -> None:
@@ -84,14 +83,14 @@ def test_without_tables_only_proc(tmp_path: Path) -> None:
 
 def test_answers_expire(tmp_path: Path) -> None:
     # tids are reused and comms change at exec: an answer is good for TTL_S only
-    me = os.getpid()
-    tables(tmp_path, f"{me} first\n")
+    gone = dead_tid()
+    tables(tmp_path, f"{gone} first\n")
     t = Tasks(tmp_path)
-    assert t.comm(me) == "first"
-    tables(tmp_path, f"{me} second\n")
+    assert t.comm(gone) == "first"
+    tables(tmp_path, f"{gone} second\n")
     t.batch_read(time.monotonic() - 1)  # events older than the table read: it stays good
-    assert t.comm(me) == "first"  # and the answer is kept
+    assert t.comm(gone) == "first"  # and the answer is kept
     t._stamp -= Tasks.TTL_S + 1  # as if TTL_S had passed
     t.batch_read()
     time.sleep(Tasks.REREAD_S + 0.05)
-    assert t.comm(me) == "second"
+    assert t.comm(gone) == "second"
