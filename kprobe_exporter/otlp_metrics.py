@@ -37,7 +37,7 @@ from prometheus_client.metrics_core import Metric as PromMetric
 from prometheus_client.registry import CollectorRegistry
 
 from kprobe_exporter import __version__
-from kprobe_exporter.spans import DEFAULT_PROTOCOL, PROTOCOLS, resource_attributes
+from kprobe_exporter.spans import otlp_protocol, resource_attributes
 
 log = logging.getLogger(__name__)
 
@@ -52,18 +52,8 @@ class MetricExporter(Protocol):
     def shutdown(self, timeout_millis: float = 30_000) -> None: ...
 
 
-def metrics_protocol(env: Mapping[str, str] = os.environ) -> str:
-    """The OTLP protocol for metrics from the environment; ValueError for one we cannot speak."""
-    protocol = (
-        env.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or DEFAULT_PROTOCOL
-    ).strip()
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unsupported OTLP protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
-    return protocol
-
-
 def exporter_from_env(env: Mapping[str, str] = os.environ) -> MetricExporter:
-    if metrics_protocol(env) == "grpc":
+    if otlp_protocol(env, "METRICS") == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as Grpc
 
         return Grpc()

@@ -111,10 +111,11 @@ def errno_name(number: int) -> str:
     return errno.errorcode.get(number, f"E{number}")
 
 
-def otlp_protocol(env: Mapping[str, str] = os.environ) -> str:
-    """The OTLP protocol for traces from the environment; ValueError for one we cannot speak."""
+def otlp_protocol(env: Mapping[str, str] = os.environ, signal: str = "TRACES") -> str:
+    """The OTLP protocol for a signal (TRACES, METRICS) from the environment, the signal's own variable
+    first; ValueError for one we cannot speak."""
     protocol = (
-        env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or DEFAULT_PROTOCOL
+        env.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or DEFAULT_PROTOCOL
     ).strip()
     if protocol not in PROTOCOLS:
         raise ValueError(f"unsupported OTLP protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")

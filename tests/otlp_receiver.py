@@ -206,6 +206,13 @@ class GrpcReceiver(_Receiver):
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def _admit(self, context: grpc.ServicerContext) -> None:
+        """The mode's answer to a request of either service: hold it, refuse it, or let it through."""
+        if self.mode == "hang":
+            self._release.wait(self.hang_s)
+        if self.mode != "ok":
+            context.abort(grpc.StatusCode.UNAVAILABLE, "refused by test receiver")
+
     def _start(self) -> None:
         receiver = self
 
@@ -213,10 +220,7 @@ class GrpcReceiver(_Receiver):
             def Export(
                 self, request: ExportTraceServiceRequest, context: grpc.ServicerContext
             ) -> ExportTraceServiceResponse:
-                if receiver.mode == "hang":
-                    receiver._release.wait(receiver.hang_s)
-                if receiver.mode != "ok":
-                    context.abort(grpc.StatusCode.UNAVAILABLE, "refused by test receiver")
+                receiver._admit(context)
                 headers = {k.lower(): str(v) for k, v in context.invocation_metadata()}
                 receiver.store.add(request, headers)
                 return ExportTraceServiceResponse()
@@ -225,10 +229,7 @@ class GrpcReceiver(_Receiver):
             def Export(
                 self, request: ExportMetricsServiceRequest, context: grpc.ServicerContext
             ) -> ExportMetricsServiceResponse:
-                if receiver.mode == "hang":
-                    receiver._release.wait(receiver.hang_s)
-                if receiver.mode != "ok":
-                    context.abort(grpc.StatusCode.UNAVAILABLE, "refused by test receiver")
+                receiver._admit(context)
                 receiver.store.add_metrics(request)
                 return ExportMetricsServiceResponse()
 

@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from agent_proc import REPO, free_port, group_definitions, running_agent
+from hard_helpers import write_event
 
 TRACEFS = Path("/sys/kernel/tracing")
 VICTIM = "kpe_t_victim/keep"  # a probe of someone else's group that injected commands aim to remove
@@ -342,19 +343,11 @@ def _uprobe_lines() -> list[str]:
     return (TRACEFS / "uprobe_events").read_text().splitlines()
 
 
-def _write_event(line: str) -> None:
-    fd = os.open(TRACEFS / "uprobe_events", os.O_WRONLY | os.O_APPEND)
-    try:
-        os.write(fd, (line + "\n").encode())
-    finally:
-        os.close(fd)
-
-
 @pytest.fixture(scope="module")
 def outcomes(tracefs: Path, progs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         dict[str, Outcome]]:
     tmp = tmp_path_factory.mktemp("bad")
-    _write_event(f"p:{VICTIM} {progs['pie']}:0x1000")
+    write_event(f"p:{VICTIM} {progs['pie']}:0x1000")
     held_cfg = tmp / "held.yaml"
     held_cfg.write_text(f"instance: {HELD}\nprobes:\n  - {{name: a, uprobe: '{progs['pie']}:compute'}}\n")
     try:
@@ -371,7 +364,7 @@ def outcomes(tracefs: Path, progs: dict[str, Path], tmp_path_factory: pytest.Tem
         yield {o.case.id: o for o in results}
     finally:
         try:
-            _write_event(f"-:{VICTIM}")
+            write_event(f"-:{VICTIM}")
         except OSError:
             pass
 

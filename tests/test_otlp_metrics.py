@@ -17,7 +17,8 @@ from opentelemetry.sdk.resources import Resource
 from prometheus_client.exposition import generate_latest
 
 from agent_proc import AgentProcess, free_port, running_agent, samples, value
-from kprobe_exporter.otlp_metrics import OtlpMetricsPush, metrics_protocol, to_metrics_data
+from kprobe_exporter.otlp_metrics import OtlpMetricsPush, to_metrics_data
+from kprobe_exporter.spans import otlp_protocol
 from otlp_receiver import GrpcReceiver, HttpReceiver
 from test_metrics import replayed_registry
 
@@ -79,6 +80,9 @@ def test_the_push_carries_every_sample_of_the_scrape() -> None:
 
 
 def test_protocol_comes_from_the_metrics_variable_first() -> None:
+    def metrics_protocol(env: dict[str, str]) -> str:
+        return otlp_protocol(env, "METRICS")
+
     assert metrics_protocol({}) == "http/protobuf"  # the specification's default, as for spans
     assert metrics_protocol({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}) == "http/protobuf"
     assert metrics_protocol({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
