@@ -9,7 +9,7 @@ be accounted for (an event, a LOST line, or a parse error by reason), and the th
     python3 fuzz/fuzz_reader_parser.py -runs=1000000 fuzz/corpus   # at length (see bench/README.md)
     python3 fuzz/fuzz_reader_parser.py -runs=20000                  # briefly
 
-tests/test_fuzz.py runs `one_input` over a fixed set of inputs in CI, without atheris.
+tests/unit/test_fuzz.py runs `one_input` over a fixed set of inputs in CI, without atheris.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from ref_aggregate import RefAggregate  # noqa: E402
 
 try:
     import atheris
-except ImportError:  # tests/test_fuzz.py runs one_input without atheris
+except ImportError:  # tests/unit/test_fuzz.py runs one_input without atheris
     atheris = None
 
 

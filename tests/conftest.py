@@ -61,3 +61,16 @@ def write_config(tmp_path: Path):  # type: ignore[no-untyped-def]
         return p
 
     return write
+
+
+# Tiers are directories; each directory's tests carry its marker, so `-m unit`, `-m root`,
+# `-m kernel_lab` and `-m deploy` select a tier without a mark in every file.
+TIER_MARKERS = {"unit": "unit", "live": "root", "lab": "kernel_lab", "deploy": "deploy"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        tier = Path(str(item.fspath)).resolve().parent.name
+        marker = TIER_MARKERS.get(tier)
+        if marker is not None:
+            item.add_marker(marker)

@@ -1,6 +1,6 @@
 """In-guest helper of the kernel-lab tests (stdlib only: it starts fast under TCG).
 
-tests/test_kernel_lab.py passes this file into the guest with each boot; scenario scripts call it:
+tests/lab/test_kernel_lab.py passes this file into the guest with each boot; scenario scripts call it:
 
     python3 labkit.py ready PORT PID            wait until the agent answers /healthz (fails if PID exits)
     python3 labkit.py wait PORT WANT METRIC [LABEL=VALUE ...] [-- WANT METRIC [LABEL=VALUE ...] ...]

@@ -29,7 +29,7 @@ from kernel_lab.guest import GuestImage, GuestResult, require_guest, run_in_gues
 
 pytestmark = pytest.mark.kernel_lab
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]
 LABKIT = HERE / "kernel_lab" / "labkit.py"
 OTLP_FILES = (HERE / "kernel_lab" / "otlp_sink.py", HERE / "otlp_receiver.py")
 OPENER_SRC = HERE / "progs" / "kpe_opener.c"

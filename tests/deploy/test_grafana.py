@@ -32,7 +32,7 @@ import yaml
 
 import prom_server
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "grafana" / "dashboards" / "kprobe-exporter.json"
 PROVISIONING = ROOT / "grafana" / "provisioning"
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from kprobe_exporter import parser
 from kprobe_exporter.probes import ArgSpec, EventSpec
 
-FIX = Path(__file__).parent / "fixtures"
+FIX = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 def event_lines(path: Path) -> list[bytes]:
@@ -219,10 +219,10 @@ def test_arbitrary_bytes_never_raise_anything_but_parse_error(data: bytes) -> No
         pass
 
 
-# --- Debian 6.1 under the kernel lab (tests/test_kernel_lab.py): irq-info off, as the agent sets it --------
+# --- Debian 6.1 under the kernel lab (tests/lab/test_kernel_lab.py): irq-info off, as the agent sets it --------
 
 KL61 = FIX / "linux-6.1-debian"
-KL61_CONFIGS = Path(__file__).parent / "configs"
+KL61_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _replay(config: str, trace: str, capsys: pytest.CaptureFixture[str]) -> str:

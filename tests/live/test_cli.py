@@ -12,6 +12,7 @@ import pytest
 from agent_proc import REPO, free_port, group_definitions, running_agent
 
 INSTANCE = "kpe_t_cli"
+TESTS = Path(__file__).resolve().parents[1]
 
 
 def kpe(*args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -115,15 +116,15 @@ def test_not_root(tracefs: Path, progs: dict[str, Path], write_config) -> None:
 
 
 def test_replay_prints_exposition(tmp_path: Path) -> None:
-    fix = Path(__file__).parent / "fixtures" / "linux-6.18" / "uprobes-tracepoints.trace"
-    r = kpe("replay", "--config", str(Path(__file__).parent / "configs" / "fixture-6.18.yaml"), str(fix))
+    fix = TESTS / "fixtures" / "linux-6.18" / "uprobes-tracepoints.trace"
+    r = kpe("replay", "--config", str(TESTS / "configs" / "fixture-6.18.yaml"), str(fix))
     assert r.returncode == 0, r.stderr
     assert 'kprobe_latency_seconds_count{probe="recurse"} 20.0' in r.stdout
     assert 'kprobe_events_total{comm="x)y:z [1]",probe="recurse"} 4.0' in r.stdout
 
 
 def test_replay_missing_trace_is_one_line(tmp_path: Path) -> None:
-    r = kpe("replay", "--config", str(Path(__file__).parent / "configs" / "overload.yaml"), str(tmp_path / "nope"))
+    r = kpe("replay", "--config", str(TESTS / "configs" / "overload.yaml"), str(tmp_path / "nope"))
     assert r.returncode == 2 and "cannot read the trace" in r.stderr and "Traceback" not in r.stderr
 
 

@@ -19,7 +19,7 @@ import pytest
 from kprobe_exporter import config, parser, probes, ringbuf
 from kprobe_exporter.probes import ProbeSet
 
-RAW = Path(__file__).parent / "fixtures" / "raw"
+RAW = Path(__file__).resolve().parents[1] / "fixtures" / "raw"
 K618 = RAW / "linux-6.18"
 K61 = RAW / "linux-6.1-debian"
 ALL = sorted(p for p in RAW.glob("*/*") if (p / "meta.json").exists())

@@ -17,7 +17,7 @@ from kernel_lab.guest import GuestImage, require_guest, run_in_guest
 
 pytestmark = pytest.mark.kernel_lab
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]
 
 CONFIG = """
 instance: {instance}

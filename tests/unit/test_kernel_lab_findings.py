@@ -1,4 +1,4 @@
-"""Unit tests of what the kernel lab (tests/test_kernel_lab.py) found on Debian's 6.1: no kernel needed.
+"""Unit tests of what the kernel lab (tests/lab/test_kernel_lab.py) found on Debian's 6.1: no kernel needed.
 
 - error_log entries (tests/fixtures/linux-6.1-debian/error_log.txt, as 6.1 wrote them) name the field the
   caret points at, and a concurrent writer's entry is not taken for ours (error_log is global);
@@ -18,7 +18,7 @@ from kprobe_exporter import config, probes, symbols, tracefs
 from kprobe_exporter.probes import EventSpec
 from kprobe_exporter.tracefs import Tracefs, TracefsError
 
-ERROR_LOG = Path(__file__).parent / "fixtures" / "linux-6.1-debian" / "error_log.txt"
+ERROR_LOG = Path(__file__).resolve().parents[1] / "fixtures" / "linux-6.1-debian" / "error_log.txt"
 
 
 def event_from_command(command: str) -> EventSpec:

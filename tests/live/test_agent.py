@@ -183,7 +183,7 @@ def test_sigkill_leftovers_removed_by_cleanup_and_by_next_start(
             subprocess.run(
                 ["python", "-m", "kprobe_exporter", "cleanup", "--instance", "kpe_t_kill"],
                 check=True,
-                cwd=Path(__file__).parent.parent,
+                cwd=Path(__file__).resolve().parents[2],
             )
         else:
             with running_agent(cfg) as again:

@@ -16,7 +16,7 @@ from kprobe_exporter import config, probes
 from kprobe_exporter.aggregate import Aggregate
 from kprobe_exporter.metrics import Sources, SpanCounts, make_registry
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]
 
 
 def replayed_registry(exemplar: tuple[str, float, float] | None = None):  # type: ignore[no-untyped-def]

@@ -22,7 +22,7 @@ import yaml
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "kubernetes"
 VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
 METRICS_PORT = 10111

@@ -20,7 +20,7 @@ from kprobe_exporter import config, fastparse, pairing, parser, probes
 from kprobe_exporter.aggregate import Aggregate, CompletedPair
 from ref_aggregate import RefAggregate
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]
 FIX = HERE / "fixtures"
 LONG = "a_very_long_event_name_that_takes_six_words_of_eight"
 

@@ -22,7 +22,7 @@ import yaml
 
 import prom_server
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "alerts" / "kprobe-exporter.rules.yml"
 RULE_TESTS = ROOT / "alerts" / "kprobe-exporter.rules.test.yml"
 PROMTOOL = shutil.which("promtool")

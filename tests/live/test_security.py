@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent_proc import value
 from hard_helpers import logged_agent, nothing_left, run
-from test_web import DEBUG_PATHS, bcrypt_hash, make_cert
+from unit.test_web import DEBUG_PATHS, bcrypt_hash, make_cert
 
 pytestmark = pytest.mark.root
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "kprobe-exporter.service"
 DEFAULTS = ROOT / "systemd" / "kprobe-exporter.default"
 BINARY = "/usr/local/bin/kprobe-exporter"

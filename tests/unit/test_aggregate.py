@@ -11,7 +11,7 @@ import pytest
 from kprobe_exporter import config, probes
 from kprobe_exporter.aggregate import Aggregate, CompletedPair
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]
 FIX = HERE / "fixtures"
 
 

@@ -17,7 +17,7 @@ import pytest
 from kprobe_exporter import config, probes, ringbuf
 from kprobe_exporter.aggregate import Aggregate, CompletedPair, Snapshot
 from kprobe_exporter.probes import ProbeSet
-from test_ringbuf import ALL, K618, load, usec
+from unit.test_ringbuf import ALL, K618, load, usec
 
 
 class Sampling:
