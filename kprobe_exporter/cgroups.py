@@ -19,9 +19,10 @@ from typing import NamedTuple
 UNKNOWN = "unknown"  # no cgroup could be read for the thread (gone before first seen, or over budget)
 OTHER = "other"  # rewrite rules are configured and none matched
 
-# One path segment at a time. UIDs: 8-4-4-4-12 hex; the systemd cgroup driver writes the dashes as
-# underscores (a dash separates slice levels). Container ids are 64 hex digits.
-_UID = r"[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}"
+# One path segment at a time. UIDs: 8-4-4-4-12 hex, the systemd cgroup driver writing the dashes as
+# underscores (a dash separates slice levels); a static pod's is its config hash, 32 hex digits.
+# Container ids are 64 hex digits.
+_UID = r"[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}|[0-9a-f]{32}"
 _POD_SLICE = re.compile(rf"(?:[a-z]+-)*kubepods(?:-[a-z]+)*-pod({_UID})\.slice")  # systemd driver (kind too)
 _POD_DIR = re.compile(rf"pod({_UID})")  # cgroupfs driver: /kubepods[/burstable|/besteffort]/pod<uid>
 _RUNTIME_SCOPE = re.compile(r"(?:cri-containerd|crio|docker|libpod|nerdctl)-([0-9a-f]{64})(?:\.scope)?")

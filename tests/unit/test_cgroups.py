@@ -30,6 +30,7 @@ from kprobe_exporter.cgroups import (
 UID = "1f2e3d4c-5b6a-4789-8abc-0123456789ab"
 UID_ = UID.replace("-", "_")  # the systemd driver's spelling in slice names
 CID = "4c01db0b339c7c1f1a0e6f7c3b5b3e1d9a2f8e7d6c5b4a3928171605f4e3d2c1"
+STATIC = "c4ca4238a0b923820dcc509a6f75849b"
 NODE = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 
 SHAPES = [
@@ -44,6 +45,10 @@ SHAPES = [
     # kubelet cgroupfs driver (containerd / docker): plain directories, the id bare
     (f"/kubepods/burstable/pod{UID}/{CID}", Attribution(CID, UID, "")),
     (f"/kubepods/pod{UID}/{CID}", Attribution(CID, UID, "")),
+    # a static pod (kube-apiserver, etcd): its uid is the manifest's hash, no dashes
+    (f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{STATIC}.slice/cri-containerd-{CID}.scope",
+     Attribution(CID, STATIC, "")),
+    (f"/kubepods/burstable/pod{STATIC}/{CID}", Attribution(CID, STATIC, "")),
     # CRI-O, systemd and cgroupfs; its conmon monitor is a unit of the pod, not the container
     (f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice/crio-{CID}.scope",
      Attribution(CID, UID, "")),
