@@ -139,7 +139,7 @@ class CgroupCounts:
     """Why values were what they were, for self-metrics (monotonic counts)."""
 
     over_budget: int = 0  # tids answered `unknown` because the batch's /proc budget was spent
-    gone: int = 0  # tids answered `unknown`: thread (and process) gone before first seen
+    gone: int = 0  # lookups that found thread (and process) gone before first seen: `unknown`
     via_tgid: int = 0  # thread gone, answered from its still-running process
     exited_kept: int = 0  # rechecks that found the thread gone: its last value kept
     reused: int = 0  # rechecks that found a new thread under the tid (other start time)
@@ -149,7 +149,7 @@ class CgroupCounts:
 
 @dataclass(slots=True)
 class _Entry:
-    start: bytes  # /proc/TID/stat field 22, the thread's start time in clock ticks since boot
+    start: bytes  # /proc/TID/stat field 22, the thread's start time in clock ticks since boot; b"": never seen
     path: str
     checked_at: float
 
@@ -173,13 +173,15 @@ class CgroupOf:
 
     A cached answer is trusted for `recheck_s` (default 1 s); then the next batch that needs it reads
     /proc again: a different start time means the tid was reused, the same start time and another
-    path means the thread migrated. Polling is the only sound signal: `cgroup.procs` cannot be
-    watched, and `cgroup.events` changes only when a cgroup becomes (un)populated, not when one
-    thread leaves it. Runtimes and systemd move a task before it execs its workload, so a migration
-    after the first sighting is rare; a 1 s window costs two /proc reads per distinct tid per second
-    (a few hundred tids: ~5 ms of CPU per second). A thread found gone keeps its last value: its
-    events may still be in the ring buffer. At most `budget` tids per batch are resolved; the rest
-    answer `unknown` (no entry yet) or their cached value (recheck deferred to the next batch).
+    path means the thread migrated. A tid gone before it was first seen answers for its process
+    (given `tgids`) or `unknown`, and that answer too stands for `recheck_s`. Polling is the only
+    sound signal: `cgroup.procs` cannot be watched, and `cgroup.events` changes only when a cgroup
+    becomes (un)populated, not when one thread leaves it. Runtimes and systemd move a task before it
+    execs its workload, so a migration after the first sighting is rare; a 1 s window costs two /proc
+    reads per distinct tid per second (a few hundred tids: ~5 ms of CPU per second). A thread found
+    gone keeps its last value: its events may still be in the ring buffer. At most `budget` tids per
+    batch are resolved; the rest answer `unknown` (no entry yet) or their cached value (recheck
+    deferred to the next batch).
     Entries not rechecked for `forget_s` are dropped.
     """
 
@@ -199,7 +201,15 @@ class CgroupOf:
         records carry them, answer for threads that exited while their process lives on."""
         if hasattr(tids, "tolist"):  # numpy columns: Python ints hash and compare faster
             tids = tids.tolist()
-            tgids = tgids.tolist() if tgids is not None and hasattr(tgids, "tolist") else tgids
+        return list(map(self.lookup(tids, tgids).__getitem__, tids))
+
+    def lookup(self, tids: Sequence[int], tgids: Sequence[int] | None = None) -> dict[int, str]:
+        """The cgroup path of each distinct tid: for a caller that has already grouped its events
+        (a Counter keyed by tid), so the cost is per distinct thread, not per event."""
+        if hasattr(tids, "tolist"):
+            tids = tids.tolist()
+        if tgids is not None and hasattr(tgids, "tolist"):
+            tgids = tgids.tolist()
         now = self.clock()
         cache, horizon = self._cache, now - self.recheck_s
         # distinct tids first (C speed): a batch repeats a few hundred tids thousands of times
@@ -220,7 +230,7 @@ class CgroupOf:
                 out[tid] = UNKNOWN
         if now - self._swept_at > self.forget_s:
             self._sweep(now)
-        return list(map(out.__getitem__, tids))
+        return out
 
     def forget(self, tids: Iterable[int]) -> None:
         """Drop the entries of threads known to have exited (e.g. from sched_process_exit)."""
@@ -231,15 +241,20 @@ class CgroupOf:
         self.counts.reads += 1
         found = self._read_task(tid)
         if found is None:
-            if e is not None:
+            if e is not None and e.start:  # seen alive: its events may still be in the ring buffer
                 self.counts.exited_kept += 1
                 e.checked_at = now
                 return e.path
+            # never seen alive: its process's cgroup stands in, or none; either is kept for recheck_s
+            # like any answer, so a gone tid costs one look per window, not one per batch
             if tgid != tid and (found := self._read_task(tgid)) is not None:
                 self.counts.via_tgid += 1
-                return found[1]  # not cached under tid: the tgid's cgroup is a stand-in
-            self.counts.gone += 1
-            return UNKNOWN
+                path = found[1]
+            else:
+                self.counts.gone += 1
+                path = UNKNOWN
+            self._cache[tid] = _Entry(b"", path, now)
+            return path
         start, path = found
         if e is not None:
             if e.start != start:
@@ -284,20 +299,29 @@ class CgroupLabels:
         self.of = of
         self._maps = [_label_map(n, rewrite) for n in self.names]
 
+    def by_tid(self, tids: Sequence[int], tgids: Sequence[int] | None = None) -> dict[int, tuple[str, ...]]:
+        """One tuple of label values (in `names` order) per distinct tid: the cheap form, for a
+        caller that counts events by tid first and labels the distinct keys."""
+        paths = self.of.lookup(tids, tgids)
+        rows = {p: tuple(f(p) for f in self._maps) for p in set(paths.values())}
+        return {t: rows[p] for t, p in paths.items()}
+
     def columns(self, tids: Sequence[int], tgids: Sequence[int] | None = None) -> dict[str, list[str]]:
-        """Each label's value for each tid, in batch order."""
-        paths = self.of.values(tids, tgids)
-        distinct = dict.fromkeys(paths)
+        """Each label's value for each event, in batch order."""
+        if hasattr(tids, "tolist"):
+            tids = tids.tolist()
+        paths = self.of.lookup(tids, tgids)
         out: dict[str, list[str]] = {}
         for name, f in zip(self.names, self._maps, strict=True):
-            m = {p: f(p) for p in distinct}
-            out[name] = list(map(m.__getitem__, paths))
+            m = {t: f(p) for t, p in paths.items()}
+            out[name] = list(map(m.__getitem__, tids))
         return out
 
     def values(self, tids: Sequence[int], tgids: Sequence[int] | None = None) -> list[tuple[str, ...]]:
-        """One tuple of label values (in `names` order) per tid."""
-        cols = self.columns(tids, tgids)
-        return list(zip(*(cols[n] for n in self.names), strict=True))
+        """One tuple of label values (in `names` order) per event."""
+        if hasattr(tids, "tolist"):
+            tids = tids.tolist()
+        return list(map(self.by_tid(tids, tgids).__getitem__, tids))
 
 
 def _label_map(name: str, rewrite: Rewrite | None) -> Callable[[str], str]:

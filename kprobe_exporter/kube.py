@@ -201,11 +201,19 @@ class KubeLabels:
         self.of = of
         self.meta = meta
 
-    def columns(self, tids: Sequence[int], tgids: Sequence[int] | None = None) -> dict[str, list[str]]:
-        paths = self.of.values(tids, tgids)
+    def by_tid(self, tids: Sequence[int], tgids: Sequence[int] | None = None) -> dict[int, tuple[str, ...]]:
+        """One tuple of label values (in `names` order) per distinct tid."""
+        paths = self.of.lookup(tids, tgids)
         index = self.meta.index
-        rows = {p: self._row(p, index) for p in dict.fromkeys(paths)}
-        return {n: [rows[p][i] for p in paths] for i, n in enumerate(self.names)}
+        rows = {p: self._row(p, index) for p in set(paths.values())}
+        return {t: rows[p] for t, p in paths.items()}
+
+    def columns(self, tids: Sequence[int], tgids: Sequence[int] | None = None) -> dict[str, list[str]]:
+        """Each label's value for each event, in batch order."""
+        if hasattr(tids, "tolist"):
+            tids = tids.tolist()
+        rows = self.by_tid(tids, tgids)
+        return {n: [rows[t][i] for t in tids] for i, n in enumerate(self.names)}
 
     def _row(self, path: str, index: PodIndex) -> tuple[str, ...]:
         if path == UNKNOWN:

@@ -184,6 +184,8 @@ def test_exit_before_lookup_seen_before_and_thread_of_a_live_process(cg: Cgroups
     # never seen, process gone too: attribution is impossible, `unknown`
     p.kill()
     p.wait()
+    assert of.values([tid], tgids=[p.pid]) == [path]  # the process's answer stands for the window
+    clock.t += 5
     assert of.values([tid], tgids=[p.pid]) == [UNKNOWN]
     assert of.counts.gone == 1
 

@@ -222,8 +222,12 @@ def test_exited_thread_keeps_its_value_never_seen_one_is_unknown(proc: FakeProc)
     clock.t += 2
     assert of.values([300, 301]) == ["/system.slice/a.service", UNKNOWN]
     assert (of.counts.exited_kept, of.counts.gone) == (1, 1)
-    assert of.values([301]) == [UNKNOWN]  # unknowns are not cached: each batch asks again
-    assert of.counts.gone == 2
+    assert of.values([301]) == [UNKNOWN]  # a gone tid is asked about once per window, not per batch
+    assert (of.counts.gone, of.counts.reads) == (1, 3)
+    clock.t += 2
+    proc.put(301, 7, "0::/system.slice/b.service\n")  # the tid taken by a new thread
+    assert of.values([301]) == ["/system.slice/b.service"]
+    assert (of.counts.gone, of.counts.reads) == (1, 4)
 
 
 def test_gone_thread_answered_by_its_live_process(proc: FakeProc) -> None:
@@ -231,7 +235,9 @@ def test_gone_thread_answered_by_its_live_process(proc: FakeProc) -> None:
     proc.put(400, 1, "0::/system.slice/a.service\n")
     assert of.values([401, 402, 401], tgids=[400, 402, 400]) == ["/system.slice/a.service", UNKNOWN,
                                                                  "/system.slice/a.service"]
-    assert (of.counts.via_tgid, of.counts.gone) == (1, 1)
+    assert (of.counts.via_tgid, of.counts.gone, of.counts.reads) == (1, 1, 2)
+    assert of.values([401], tgids=[400]) == ["/system.slice/a.service"]  # kept for the window
+    assert of.counts.reads == 2
 
 
 def test_budget_bounds_reads_per_batch(proc: FakeProc) -> None:
@@ -290,6 +296,10 @@ def test_labels_share_one_lookup(proc: FakeProc) -> None:
         "systemd_unit": ["", "nginx.service", UNKNOWN, ""],
     }
     assert of.counts.reads == 3  # three distinct tids, read once for all four labels
+    assert labels.by_tid(np.array(tids)) == {800: (f"c-{CID[:6]}", CID, UID, ""),
+                                             801: (OTHER, "", "", "nginx.service"),
+                                             802: (UNKNOWN,) * 4}
+    assert of.lookup([801, 801]) == {801: "/system.slice/nginx.service"}
     assert CgroupLabels(["systemd_unit", "cgroup"], of).values([801, 800]) == [
         ("nginx.service", "/system.slice/nginx.service"), ("", path)]
     with pytest.raises(ValueError, match="not a cgroup label: 'pod'"):

@@ -245,6 +245,7 @@ def test_labels_from_cgroups_and_the_pod_list_refreshed_in_the_background(tmp_pa
             "container": ["nginx", "sidecar", "coredns", "etcd", "", "", UNKNOWN] * 1000,
         }
         assert not meta.refreshed.is_set()
+        assert labels.by_tid([10, 14, 10]) == {10: ("shop", "web-7d4b9c8f6-x2x9k", "nginx"), 14: ("", "", "")}
         # a pod the list does not have yet: unknown now, and the thread fetches again
         kube.items.append(pod("new-0", "jobs", new_uid, [("work", f"containerd://{new_cid}")]))
         assert labels.columns([16])["pod"] == [UNKNOWN]
