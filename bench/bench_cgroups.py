@@ -4,11 +4,15 @@
 
 The batch is what the hot path counts for a labelled probe: event ids, comms and thread ids of
 `batch` events (the reader's chunks are ~4000 lines at 200k events/s) spread over `tids` distinct
-threads that are alive on this host (real /proc entries; skewed, as a few threads make most
-events). Baseline: `Counter(zip(event, comm))`, the aggregate's labelled counting. With: the same
-plus the `cgroup` label (and, second row, all four cgroup labels) from CgroupLabels, cache warm,
-rechecks every 1 s as in production (so the figure includes them). Each round times both, in
-alternation; the median of an odd number of rounds is reported, per event and as a ratio.
+threads alive on this host (real /proc entries; idle threads of the bench's own if the host has
+fewer; skewed, as a few threads make most
+events). Baseline: `Counter(zip(event, comm))`, the aggregate's labelled counting; a second
+baseline counts a third column given in advance (what any extra label costs). With: the same
+plus the `cgroup` label (second row: all four cgroup labels) from CgroupLabels.columns, cache
+warm, rechecks every 1 s as in production (so the figure includes them); third row: the form for a
+caller that counts by tid first (CgroupLabels.by_tid, a cost per distinct key). Each round times
+every variant in turn, in process CPU time (other load on the machine does not count); the median
+of an odd number of rounds is reported, per event and as a ratio to the baseline.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -68,13 +73,25 @@ def main() -> None:
     if a.rounds % 2 == 0:
         ap.error("--rounds must be odd (a true median)")
     tids = live_tids(a.tids)
+    idle = threading.Event()
+    extra = [threading.Thread(target=idle.wait, daemon=True) for _ in range(a.tids - len(tids))]
+    for t in extra:  # a small host has fewer threads than asked for: idle ones of ours make up the rest
+        t.start()
+    tids += [(t.native_id or 0, b"bench-idle") for t in extra]
     ev, comms, tid_col = make_batch(tids, a.batch, np.random.default_rng(7))
     of = CgroupOf()
     one, four = CgroupLabels(["cgroup"], of), CgroupLabels(LABELS, of)
-    four.columns(tid_col)  # warm
+    while of.counts.over_budget or not of.counts.reads:  # warm: every tid resolved once
+        of.counts.over_budget = 0
+        four.columns(tid_col)
 
     def base() -> object:
         return Counter(zip(ev, comms, strict=True))
+
+    fixed = one.columns(tid_col)["cgroup"]
+
+    def counted_only() -> object:  # the same three-column count with the column given: what counting costs
+        return Counter(zip(ev, comms, fixed, strict=True))
 
     def with_cgroup() -> object:
         return Counter(zip(ev, comms, one.columns(tid_col)["cgroup"], strict=True))
@@ -83,20 +100,35 @@ def main() -> None:
         c = four.columns(tid_col)
         return Counter(zip(ev, comms, *(c[n] for n in LABELS), strict=True))
 
-    runs: dict[str, list[float]] = {"base": [], "cgroup": [], "four": []}
+    def by_tid() -> object:
+        # count by thread first (C speed), then label the distinct keys: cost per key, not per event
+        c = Counter(zip(ev, comms, tid_col.tolist(), strict=True))
+        rows = four.by_tid([t for _, _, t in c])
+        out: Counter[tuple[object, ...]] = Counter()
+        for (e, cm, t), n in c.items():
+            out[(e, cm, *rows[t])] += n
+        return out
+
+    variants = {"base": ("Counter(event, comm)", base),
+                "counted": ("Counter(event, comm, cgroup) with the column given (counting a third label)",
+                            counted_only),
+                "cgroup": ("+ cgroup, per event (columns)", with_cgroup),
+                "four": ("+ all four cgroup labels, per event (columns)", with_four),
+                "by_tid": ("+ all four, counted by tid then labelled per key (by_tid)", by_tid)}
+    runs: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(a.rounds):
-        for name, fn in (("base", base), ("cgroup", with_cgroup), ("four", with_four)):
+        for name, (_, fn) in variants.items():
             runs[name].append(timed(fn, a.batches) / (a.batches * a.batch))
     med = {k: statistics.median(v) for k, v in runs.items()}
     print(f"# {platform.node()} {platform.python_version()} {os.cpu_count()} CPUs; {len(tids)} distinct live tids,"
-          f" batch {a.batch} events x {a.batches} batches, {a.rounds} rounds, median")
-    print(f"/proc reads over the run: {of.counts.reads} (rechecks every {of.recheck_s:g} s), "
+          f" batch {a.batch} events x {a.batches} batches, {a.rounds} rounds, median of process CPU time")
+    print(f"/proc lookups over the run: {of.counts.reads} (rechecks every {of.recheck_s:g} s), "
           f"unknown: {of.counts.gone} gone, {of.counts.over_budget} over budget")
     print("| variant | ns/event | + ns/event over baseline | ratio |")
     print("| --- | --- | --- | --- |")
-    for k, label in (("base", "Counter(event, comm)"), ("cgroup", "+ cgroup"), ("four", "+ cgroup, container_id, "
-                                                                                         "pod_uid, systemd_unit")):
+    for k, (label, _) in variants.items():
         print(f"| {label} | {med[k] * 1e9:.0f} | {(med[k] - med['base']) * 1e9:.0f} | {med[k] / med['base']:.2f}x |")
+    idle.set()
 
 
 if __name__ == "__main__":

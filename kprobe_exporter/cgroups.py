@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import NamedTuple
 
+import numpy as np
+
 UNKNOWN = "unknown"  # no cgroup could be read for the thread (gone before first seen, or over budget)
 OTHER = "other"  # rewrite rules are configured and none matched
 
@@ -199,9 +201,8 @@ class CgroupOf:
     def values(self, tids: Sequence[int], tgids: Sequence[int] | None = None) -> list[str]:
         """The cgroup path of each tid (`unknown` where none can be had); `tgids`, when the
         records carry them, answer for threads that exited while their process lives on."""
-        if hasattr(tids, "tolist"):  # numpy columns: Python ints hash and compare faster
-            tids = tids.tolist()
-        return list(map(self.lookup(tids, tgids).__getitem__, tids))
+        u, owners, inv = distinct(tids, tgids)
+        return spread(list(self.lookup(u, owners).values()), inv)
 
     def lookup(self, tids: Sequence[int], tgids: Sequence[int] | None = None) -> dict[int, str]:
         """The cgroup path of each distinct tid: for a caller that has already grouped its events
@@ -308,20 +309,34 @@ class CgroupLabels:
 
     def columns(self, tids: Sequence[int], tgids: Sequence[int] | None = None) -> dict[str, list[str]]:
         """Each label's value for each event, in batch order."""
-        if hasattr(tids, "tolist"):
-            tids = tids.tolist()
-        paths = self.of.lookup(tids, tgids)
-        out: dict[str, list[str]] = {}
-        for name, f in zip(self.names, self._maps, strict=True):
-            m = {t: f(p) for t, p in paths.items()}
-            out[name] = list(map(m.__getitem__, tids))
-        return out
+        u, owners, inv = distinct(tids, tgids)
+        paths = list(self.of.lookup(u, owners).values())
+        return {n: spread([f(p) for p in paths], inv) for n, f in zip(self.names, self._maps, strict=True)}
 
     def values(self, tids: Sequence[int], tgids: Sequence[int] | None = None) -> list[tuple[str, ...]]:
         """One tuple of label values (in `names` order) per event."""
-        if hasattr(tids, "tolist"):
-            tids = tids.tolist()
-        return list(map(self.by_tid(tids, tgids).__getitem__, tids))
+        cols = self.columns(tids, tgids)
+        return list(zip(*(cols[n] for n in self.names), strict=True))
+
+
+def distinct(tids: Sequence[int], tgids: Sequence[int] | None = None) -> tuple[list[int], list[int] | None,
+                                                                               np.ndarray]:
+    """A batch's distinct tids (with the tgid of each tid's first event) and, per event, the index of
+    its tid among them: the lookups are per distinct thread, the spreading back is numpy's."""
+    col = np.asarray(tids, dtype=np.int64)
+    if tgids is None:
+        u, inv = np.unique(col, return_inverse=True)
+        return u.tolist(), None, inv.reshape(-1)
+    u, first, inv = np.unique(col, return_index=True, return_inverse=True)
+    return u.tolist(), np.asarray(tgids, dtype=np.int64)[first].tolist(), inv.reshape(-1)
+
+
+def spread(per_distinct: list[str], inv: np.ndarray) -> list[str]:
+    """Per-distinct values back to one per event."""
+    vals = np.empty(len(per_distinct), dtype=object)
+    vals[:] = per_distinct
+    out: list[str] = vals[inv].tolist()
+    return out
 
 
 def _label_map(name: str, rewrite: Rewrite | None) -> Callable[[str], str]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kprobe_exporter.cgroups import UNKNOWN, CgroupOf, attribution
+from kprobe_exporter.cgroups import UNKNOWN, CgroupOf, attribution, distinct, spread
 
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 MIRROR = "kubernetes.io/config.mirror"  # a static pod's mirror: its cgroups carry this uid, not metadata.uid
@@ -210,10 +210,10 @@ class KubeLabels:
 
     def columns(self, tids: Sequence[int], tgids: Sequence[int] | None = None) -> dict[str, list[str]]:
         """Each label's value for each event, in batch order."""
-        if hasattr(tids, "tolist"):
-            tids = tids.tolist()
-        rows = self.by_tid(tids, tgids)
-        return {n: [rows[t][i] for t in tids] for i, n in enumerate(self.names)}
+        u, owners, inv = distinct(tids, tgids)
+        index = self.meta.index
+        rows = [self._row(p, index) for p in self.of.lookup(u, owners).values()]
+        return {n: spread([r[i] for r in rows], inv) for i, n in enumerate(self.names)}
 
     def _row(self, path: str, index: PodIndex) -> tuple[str, ...]:
         if path == UNKNOWN:

@@ -302,5 +302,7 @@ def test_labels_share_one_lookup(proc: FakeProc) -> None:
     assert of.lookup([801, 801]) == {801: "/system.slice/nginx.service"}
     assert CgroupLabels(["systemd_unit", "cgroup"], of).values([801, 800]) == [
         ("nginx.service", "/system.slice/nginx.service"), ("", path)]
+    assert labels.columns([]) == {n: [] for n in LABELS}
+    assert of.values(np.array([], dtype=np.int64)) == []
     with pytest.raises(ValueError, match="not a cgroup label: 'pod'"):
         CgroupLabels(["cgroup", "pod"], of)
