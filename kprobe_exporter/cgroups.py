@@ -282,6 +282,10 @@ class CgroupOf:
 
 
 LABELS = ("cgroup", "container_id", "pod_uid", "systemd_unit")
+# Span attributes under OpenTelemetry's semantic-convention names (kube.py's labels included);
+# systemd_unit has none. Spans leave out "" and `unknown` values rather than send them.
+SPAN_ATTRIBUTES = {"cgroup": "process.linux.cgroup", "container_id": "container.id", "pod_uid": "k8s.pod.uid",
+                   "pod": "k8s.pod.name", "namespace": "k8s.namespace.name", "container": "k8s.container.name"}
 
 
 class CgroupLabels:

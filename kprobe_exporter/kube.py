@@ -201,6 +201,20 @@ class KubeLabels:
         self.of = of
         self.meta = meta
 
+    @classmethod
+    def from_env(cls, names: Sequence[str], of: CgroupOf, kind: str = "apiserver", interval_s: float = 30.0,
+                 env: Mapping[str, str] | None = None, sa_dir: Path = SERVICE_ACCOUNT,
+                 verify: bool = True) -> KubeLabels | None:
+        """The labels with their refresher thread started, or None outside Kubernetes (then leave
+        the labels out: absent, not empty). Stop with `.meta.stop()`."""
+        src = PodSource.from_env(kind, env, sa_dir, verify)
+        if src is None:
+            return None
+        meta = PodMetadata(src.fetch, interval_s)
+        labels = cls(names, of, meta)
+        meta.start()
+        return labels
+
     def by_tid(self, tids: Sequence[int], tgids: Sequence[int] | None = None) -> dict[int, tuple[str, ...]]:
         """One tuple of label values (in `names` order) per distinct tid."""
         paths = self.of.lookup(tids, tgids)

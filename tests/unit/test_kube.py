@@ -257,6 +257,22 @@ def test_labels_from_cgroups_and_the_pod_list_refreshed_in_the_background(tmp_pa
         meta.stop()
 
 
+def test_from_env_starts_the_refresher_or_gives_none_outside_kubernetes(tmp_path: Path, kube: FakeKube,
+                                                                         sa: Path) -> None:
+    assert KubeLabels.from_env(["pod"], CgroupOf(), env=api_env(kube), sa_dir=tmp_path / "none") is None
+    proc = FakeProc(tmp_path / "proc")
+    proc.root.mkdir()
+    proc.put(20, "/system.slice/sshd.service")
+    proc.put(21, f"/kubepods/besteffort/pod{UID_DNS}/crio-{CID_DNS}")
+    labels = KubeLabels.from_env(["pod", "namespace"], CgroupOf(proc=str(proc.root)), env=api_env(kube), sa_dir=sa)
+    assert labels is not None
+    try:
+        assert labels.meta.refreshed.wait(30)
+        assert labels.columns([20, 21]) == {"pod": ["", "coredns-5d78c9869d-abcde"], "namespace": ["", "kube-system"]}
+    finally:
+        labels.meta.stop()
+
+
 def test_failed_refresh_keeps_the_last_list_and_is_counted(kube: FakeKube, sa: Path) -> None:
     src = PodSource.from_env(env=api_env(kube), sa_dir=sa)
     assert src is not None
