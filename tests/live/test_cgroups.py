@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import need_root
 from kprobe_exporter.cgroups import LABELS, UNKNOWN, CgroupLabels, CgroupOf
-from tests.conftest import need_root
 
 
 def _mounts() -> dict[str, Path]:
@@ -49,9 +49,11 @@ class Cgroups:
         d = root
         for part in rel.strip("/").split("/"):
             d = d / part
-            if not d.exists():
+            try:
                 d.mkdir()
-                self.made.append(d)
+            except FileExistsError:  # a shared parent (another test run may have made it)
+                continue
+            self.made.append(d)
         return d
 
     def spawn(self, into: Path | None, argv: list[str] | None = None) -> subprocess.Popen[bytes]:

@@ -23,7 +23,7 @@ import pytest
 
 from kprobe_exporter.cgroups import UNKNOWN, CgroupOf
 from kprobe_exporter.kube import KubeLabels, Pod, PodMetadata, PodSource, index_pod_list
-from tests.unit.test_web import make_cert
+from unit.test_web import make_cert
 
 TOKEN = "eyJhbGciOiJSUzI1NiIsImtpZCI6InRlc3QifQ.test-token.sig"
 NODE = "node-a"
