@@ -162,7 +162,10 @@ def _read(path: str) -> bytes | None:
     except OSError:
         return None
     try:
-        return os.read(fd, 4096)
+        parts = [os.read(fd, 8192)]
+        while parts[-1]:  # a v1 host's file can pass a page (a dozen hierarchies, nested paths)
+            parts.append(os.read(fd, 8192))
+        return b"".join(parts)
     except OSError:
         return None
     finally:
@@ -183,8 +186,7 @@ class CgroupOf:
     reads per distinct tid per second (a few hundred tids: ~5 ms of CPU per second). A thread found
     gone keeps its last value: its events may still be in the ring buffer. At most `budget` tids per
     batch are resolved; the rest answer `unknown` (no entry yet) or their cached value (recheck
-    deferred to the next batch).
-    Entries not rechecked for `forget_s` are dropped.
+    deferred to the next batch). Entries not rechecked for `forget_s` are dropped.
     """
 
     proc: str = "/proc"

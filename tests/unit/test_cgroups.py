@@ -274,6 +274,14 @@ def test_entries_not_rechecked_are_forgotten(proc: FakeProc) -> None:
     assert of._cache == {}
 
 
+def test_a_cgroup_file_longer_than_a_page(proc: FakeProc) -> None:
+    deep = "/".join(f"level-{i:03d}-{'x' * 40}.slice" for i in range(120)) + f"/docker-{CID}.scope"
+    text = "".join(f"{i}:ctl{i}:/{deep[:-80]}\n" for i in range(12, 0, -1)) + f"0::/{deep}\n"
+    assert len(text) > 3 * 4096
+    proc.put(900, 1, text)
+    assert CgroupOf(proc=str(proc.root), clock=Clock()).values([900]) == [f"/{deep}"]
+
+
 def test_numpy_columns_and_start_time_after_a_comm_with_parens(proc: FakeProc) -> None:
     of = CgroupOf(proc=str(proc.root), clock=Clock())
     proc.put(700, 42, "0::/a.service\n", comm="x) 1 2 (y")
