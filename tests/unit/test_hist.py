@@ -73,6 +73,13 @@ def test_a_string_key_containing_the_next_keys_name_is_cut_right() -> None:
     assert t.rows[0].keys == ("a, count: 7 x", "12")
 
 
+def test_a_full_table_counts_every_event_as_a_hit_or_a_drop() -> None:
+    full, keyless = tables("full-table.hist")  # 300 processes against size=128, and a common_cpu key
+    assert (full.entries, full.dropped) == (128, 352) and sum(r.values["hitcount"] for r in full.rows) == full.hits
+    # the keyless table was installed one event (its own echo's open) later than the full one
+    assert full.events == keyless.events + 1 and keyless.dropped == 0
+
+
 def test_dropped_is_read() -> None:
     text = (
         "# trigger info: hist:keys=common_pid:vals=hitcount:sort=hitcount:size=128 [active]\n"
