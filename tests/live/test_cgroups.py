@@ -12,6 +12,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -180,6 +181,12 @@ def test_exit_before_lookup_seen_before_and_thread_of_a_live_process(cg: Cgroups
     assert p.stdout is not None
     tid = int(p.stdout.readline())
     assert p.stdout.readline() == b"done\n"
+    # join() returns when the Python thread is done; the kernel reaps the task a moment later (on a busy
+    # machine, a noticeable one): wait for that, bounded, before asking about it
+    for _ in range(1000):
+        if not Path(f"/proc/{tid}").exists():
+            break
+        time.sleep(0.01)
     assert not Path(f"/proc/{tid}").exists()
     assert of.values([tid], tgids=[p.pid]) == [path]
     assert of.counts.via_tgid == 1
