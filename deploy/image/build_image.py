@@ -13,6 +13,7 @@ it runs. Needs root, debootstrap, podman and buildah (Debian packages).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -105,9 +106,7 @@ def ensure_base(rebuild: bool = False) -> str:
     if image_exists(name) and not rebuild:
         log(f"base {name}: present")
         return name
-    cache = cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    tarball = cache / f"base-{SUITE}-{base_key()}.tar"
+    tarball = cache_dir() / f"base-{SUITE}-{base_key()}.tar"
     if rebuild or not tarball.exists():
         debootstrap_tarball(tarball)
     run(["podman", "import", "--change", 'CMD=["python3"]', "--change", f"LABEL=kpe.base.key={base_key()}",
@@ -130,13 +129,19 @@ def build_command(base: str, tag: str) -> list[str]:
     certs = ["--volume", "/etc/ssl/certs:/etc/ssl/certs:ro"] if Path("/etc/ssl/certs").is_dir() else []
     return ["buildah", "bud", "--layers", "--format", "docker", "--isolation", "chroot", *certs,
             "--build-arg", f"BASE={base}", "--build-arg", f"VERSION={project_version()}",
-            "--build-arg", f"REVISION={git_revision()}",
+            "--label", f"org.opencontainers.image.version={project_version()}",
+            "--label", f"org.opencontainers.image.revision={git_revision()}",
             "--tag", tag, "--file", str(REPO / "Containerfile"), str(REPO)]  # fmt: skip
 
 
 def build(tag: str, rebuild_base: bool = False) -> str:
-    base = ensure_base(rebuild_base)
-    run(build_command(base, tag))
+    """The base, then the image; one build at a time on this machine (they share the cache and the tags)."""
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        base = ensure_base(rebuild_base)
+        run(build_command(base, tag))
     return tag
 
 

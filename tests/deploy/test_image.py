@@ -307,7 +307,9 @@ def test_image_is_built_as_designed(image: str, inspect: dict[str, Any], rootfs:
     # a non-shell entrypoint, the one the DaemonSet's command names
     assert config["Entrypoint"] == ["kprobe-exporter"] == container_spec()["command"]
     healthcheck = inspect["Healthcheck"]["Test"]
-    assert healthcheck[0] == "CMD" and "/healthz" in " ".join(healthcheck)
+    assert healthcheck[0] == "CMD", "a shell would run it with CMD-SHELL"
+    default_url = re.search(r"'http://127\.0\.0\.1:(\d+)/healthz'", " ".join(healthcheck))
+    assert default_url and int(default_url.group(1)) == container_spec()["ports"][0]["containerPort"]
     # the DaemonSet and the kustomization name the image this build produces
     assert container_spec()["image"] == image
     kustomization = yaml.safe_load((ROOT / "deploy" / "kubernetes" / "kustomization.yaml").read_text())
@@ -320,6 +322,11 @@ def test_image_is_built_as_designed(image: str, inspect: dict[str, Any], rootfs:
     assert len(dist_info) == 1 and (dist_info[0] / "WHEEL").exists()
     assert (venv / "share/kprobe-exporter/systemd/kprobe-exporter.service").read_bytes() == \
         (ROOT / "systemd/kprobe-exporter.service").read_bytes()
+    # this checkout's code, not a layer cached from an older one
+    [package] = venv.glob("lib/python3*/site-packages/kprobe_exporter")
+    for source in (ROOT / "kprobe_exporter").iterdir():
+        if source.is_file():
+            assert (package / source.name).read_bytes() == source.read_bytes(), source.name
     for gone in ("wheels", "opt/build", "src"):
         assert not (rootfs / gone).exists(), gone
     assert not list(venv.glob("lib/python3*/site-packages/pip")), "pip left in the image"
@@ -390,7 +397,9 @@ def test_image_runs_as_the_daemonset(rootfs: Path, inspect: dict[str, Any], tmp_
         metrics = wait_for_count(url, OPENS)
         for probe in ("openat", "read", "write"):
             assert value(metrics, "kprobe_exporter_probe_installed", probe=probe) == 1
-        assert value(metrics, "kprobe_events_total", probe="openat", comm=WORKLOAD_COMM) == OPENS
+        counted = value(metrics, "kprobe_events_total", probe="openat", comm=WORKLOAD_COMM)
+        lost = value(metrics, "kprobe_exporter_lost_events_total")
+        assert counted == OPENS, f"{counted} openat of {WORKLOAD_COMM} counted, {OPENS} made; {lost} events lost"
         check_healthcheck(agent.name, inspect, port)
         grace = daemonset()["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
         code = agent.stop(grace)
