@@ -306,6 +306,7 @@ def test_image_is_built_as_designed(image: str, inspect: dict[str, Any], rootfs:
     assert labels["org.opencontainers.image.revision"] == build_image.git_revision()
     # a non-shell entrypoint, the one the DaemonSet's command names
     assert config["Entrypoint"] == ["kprobe-exporter"] == container_spec()["command"]
+    assert inspect.get("Healthcheck"), "no HEALTHCHECK (or built in the OCI format, which drops it)"
     healthcheck = inspect["Healthcheck"]["Test"]
     assert healthcheck[0] == "CMD", "a shell would run it with CMD-SHELL"
     default_url = re.search(r"'http://127\.0\.0\.1:(\d+)/healthz'", " ".join(healthcheck))
