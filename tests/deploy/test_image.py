@@ -275,10 +275,13 @@ class RuncContainer:
         subprocess.run(["runc", "delete", "--force", self.name], capture_output=True, check=False)
 
 
-def run_once(rootfs: Path, tmp: Path, args: list[str], name: str) -> tuple[int, str]:
-    """Run one command in the image with the DaemonSet's spec; its exit code and output."""
+def run_once(rootfs: Path, tmp: Path, args: list[str], name: str,
+             configmap: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run one command in the image with the DaemonSet's spec and a ConfigMap's files; its exit code and output."""
     config_dir = tmp / f"{name}-config"
     config_dir.mkdir()
+    for file_name, text in (configmap or {}).items():
+        (config_dir / file_name).write_text(text)
     spec = runtime_spec(rootfs, args, ["PATH=/opt/kprobe-exporter/bin:/usr/bin:/bin"], config_dir, f"/{name}")
     container = RuncContainer(tmp / name, spec, name)
     try:
@@ -460,3 +463,20 @@ def check_healthcheck(name: str, inspect: dict[str, Any], port: int) -> None:
         done = subprocess.run(["runc", "exec", "--env", env, name, *test[1:]], capture_output=True, text=True,
                               timeout=60, check=False)
         assert (done.returncode == 0) == ok, (target, done.returncode, done.stderr[-2000:])
+
+
+def test_shipped_configmap_on_this_kernel(rootfs: Path, tmp_path: Path) -> None:
+    """The DaemonSet as shipped, its ConfigMap's kprobes included: on a node without kprobe_events the
+    container exits 2 with the one line that says so (a crash loop an operator can read), no traceback."""
+    if (TRACEFS / "kprobe_events").exists():
+        pytest.skip("this kernel has kprobes: the ConfigMap's config would run (the kernel lab covers kprobes)")
+    container = container_spec()
+    argv = [*container["command"], *container["args"]]
+    listen = argv.index("--web.listen-address") + 1
+    argv[listen] = re.sub(r":\d+$", f":{free_port()}", argv[listen])
+    configmap = yaml.safe_load((ROOT / "deploy" / "kubernetes" / "configmap.yaml").read_text())
+    assert Path(argv[argv.index("--config") + 1]).name in configmap["data"]
+    code, out = run_once(rootfs, tmp_path, argv, f"kpe-image-cm-{os.getpid()}", configmap["data"])
+    assert code == 2, out
+    [line] = out.strip().splitlines()
+    assert "this kernel has no kprobe_events" in line and "Traceback" not in out
