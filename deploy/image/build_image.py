@@ -122,12 +122,13 @@ def git_revision() -> str:
 def build_command(base: str, tag: str) -> list[str]:
     """buildah bud of the Containerfile on base.
 
-    --isolation chroot: RUN steps need no OCI runtime. The host's CA certificates are lent to RUN
+    --isolation chroot: RUN steps need no OCI runtime; --force-rm: a failed step leaves no working
+    container behind. The host's CA certificates are lent to RUN
     steps (Debian's pip trusts /etc/ssl/certs), so that pip reaches PyPI through a TLS-intercepting
     proxy too; a --volume is never committed to the image.
     """
     certs = ["--volume", "/etc/ssl/certs:/etc/ssl/certs:ro"] if Path("/etc/ssl/certs").is_dir() else []
-    return ["buildah", "bud", "--layers", "--format", "docker", "--isolation", "chroot", *certs,
+    return ["buildah", "bud", "--layers", "--force-rm", "--format", "docker", "--isolation", "chroot", *certs,
             "--build-arg", f"BASE={base}", "--build-arg", f"VERSION={project_version()}",
             "--label", f"org.opencontainers.image.version={project_version()}",
             "--label", f"org.opencontainers.image.revision={git_revision()}",
