@@ -76,6 +76,7 @@ def capture(exe: Path, cfg_path: Path) -> list[bytes]:
         if problems:
             print("cleanup problems:", problems, file=sys.stderr)
     lines = out.read_bytes().splitlines()
+    out.unlink()
     if lost or any(b"LOST" in ln for ln in lines):
         raise RuntimeError(f"the capture lost {lost} events: a busy machine; run again")
     if made != THREADS * (PREFIX + CALLS // 250 * K + min(CALLS % 250, K)):

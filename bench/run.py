@@ -609,8 +609,9 @@ def bench_raw_drain(seconds: float, rounds: int) -> list[Row]:
                 f"{vs_text:.2f}x ({rate['text'] / 1e6:.2f} M ev/s, loss {loss['text']:.0f}%); the ceiling is "
                 f"bench/out/rawpages (C: every CPU's trace_pipe_raw read a page at a time as the raw reader reads, "
                 f"buffer_percent 25, pages discarded; its `read events`); each reader alone on CPU 1, {rounds} "
-                f"rounds of {seconds:.0f} s in rotating order, medians of the ratios within rounds; raw "
-                f"lost_events_total vs overrun {reported}",
+                f"rounds of {seconds:.0f} s in rotating order, medians of the ratios within rounds (a reader "
+                f"that lost nothing was not saturated: its rate is the loop's); raw lost_events_total vs overrun "
+                f"{reported}",
                 {"rounds": per_round, "lost_metric_vs_overrun": reported})]
 
 
