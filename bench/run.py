@@ -50,6 +50,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -710,7 +711,8 @@ def _bpftrace_p50(exe: Path, calls: int, n: int) -> tuple[float, int]:
     taskset = shutil.which("taskset") or "taskset"  # bpftrace -c wants a path that names one binary
     out = subprocess.run(["bpftrace", "-e", prog, "-c", f"{taskset} -c 0 {exe} run {calls} {n}"],
                          capture_output=True, text=True, timeout=300).stdout
-    rows = [(int(m.group(1)), int(m.group(3))) for m in re.finditer(r"^\[(\d+), (\d+)\)\s+(\d+)", out, re.M)]
+    # rows [lo, hi) and the overflow row [10000, ...) (its lower bound stands for it)
+    rows = [(int(m.group(1)), int(m.group(2))) for m in re.finditer(r"^\[(\d+), (?:\d+|\.\.\.)\)\s+(\d+)", out, re.M)]
     total = sum(c for _, c in rows)
     acc = 0
     for lo, c in rows:
@@ -785,25 +787,26 @@ def main() -> None:
     OUT.mkdir(exist_ok=True)
     only = set(args.only.split(","))
     rows: list[Row] = []
+    steps: list[tuple[str, str, Callable[[], list[Row]]]] = [
+        ("replay", "1. replay throughput", lambda: bench_replay(args.lines, args.rounds)),
+        ("pending", "9. replay, 50k entries pending", lambda: bench_replay_pending(args.lines, args.rounds)),
+        ("livepending", "10. live, 50k entries pending", lambda: bench_live_pending(args.seconds, args.rounds)),
+        ("drain", "2. live drain under overload", lambda: bench_drain(args.seconds)),
+        ("cpu,scrape", "3. CPU per event", lambda: bench_cpu_and_scrape(args.seconds, args.rate)),
+        ("memory", "4. memory", lambda: bench_memory(args.threads)),
+        ("rawdrain", "6. raw reader: drain under overload", lambda: bench_raw_drain(args.seconds, args.rounds)),
+        ("rawcpu", "7. raw reader: CPU per event", lambda: bench_raw_cpu(args.seconds, args.rate)),
+        ("resolution", "8. raw reader: latency resolution", lambda: bench_raw_resolution(args.calls)),
+    ]
     try:
-        if "replay" in only:
-            rows += bench_replay(args.lines, args.rounds)
-        if "pending" in only:
-            rows += bench_replay_pending(args.lines, args.rounds)
-        if "livepending" in only:
-            rows += bench_live_pending(args.seconds, args.rounds)
-        if "drain" in only:
-            rows += bench_drain(args.seconds)
-        if "cpu" in only or "scrape" in only:
-            rows += bench_cpu_and_scrape(args.seconds, args.rate)
-        if "memory" in only:
-            rows += bench_memory(args.threads)
-        if "rawdrain" in only:
-            rows += bench_raw_drain(args.seconds, args.rounds)
-        if "rawcpu" in only:
-            rows += bench_raw_cpu(args.seconds, args.rate)
-        if "resolution" in only:
-            rows += bench_raw_resolution(args.calls)
+        for keys, target, step in steps:
+            if only & set(keys.split(",")):
+                try:
+                    rows += step()
+                except Exception as e:  # one broken row must not lose the others' figures
+                    print(f"{target}: {e!r}", file=sys.stderr)
+                    rows.append(Row(target, "", f"failed: {type(e).__name__}", "", None, False,
+                                    str(e).replace("\n", " ")[:300]))
     finally:
         for name in ("kpe_bench_cat", "kpe_bench_catcpu", "kpe_bench_rawcat"):
             if tracing_instance(name).exists():
