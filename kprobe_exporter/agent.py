@@ -22,6 +22,7 @@ from kprobe_exporter import ringbuf
 from kprobe_exporter import tracefs as tfs_mod
 from kprobe_exporter.aggregate import Aggregate, Snapshot
 from kprobe_exporter.config import Config, ConfigError, split_host_port
+from kprobe_exporter.kinds import PROBE_FILES, parse_definition
 from kprobe_exporter.metrics import Sources, SpanCounts, make_registry
 from kprobe_exporter.notify import SystemdNotifier
 from kprobe_exporter.probes import EventSpec, ProbeSet
@@ -410,12 +411,13 @@ def check(config: Config, probes_for: Callable[[Config], ProbeSet]) -> list[str]
         except TracefsError as e:  # name the user's group, not the scratch one
             raise TracefsError(e.message.replace(scratch, config.instance), e.probe, e.field) from None
         readback = {}
-        for probe_file in ("kprobe_events", "uprobe_events"):
-            path = root / probe_file
+        for probe_file in PROBE_FILES:
+            path = root / probe_file.name
             if path.exists():
                 for line in tfs_mod.read_text(path).splitlines():
-                    if f":{scratch}/" in line:
-                        readback[line.split()[0].split("/", 1)[1]] = line
+                    d = parse_definition(line)
+                    if d is not None and d.group == scratch and d.event is not None:
+                        readback[d.event] = line
         for ev in probes.events:
             if ev.dynamic:
                 assert ev.definition is not None

@@ -15,6 +15,7 @@ from prometheus_client.exposition import generate_latest
 
 from kprobe_exporter import __version__, agent, config, probes, tracefs
 from kprobe_exporter.config import Config, ConfigError, format_error
+from kprobe_exporter.kinds import KIND
 from kprobe_exporter.metrics import Sources, make_registry
 
 EXIT_USAGE = 2
@@ -70,8 +71,9 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 
 def default_config_name() -> str:
+    kprobe_file = KIND["kprobe"].probe_file or ""
     for root in tracefs.CANDIDATES:
-        if os.path.exists(os.path.join(root, "kprobe_events")):
+        if os.path.exists(os.path.join(root, kprobe_file)):
             return "default-kprobes.yaml"
     if os.path.exists("/sys/kernel/tracing/instances") or os.path.exists("/sys/kernel/debug/tracing/instances"):
         return "default-tracepoints.yaml"

@@ -14,10 +14,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kprobe_exporter.kinds import CONFIG_KEYS, RAW_KEY, parse_definition
+
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_NAME_LEN = 63  # kernel MAX_EVENT_NAME_LEN (64) minus the NUL
 MAX_ARGS = 128  # kernel MAX_TRACE_ARGS
-PROBE_KINDS = ("kprobe", "kretprobe", "uprobe", "uretprobe", "tracepoint", "raw")
+PROBE_KINDS = CONFIG_KEYS  # one key per accepted kind of the table in kinds.py, then `raw`
 OVERFLOW_VALUE = "__overflow__"
 # Characters that would let a field end one tracefs command and start another.
 _INJECTION = re.compile(r"[\n\r\x00;]|-:")
@@ -95,7 +97,7 @@ class ProbeConfig(_Strict):
     latency: bool = False
     spans: SpanConfig | None = None
 
-    @field_validator("kprobe", "kretprobe", "uprobe", "uretprobe", "tracepoint", "raw", "filter")
+    @field_validator(*CONFIG_KEYS, "filter")
     @classmethod
     def _no_injection(cls, v: str | None) -> str | None:
         if v is not None:
@@ -221,8 +223,8 @@ def _describe(path: str, data: Any, loc: tuple[Any, ...]) -> tuple[str, str, typ
         section, idx = loc[0], loc[1]
         entry = data.get(section, [])[idx] if isinstance(data, dict) else None
         name = entry.get("name") if isinstance(entry, dict) else None
-        if name is None and isinstance(entry, dict) and isinstance(entry.get("raw"), str):
-            name = raw_event_name(entry["raw"])
+        if name is None and isinstance(entry, dict) and isinstance(entry.get(RAW_KEY), str):
+            name = raw_event_name(entry[RAW_KEY])
         kind = "probe" if section == "probes" else "pair"
         probe = f"{kind} {name!r}" if isinstance(name, str) else f"{kind} #{idx + 1}"
         model = ProbeConfig if section == "probes" else PairConfig
@@ -236,8 +238,9 @@ def _describe(path: str, data: Any, loc: tuple[Any, ...]) -> tuple[str, str, typ
 
 
 def raw_event_name(line: str) -> str | None:
-    m = re.match(r"\s*[pr]\d*:(?:[^/\s]+/)?([^\s]+)", line)
-    return m.group(1) if m else None
+    """The event a raw line names, when it is a line of a kind the config takes."""
+    d = parse_definition(line)
+    return d.event if d is not None and d.kind is not None and d.kind.accepted else None
 
 
 def format_error(path: str, probe: str, field: str, message: str) -> str:

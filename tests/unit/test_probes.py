@@ -124,3 +124,17 @@ def test_too_many_args() -> None:
     args = ", ".join(f"a{i}: '%di'" for i in range(129))
     with pytest.raises(ConfigError, match="at most 128"):
         build(f"probes:\n  - {{name: a, kprobe: f, args: {{{args}}}}}\n")
+
+
+def test_return_suffix_makes_a_return_probe_that_takes_retval() -> None:
+    """Issue 13: `p:... SYM%return` (Linux 5.11+) is a return probe; config used to refuse its $retval."""
+    ps = build("probes:\n  - raw: 'p:vread_ret vfs_read%return ret=$retval:s64'\n"
+               "  - raw: 'p:u_ret /bin/x:compute%return $retval'\n", resolve=lambda path, sym: 0x1234)
+    assert defs(ps) == ["p:kprobe_exporter/vread_ret vfs_read%return ret=$retval:s64",
+                        "p:kprobe_exporter/u_ret /bin/x:0x1234%return arg1=$retval"]
+    assert [(e.kind, e.target, e.function, e.is_return) for e in ps.events] == [
+        ("kretprobe", "vfs_read", "vfs_read", True), ("uretprobe", "/bin/x:0x1234", "compute", True)]
+    with pytest.raises(ConfigError, match="field 'latency': a kretprobe is already the return"):
+        build("probes:\n  - {raw: 'p:v vfs_read%return', latency: true}\n")
+    with pytest.raises(ConfigError, match=r"field 'args.ret': \$retval is only available on return probes"):
+        build("probes:\n  - raw: 'p:v vfs_read ret=$retval'\n")  # no suffix: an entry probe still
