@@ -21,7 +21,8 @@ from kprobe_exporter import reload as reload_mod
 from kprobe_exporter import ringbuf
 from kprobe_exporter import tracefs as tfs_mod
 from kprobe_exporter.aggregate import Aggregate, Snapshot
-from kprobe_exporter.config import Config, ConfigError, split_host_port
+from kprobe_exporter.config import Config, split_host_port
+from kprobe_exporter.errors import TracefsError, UserError
 from kprobe_exporter.kinds import PROBE_FILES, parse_definition
 from kprobe_exporter.metrics import Sources, SpanCounts, make_registry
 from kprobe_exporter.notify import SystemdNotifier
@@ -29,7 +30,7 @@ from kprobe_exporter.probes import EventSpec, ProbeSet
 from kprobe_exporter.reader import ReaderError, TracePipeReader
 from kprobe_exporter.spans import SpanPolicy, SpanShipper
 from kprobe_exporter.tasks import Tasks
-from kprobe_exporter.tracefs import InstanceLock, Tracefs, TracefsError
+from kprobe_exporter.tracefs import InstanceLock, Tracefs
 from kprobe_exporter.web import WebServer, make_handler
 
 if TYPE_CHECKING:
@@ -48,14 +49,6 @@ def feed(agg: Aggregate, chunk: bytes | ringbuf.Batch) -> None:
         agg.feed(chunk)
 
 HOUSEKEEPING_S = 1.0
-
-
-class StartupError(Exception):
-    """The environment refuses what the config asks (port in use, kernel lacks a probe kind, ...)."""
-
-    def __init__(self, message: str, probe: str = "", field: str = "") -> None:
-        super().__init__(message)
-        self.message, self.probe, self.field = message, probe, field
 
 
 def set_thread_name(name: str = "kprobe-exporter") -> None:
@@ -87,7 +80,7 @@ class Agent:
     notifier: SystemdNotifier = field(default_factory=SystemdNotifier)
     wrap_socket: Callable[[socket.socket], socket.socket] | None = None
     authorize: Callable[..., bool] | None = None
-    # SIGHUP reloads from here: the config file read again and its probe set (raises ConfigError)
+    # SIGHUP reloads from here: the config file read again and its probe set (raises UserError)
     reload_source: Callable[[], tuple[Config, ProbeSet]] | None = None
 
     def __post_init__(self) -> None:
@@ -120,7 +113,7 @@ class Agent:
             try:
                 self.shipper = SpanShipper(policies=policies)
             except ValueError as e:  # an unsupported OTEL_EXPORTER_OTLP_PROTOCOL
-                raise StartupError(str(e), "", "OTEL_EXPORTER_OTLP_PROTOCOL") from None
+                raise UserError(str(e), "", "OTEL_EXPORTER_OTLP_PROTOCOL") from None
             if self.sources is not None:  # added by a reload: the agent already runs
                 if self.tracefs is not None:
                     self.tracefs.set_option("record-tgid", True)
@@ -183,7 +176,7 @@ class Agent:
             try:
                 web = WebServer(host, port, make_handler(registry, self.healthy, self.authorize), self.wrap_socket)
             except OSError as e:
-                raise StartupError(f"cannot listen on {self.listen}: {e.strerror}", "", "web.listen-address") from None
+                raise UserError(f"cannot listen on {self.listen}: {e.strerror}", "", "web.listen-address") from None
             try:
                 # process.pid of a span is the tgid: the trace prints it only with record-tgid on
                 tfs.install(self.probes, self.config.buffer_size_kb, record_tgid=self.shipper is not None,
@@ -230,7 +223,7 @@ class Agent:
         try:
             push = OtlpMetricsPush(registry, self.config.otlp_metrics.interval)
         except ValueError as e:  # an unsupported OTEL_EXPORTER_OTLP_PROTOCOL
-            raise StartupError(str(e), "", "OTEL_EXPORTER_OTLP_PROTOCOL") from None
+            raise UserError(str(e), "", "OTEL_EXPORTER_OTLP_PROTOCOL") from None
         sources.extra.append(push.families)
         return push
 
@@ -312,7 +305,7 @@ class Agent:
             new_cfg, new_probes = self.reload_source()
             plan = reload_mod.plan(self.config, self.probes, new_cfg, new_probes, self._binaries)
             if plan.restart:
-                raise ConfigError(f"{', '.join(plan.restart)} cannot change without a restart")
+                raise UserError(f"{', '.join(plan.restart)} cannot change without a restart")
             if not plan.changed:
                 log.info("reload: the config is unchanged")
                 return
@@ -322,11 +315,10 @@ class Agent:
                     spans = any(p.spans is not None for p in new_probes.pairs)
                     ringbuf.check_probes(new_probes, tfs.root, spans=spans)
                 except ringbuf.RawUnsupported as e:
-                    raise ConfigError(f"the raw reader: {e}; such probes need `reader: text` (a restart)") from None
+                    raise UserError(f"the raw reader: {e}; such probes need `reader: text` (a restart)") from None
             self._trial(tfs, plan.add)
-        except (ConfigError, TracefsError) as e:
-            where = f"probe {e.probe!r}, field {e.field!r}: " if isinstance(e, TracefsError) and e.probe else ""
-            log.error("reload refused, the running config stays: %s%s", where, e.message)
+        except UserError as e:
+            log.error("reload refused, the running config stays: %s", e.line())
             return
         for problem in tfs.disable_events(plan.remove):
             log.warning("reload: %s", problem)

@@ -1,6 +1,6 @@
 """Config: the YAML file as a validated model of probes, labels, pairings and exports.
 
-Every user mistake becomes one ConfigError whose text names the file, the probe and the field.
+Every user mistake becomes one errors.UserError whose line names the file, the probe and the field.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kprobe_exporter.errors import UserError
 from kprobe_exporter.kinds import CONFIG_KEYS, RAW_KEY, parse_definition
 
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -23,14 +24,6 @@ PROBE_KINDS = CONFIG_KEYS  # one key per accepted kind of the table in kinds.py,
 OVERFLOW_VALUE = "__overflow__"
 # Characters that would let a field end one tracefs command and start another.
 _INJECTION = re.compile(r"[\n\r\x00;]|-:")
-
-
-class ConfigError(Exception):
-    """A user's mistake in the config: one line, naming file, probe and field."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
 
 
 def parse_duration(value: Any) -> float:
@@ -243,12 +236,7 @@ def raw_event_name(line: str) -> str | None:
     return d.event if d is not None and d.kind is not None and d.kind.accepted else None
 
 
-def format_error(path: str, probe: str, field: str, message: str) -> str:
-    where = ", ".join(p for p in (probe, f"field {field!r}" if field else "") if p)
-    return f"{path}: {where}: {message}" if where else f"{path}: {message}"
-
-
-def _pydantic_error(path: str, data: Any, err: ValidationError) -> ConfigError:
+def _pydantic_error(path: str, data: Any, err: ValidationError) -> UserError:
     e = err.errors()[0]
     loc = tuple(e["loc"])
     probe, field, model = _describe(path, data, loc)
@@ -269,7 +257,7 @@ def _pydantic_error(path: str, data: Any, err: ValidationError) -> ConfigError:
         msg = f"must be a mapping of keys (like name, uprobe, args), not {type(e.get('input')).__name__}"
     elif field == "" and model in (ProbeConfig, PairConfig):
         pass
-    return ConfigError(format_error(path, probe, field, msg))
+    return UserError(msg, field=field, file=path, who=probe)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -306,17 +294,17 @@ def load_text(text: str, path: str = "<config>") -> Config:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError(f"{path}: YAML error at {where}{_one_line(e.problem or e.context or '')}") from None
+        raise UserError(f"YAML error at {where}{_one_line(e.problem or e.context or '')}", file=path) from None
     except yaml.reader.ReaderError as e:
         char = chr(e.character) if isinstance(e.character, int) else str(e.character)
-        raise ConfigError(f"{path}: YAML error at {_line_col(text, e.position)}: "
-                          f"character {char!r} is not allowed in YAML") from None
+        raise UserError(f"YAML error at {_line_col(text, e.position)}: character {char!r} is not allowed in YAML",
+                        file=path) from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: YAML error: {_one_line(str(e))}") from None
+        raise UserError(f"YAML error: {_one_line(str(e))}", file=path) from None
     if data is None:
-        raise ConfigError(f"{path}: the file is empty; it needs at least 'probes:'")
+        raise UserError("the file is empty; it needs at least 'probes:'", file=path)
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping with 'probes:', not {type(data).__name__}")
+        raise UserError(f"the top level must be a mapping with 'probes:', not {type(data).__name__}", file=path)
     try:
         config = Config.model_validate(data)
     except ValidationError as err:
@@ -333,16 +321,16 @@ def load(path: str | Path) -> Config:
         with p.open("rb") as f:
             data = f.read(MAX_CONFIG_BYTES + 1)
         if len(data) > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{p}: the config file is over {MAX_CONFIG_BYTES >> 20} MiB; is it the right file?")
+            raise UserError(f"the config file is over {MAX_CONFIG_BYTES >> 20} MiB; is it the right file?", file=str(p))
         text = data.decode("utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"{p}: no such config file") from None
+        raise UserError("no such config file", file=str(p)) from None
     except IsADirectoryError:
-        raise ConfigError(f"{p}: is a directory, not a config file") from None
+        raise UserError("is a directory, not a config file", file=str(p)) from None
     except PermissionError:
-        raise ConfigError(f"{p}: cannot read the config file (permission denied)") from None
+        raise UserError("cannot read the config file (permission denied)", file=str(p)) from None
     except UnicodeDecodeError:
-        raise ConfigError(f"{p}: the config file is not UTF-8 text") from None
+        raise UserError("the config file is not UTF-8 text", file=str(p)) from None
     except OSError as e:
-        raise ConfigError(f"{p}: cannot read the config file ({e.strerror})") from None
+        raise UserError(f"cannot read the config file ({e.strerror})", file=str(p)) from None
     return load_text(text, str(p))

@@ -14,13 +14,12 @@ from kprobe_exporter import symbols
 from kprobe_exporter.config import (
     MAX_ARGS,
     Config,
-    ConfigError,
     ProbeConfig,
     SpanConfig,
     check_name,
     check_tracefs_text,
-    format_error,
 )
+from kprobe_exporter.errors import UserError
 from kprobe_exporter.kinds import KIND, RAW_KEY, ProbeKind, definition_line, parse_definition
 
 # x86_64 pt_regs names the kernel's regs_query_register_offset() accepts.
@@ -35,10 +34,9 @@ _KSYM_RE = re.compile(r"^([A-Za-z_.][A-Za-z0-9_.$]*)(?:\+(0x[0-9a-fA-F]+|\d+))?$
 _PID_LABEL_RE = re.compile(r"(?:^|_)(?:pid|tid|tgid)$", re.IGNORECASE)
 
 
-class ProbeError(Exception):
-    def __init__(self, probe: str, field: str, message: str) -> None:
-        super().__init__(message)
-        self.probe, self.field, self.message = probe, field, message
+def probe_error(label: str, fld: str, message: str) -> UserError:
+    """A probe's mistake; label is the probe's name quoted ('a'), `pair 'p'`, or `raw line`."""
+    return UserError(message, field=fld, who=label if label.startswith("pair ") else f"probe {label}")
 
 
 @dataclass(frozen=True)
@@ -123,23 +121,23 @@ def parse_fetcharg(probe: str, kind: ProbeKind, name: str, fetch: str) -> ArgSpe
     check_field(probe, fld, fetch)
     body, sep, typ = fetch.rpartition(":") if re.search(r":[A-Za-z][\w@/\[\]]*$", fetch) else (fetch, "", "")
     if sep and not _TYPE_RE.match(typ):
-        raise ProbeError(probe, fld, f"unknown type {typ!r}; use u8..u64, s8..s64, x8..x64, char, string, "
+        raise probe_error(probe, fld, f"unknown type {typ!r}; use u8..u64, s8..s64, x8..x64, char, string, "
                          "ustring, symbol, symstr, bN@O/S, with [N] for arrays")
     base = typ.split("[", 1)[0]
     if kind.user and base in ("symbol", "symstr"):
-        raise ProbeError(probe, fld, f"type {base!r} is for kernel probes only; a uprobe cannot take it")
+        raise probe_error(probe, fld, f"type {base!r} is for kernel probes only; a uprobe cannot take it")
     for reg in re.findall(r"%([A-Za-z0-9_]+)", body):
         if reg not in X86_64_REGS:
             near = difflib.get_close_matches(reg, X86_64_REGS, n=1, cutoff=0.5)
             hint = f"; did you mean %{near[0]}?" if near else ""
-            raise ProbeError(probe, fld, f"unknown register %{reg}{hint}")
+            raise probe_error(probe, fld, f"unknown register %{reg}{hint}")
     if "$retval" in body and not kind.returns:
-        raise ProbeError(probe, fld, "$retval is only available on return probes")
+        raise probe_error(probe, fld, "$retval is only available on return probes")
     for var in re.findall(r"\$([A-Za-z_]+)", body):
         if var not in ("stack", "retval", "comm", "arg", "current"):
-            raise ProbeError(probe, fld, f"unknown variable ${var}; use $argN, $stackN, $stack, $retval, $comm")
+            raise probe_error(probe, fld, f"unknown variable ${var}; use $argN, $stackN, $stack, $retval, $comm")
     if body.count("(") != body.count(")"):
-        raise ProbeError(probe, fld, "unbalanced parentheses")
+        raise probe_error(probe, fld, "unbalanced parentheses")
     return ArgSpec(name, fetch, base in _STRING_TYPES or (body == "$comm" and not sep))
 
 
@@ -147,11 +145,11 @@ def check_field(probe: str, fld: str, value: str) -> None:
     try:
         check_tracefs_text(value)
     except ValueError as e:
-        raise ProbeError(probe, fld, str(e)) from None
+        raise probe_error(probe, fld, str(e)) from None
     if any(c.isspace() for c in value):
-        raise ProbeError(probe, fld, "must not contain whitespace")
+        raise probe_error(probe, fld, "must not contain whitespace")
     if "#" in value:
-        raise ProbeError(probe, fld, "must not contain '#' (the kernel reads the rest of the line as a comment)")
+        raise probe_error(probe, fld, "must not contain '#' (the kernel reads the rest of the line as a comment)")
 
 
 Resolver = Callable[[str, str], int]
@@ -162,9 +160,9 @@ def _uprobe_target(probe: str, fld: str, spec: str, resolve: Resolver | None) ->
     check_field(probe, fld, spec)
     path, sep, where = spec.rpartition(":")
     if not sep or not path or not where:
-        raise ProbeError(probe, fld, f"{spec!r} is not PATH:SYMBOL or PATH:0xOFFSET")
+        raise probe_error(probe, fld, f"{spec!r} is not PATH:SYMBOL or PATH:0xOFFSET")
     if not path.startswith("/"):
-        raise ProbeError(probe, fld, f"{path!r} must be an absolute path")
+        raise probe_error(probe, fld, f"{path!r} must be an absolute path")
     if re.fullmatch(r"0x[0-9a-fA-F]+|\d+", where):
         return f"{path}:{int(where, 0):#x}", spec
     if resolve is None:
@@ -172,7 +170,7 @@ def _uprobe_target(probe: str, fld: str, spec: str, resolve: Resolver | None) ->
     try:
         offset = resolve(path, where)
     except symbols.SymbolError as e:
-        raise ProbeError(probe, fld, str(e)) from None
+        raise probe_error(probe, fld, str(e)) from None
     return f"{path}:{offset:#x}", where
 
 
@@ -189,16 +187,16 @@ def _raw(probe_cfg: ProbeConfig, group: str, resolve: Resolver | None) -> EventS
     line = probe_cfg.target
     d = parse_definition(line)
     if d is None or d.kind is None or not d.kind.accepted or not d.kind.dynamic or not d.target:
-        raise ProbeError("raw line", RAW_KEY, f"{line!r} is not 'p|r[:[GRP/]EVENT] TARGET [FETCHARGS]'")
+        raise probe_error("raw line", RAW_KEY, f"{line!r} is not 'p|r[:[GRP/]EVENT] TARGET [FETCHARGS]'")
     if d.event is None:
-        raise ProbeError("raw line", RAW_KEY, "the line needs an event name: 'p:NAME TARGET ...'")
+        raise probe_error("raw line", RAW_KEY, "the line needs an event name: 'p:NAME TARGET ...'")
     event, kind, probe = d.event, d.kind, f"{d.event!r}"
     try:
         check_name(event)
     except ValueError as e:
-        raise ProbeError(probe, RAW_KEY, f"event name {e}") from None
+        raise probe_error(probe, RAW_KEY, f"event name {e}") from None
     if len(d.fetchargs) > MAX_ARGS:
-        raise ProbeError(probe, RAW_KEY, f"has {len(d.fetchargs)} args; the kernel takes at most {MAX_ARGS}")
+        raise probe_error(probe, RAW_KEY, f"has {len(d.fetchargs)} args; the kernel takes at most {MAX_ARGS}")
     args: list[ArgSpec] = []
     for i, tok in enumerate(d.fetchargs, 1):
         name, eq, fetch = tok.partition("=")
@@ -210,7 +208,7 @@ def _raw(probe_cfg: ProbeConfig, group: str, resolve: Resolver | None) -> EventS
     else:
         target = d.target
         if not _KSYM_RE.match(target) and not re.fullmatch(r"0x[0-9a-fA-F]+", target):
-            raise ProbeError(probe, RAW_KEY, f"{target!r} is not SYMBOL[+OFFSET] or an address")
+            raise probe_error(probe, RAW_KEY, f"{target!r} is not SYMBOL[+OFFSET] or an address")
         function = target.split("+", 1)[0]
     definition = replace(d, target=target).line(group, event, tuple(f"{a.name}={a.fetch}" for a in args))
     return EventSpec(event, kind.key, group, target, function, definition, tuple(args), probe_cfg.filter,
@@ -226,7 +224,7 @@ def _probe_events(p: ProbeConfig, group: str, resolve: Resolver | None) -> tuple
         try:
             check_tracefs_text(p.filter)
         except ValueError as e:
-            raise ProbeError(probe, "filter", str(e)) from None
+            raise probe_error(probe, "filter", str(e)) from None
     _check_labels(probe, p, ev)
     pair: PairSpec | None = None
     if p.latency:
@@ -234,15 +232,15 @@ def _probe_events(p: ProbeConfig, group: str, resolve: Resolver | None) -> tuple
         events.append(ret)
         pair = PairSpec(ev.name, ev.name, ret.name, ev.function, p.spans)
     elif p.spans is not None:
-        raise ProbeError(probe, "spans", "spans are made from entry/exit pairs: set 'latency: true' or declare a pair")
+        raise probe_error(probe, "spans", "spans are made from entry/exit pairs: set 'latency: true' or declare a pair")
     return events, pair
 
 
 def _raw_event(p: ProbeConfig, group: str, resolve: Resolver | None) -> EventSpec:
     if p.name is not None:
-        raise ProbeError(f"{p.name!r}", "name", "a raw line takes its name from the line; drop 'name'")
+        raise probe_error(f"{p.name!r}", "name", "a raw line takes its name from the line; drop 'name'")
     if p.args:
-        raise ProbeError(f"{raw_name(p)!r}", "args", "a raw line carries its own fetchargs; drop 'args'")
+        raise probe_error(f"{raw_name(p)!r}", "args", "a raw line carries its own fetchargs; drop 'args'")
     return _raw(p, group, resolve)
 
 
@@ -254,13 +252,13 @@ def _entry_event(p: ProbeConfig, group: str, resolve: Resolver | None) -> EventS
     try:
         check_name(name)
     except ValueError as e:
-        raise ProbeError(probe, "name", str(e)) from None
+        raise probe_error(probe, "name", str(e)) from None
     if not kind.dynamic:
         m = _TRACEPOINT_RE.match(p.target)
         if not m:
-            raise ProbeError(probe, kind.key, f"{p.target!r} is not GROUP/EVENT (e.g. syscalls/sys_enter_openat)")
+            raise probe_error(probe, kind.key, f"{p.target!r} is not GROUP/EVENT (e.g. syscalls/sys_enter_openat)")
         if p.args:
-            raise ProbeError(probe, "args", "a tracepoint has fixed fields; 'args' is for kprobes and uprobes")
+            raise probe_error(probe, "args", "a tracepoint has fixed fields; 'args' is for kprobes and uprobes")
         tp_group, tp_event = m.groups()
         return EventSpec(name, kind.key, tp_group, p.target, tp_event.removeprefix("sys_enter_"), None, (),
                          p.filter, tuple(p.labels), key=event_key(kind, tp_event))
@@ -269,9 +267,9 @@ def _entry_event(p: ProbeConfig, group: str, resolve: Resolver | None) -> EventS
     else:
         check_field(probe, kind.key, p.target)
         if not _KSYM_RE.match(p.target):
-            raise ProbeError(probe, kind.key, f"{p.target!r} is not SYMBOL[+OFFSET]")
+            raise probe_error(probe, kind.key, f"{p.target!r} is not SYMBOL[+OFFSET]")
         if kind.returns and "+" in p.target:
-            raise ProbeError(probe, kind.key, f"a {kind.key} goes on a function entry: no +OFFSET")
+            raise probe_error(probe, kind.key, f"a {kind.key} goes on a function entry: no +OFFSET")
         target, function = p.target, p.target.split("+", 1)[0]
     args = _args(probe, kind, p.args)
     return EventSpec(name, kind.key, group, target, function, _definition(kind, group, name, target, args), args,
@@ -282,7 +280,7 @@ def _check_labels(probe: str, p: ProbeConfig, ev: EventSpec) -> None:
     arg_names = {a.name for a in ev.args}
     for label in p.labels:
         if _PID_LABEL_RE.search(label):
-            raise ProbeError(probe, "labels", f"label {label!r}: pid and tid are never labels (one series per "
+            raise probe_error(probe, "labels", f"label {label!r}: pid and tid are never labels (one series per "
                              "process or thread grows without bound); use 'comm'")
         if label == "comm" or label in arg_names:
             continue
@@ -291,9 +289,9 @@ def _check_labels(probe: str, p: ProbeConfig, ev: EventSpec) -> None:
         near = difflib.get_close_matches(label, [*arg_names, "comm"], n=1)
         known = ", ".join(sorted(arg_names)) or "none"
         hint = f"; did you mean {near[0]!r}?" if near else f"; labels name args ({known}) or 'comm'"
-        raise ProbeError(probe, "labels", f"label {label!r} is not an arg of this probe{hint}")
+        raise probe_error(probe, "labels", f"label {label!r} is not an arg of this probe{hint}")
     if len(set(p.labels)) != len(p.labels):
-        raise ProbeError(probe, "labels", "a label is listed twice")
+        raise probe_error(probe, "labels", "a label is listed twice")
 
 
 def raw_name(p: ProbeConfig) -> str:
@@ -316,18 +314,18 @@ def _return_event(ev: EventSpec, group: str) -> EventSpec:
     """The return event `latency: true` adds: the kind's return kind, or a syscall's exit tracepoint."""
     probe, kind = f"{ev.name!r}", ev.probe_kind
     if kind.returns:
-        raise ProbeError(probe, "latency", f"a {kind.key} is already the return; put latency on the entry probe")
+        raise probe_error(probe, "latency", f"a {kind.key} is already the return; put latency on the entry probe")
     name = f"{ev.name}_ret"
     if not kind.dynamic:
         tp_group, _, tp_event = ev.target.partition("/")
         if not tp_event.startswith("sys_enter_"):
-            raise ProbeError(probe, "latency", f"tracepoint {ev.target} has no matching return event; "
+            raise probe_error(probe, "latency", f"tracepoint {ev.target} has no matching return event; "
                              "declare an explicit pair of two tracepoints under 'pairs:'")
         exit_event = "sys_exit_" + tp_event[len("sys_enter_"):]
         return EventSpec(name, kind.key, tp_group, f"{tp_group}/{exit_event}", ev.function, None, (),
                          None, (), counted=False, key=event_key(kind, exit_event))
     if "+" in ev.target.rpartition(":")[2] and not kind.user:
-        raise ProbeError(probe, "latency", "latency needs the function entry: drop +OFFSET")
+        raise probe_error(probe, "latency", "latency needs the function entry: drop +OFFSET")
     assert kind.exit is not None, f"{kind.key} has no return kind in the table"
     ret_kind = KIND[kind.exit]
     ret_arg = (ArgSpec("ret", "$retval", False),)
@@ -337,15 +335,14 @@ def _return_event(ev: EventSpec, group: str) -> EventSpec:
 
 
 def build_probe_set(config: Config, path: str = "<config>", resolve: Resolver | None = symbols.resolve) -> ProbeSet:
-    """All events and pairs a config asks for; raises ConfigError naming file, probe and field.
+    """All events and pairs a config asks for; raises UserError naming file, probe and field.
 
     With resolve=None, uprobe symbols stay unresolved (replay needs no binaries).
     """
     try:
         return _build(config, resolve)
-    except ProbeError as e:
-        who = e.probe if e.probe.startswith("pair ") or not e.probe else f"probe {e.probe}"
-        raise ConfigError(format_error(path, who, e.field, e.message)) from None
+    except UserError as e:
+        raise e.in_file(path) from None
 
 
 def _build(config: Config, resolve: Resolver | None) -> ProbeSet:
@@ -363,11 +360,11 @@ def _build(config: Config, resolve: Resolver | None) -> ProbeSet:
     keys: dict[bytes, EventSpec] = {}
     for ev in events:
         if ev.name in seen:
-            raise ProbeError(f"{ev.name!r}", "name", "duplicate name; each probe needs a unique name "
+            raise probe_error(f"{ev.name!r}", "name", "duplicate name; each probe needs a unique name "
                              "(and 'latency: true' takes NAME_ret for the return probe)")
         if ev.key in keys:
             other = keys[ev.key]
-            raise ProbeError(f"{ev.name!r}", "tracepoint", f"prints the same as probe {other.name!r} "
+            raise probe_error(f"{ev.name!r}", "tracepoint", f"prints the same as probe {other.name!r} "
                              f"({ev.key.decode()!r}); the two could not be told apart")
         seen[ev.name] = ev
         keys[ev.key] = ev
@@ -379,18 +376,18 @@ def _build(config: Config, resolve: Resolver | None) -> ProbeSet:
             if ref not in seen:
                 near = difflib.get_close_matches(ref, list(seen), n=1)
                 hint = f"; did you mean {near[0]!r}?" if near else ""
-                raise ProbeError(probe, role, f"names unknown event {ref!r}{hint}")
+                raise probe_error(probe, role, f"names unknown event {ref!r}{hint}")
         if pc.name in pair_names:
-            raise ProbeError(probe, "name", "duplicate pair name")
+            raise probe_error(probe, "name", "duplicate pair name")
         if pc.entry == pc.exit:
-            raise ProbeError(probe, "exit", "entry and exit must be two different events")
+            raise probe_error(probe, "exit", "entry and exit must be two different events")
         pair_names.add(pc.name)
         pairs.append(PairSpec(pc.name, pc.entry, pc.exit, seen[pc.entry].function, pc.spans))
     used: dict[str, str] = {}
     for pr in pairs:
         for ev_name in (pr.entry, pr.exit):
             if ev_name in used:
-                raise ProbeError(f"pair {pr.name!r}", "entry",
+                raise probe_error(f"pair {pr.name!r}", "entry",
                                  f"event {ev_name!r} is already in pair {used[ev_name]!r}; an event is in one pair")
             used[ev_name] = pr.name
     return ProbeSet(group, tuple(events), tuple(pairs), tuple(names))

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from kprobe_exporter.errors import TracefsError
 from kprobe_exporter.kinds import PROBE_FILES, ProbeFile, parse_definition
 from kprobe_exporter.probes import EventSpec, ProbeSet
 
@@ -28,14 +29,6 @@ CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 BROKEN_TYPES: tuple[tuple[str, tuple[tuple[int, ...], ...], str], ...] = (
     ("symstr", ((6, 1),), "Debian 6.1.192: general protection faults in kmem_cache_alloc once the probe fires"),
 )
-
-
-class TracefsError(Exception):
-    """The kernel refused something, or tracefs is unusable; the text says what and why."""
-
-    def __init__(self, message: str, probe: str = "", field: str = "") -> None:
-        super().__init__(message)
-        self.message, self.probe, self.field = message, probe, field
 
 
 def _mount_tracefs(where: str) -> None:
