@@ -28,7 +28,7 @@ from kprobe_exporter.metrics import Sources, SpanCounts, make_registry
 from kprobe_exporter.notify import SystemdNotifier
 from kprobe_exporter.probes import EventSpec, ProbeSet
 from kprobe_exporter.reader import ReaderError, TracePipeReader
-from kprobe_exporter.spans import SpanPolicy, SpanShipper
+from kprobe_exporter.spans import SpanShipper
 from kprobe_exporter.tasks import Tasks
 from kprobe_exporter.tracefs import InstanceLock, Tracefs
 from kprobe_exporter.web import WebServer, make_handler
@@ -104,9 +104,7 @@ class Agent:
 
     def _attach_spans(self, agg: Aggregate, probes: ProbeSet) -> None:
         """Pairs with `spans:` feed the shipper; it starts with the first such pair and stays for reloads."""
-        policies = {p.name: SpanPolicy(p.spans.sample_ratio, int(p.spans.min_duration * 1e9),
-                                       p.spans.error_on_negative_retval)
-                    for p in probes.pairs if p.spans is not None}
+        policies = {p.name: p.spans for p in probes.pairs if p.spans is not None}
         if not policies:
             return
         if self.shipper is None:

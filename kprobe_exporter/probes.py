@@ -15,7 +15,7 @@ from kprobe_exporter.config import (
     MAX_ARGS,
     Config,
     ProbeConfig,
-    SpanConfig,
+    SpanSettings,
     check_name,
     check_tracefs_text,
 )
@@ -88,7 +88,7 @@ class PairSpec:
     entry: str
     exit: str
     function: str
-    spans: SpanConfig | None = None
+    spans: SpanSettings | None = None
 
 
 @dataclass(frozen=True)

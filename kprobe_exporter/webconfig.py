@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import difflib
 import socket
 import ssl
 from collections.abc import Callable
@@ -11,10 +10,11 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from kprobe_exporter import yamlmodel
 from kprobe_exporter.errors import UserError
+from kprobe_exporter.yamlmodel import FileKind
 
 _TLS_VERSIONS = {"TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
 
@@ -40,41 +40,12 @@ SocketWrap = Callable[[socket.socket], socket.socket]
 Authorize = Callable[[BaseHTTPRequestHandler], bool]
 
 
+WEB_CONFIG_FILE = FileKind("web config", top_level="the top level must be a mapping (tls_server_config, "
+                           "basic_auth_users)", unique_keys=False)  # PyYAML's last-wins, as before
+
+
 def load(path: str) -> tuple[SocketWrap | None, Authorize | None]:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError("no such web config file", file=path) from None
-    except UnicodeDecodeError:
-        raise UserError("the web config file is not UTF-8 text", file=path) from None
-    except OSError as e:
-        raise UserError(f"cannot read the web config ({e.strerror})", file=path) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UserError(f"YAML error{where}: {' '.join(str(e.problem).split())}", file=path) from None
-    except yaml.YAMLError as e:
-        raise UserError(f"YAML error: {' '.join(str(e).split())}", file=path) from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise UserError("the top level must be a mapping (tls_server_config, basic_auth_users)", file=path)
-    try:
-        cfg = WebConfig.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = [str(x) for x in err["loc"]]
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            parent: type[BaseModel] = TLSServerConfig if loc[:1] == ["tls_server_config"] else WebConfig
-            near = difflib.get_close_matches(loc[-1], list(parent.model_fields), n=1)
-            msg = f"unknown key {loc[-1]!r}" + (f"; did you mean {near[0]!r}?" if near else
-                                                 f"; known: {', '.join(parent.model_fields)}")
-        elif err["type"] == "missing":
-            msg = "is required"
-        raise UserError(msg, field=".".join(loc), file=path) from None
+    cfg = yamlmodel.load_file(WebConfig, path, WEB_CONFIG_FILE)
     return _tls(path, cfg.tls_server_config), _basic_auth(path, cfg.basic_auth_users)
 
 
