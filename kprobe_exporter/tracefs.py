@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from kprobe_exporter import kernel
 from kprobe_exporter.errors import TracefsError
 from kprobe_exporter.kinds import PROBE_FILES, ProbeFile, parse_definition
 from kprobe_exporter.probes import EventSpec, ProbeSet
@@ -195,8 +196,8 @@ class Tracefs:
 
     def check_types(self, events: Iterable[EventSpec], release: str | None = None) -> None:
         """Refuse fetcharg types that this kernel takes but that corrupt its memory when the probe fires."""
-        release = release or os.uname().release
-        version = tuple(int(x) for x in re.findall(r"\d+", release)[:2])
+        release = release or kernel.release()
+        version = kernel.version(release)
         for ev in events:
             if not ev.dynamic or ev.probe_kind.user:
                 continue  # the types seen breaking a kernel were in kernel probes
