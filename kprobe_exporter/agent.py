@@ -160,21 +160,7 @@ class Agent:
             # A killed predecessor of this instance left its group behind: ours to remove.
             for problem in tfs_mod.cleanup(root, self.config.instance):
                 log.warning("cleanup of a previous run: %s", problem)
-            sources = self.sources = Sources(
-                snapshot=self.snapshot,
-                probes=self.probes,
-                installed=tfs.installed_names,
-                profile=lambda: self.profile,
-                heartbeat=lambda: self.heartbeat,
-                spans=self.span_counts,
-                exemplar=self.exemplar,
-            )
-            registry = make_registry(sources)
-            push = self._metrics_push(registry, sources)
-            try:
-                web = WebServer(host, port, make_handler(registry, self.healthy, self.authorize), self.wrap_socket)
-            except OSError as e:
-                raise UserError(f"cannot listen on {self.listen}: {e.strerror}", "", "web.listen-address") from None
+            web, push = self._web(tfs, host, port)
             try:
                 # process.pid of a span is the tgid: the trace prints it only with record-tgid on
                 tfs.install(self.probes, self.config.buffer_size_kb, record_tgid=self.shipper is not None,
@@ -212,6 +198,25 @@ class Agent:
             if self.tracefs is not None:
                 self.tracefs.close()
             lock.release()
+
+    def _web(self, tfs: Tracefs, host: str, port: int) -> tuple[WebServer, OtlpMetricsPush | None]:
+        """The collector's sources, the web server (bound, not yet serving) and the OTLP metrics push."""
+        sources = self.sources = Sources(
+            snapshot=self.snapshot,
+            probes=self.probes,
+            installed=tfs.installed_names,
+            profile=lambda: self.profile,
+            heartbeat=lambda: self.heartbeat,
+            spans=self.span_counts,
+            exemplar=self.exemplar,
+        )
+        registry = make_registry(sources)
+        push = self._metrics_push(registry, sources)
+        try:
+            web = WebServer(host, port, make_handler(registry, self.healthy, self.authorize), self.wrap_socket)
+        except OSError as e:
+            raise UserError(f"cannot listen on {self.listen}: {e.strerror}", "", "web.listen-address") from None
+        return web, push
 
     def _metrics_push(self, registry: CollectorRegistry, sources: Sources) -> OtlpMetricsPush | None:
         if self.config.otlp_metrics is None:
@@ -300,24 +305,14 @@ class Agent:
             log.warning("reload: this agent has no config file to reload")
             return
         try:
-            new_cfg, new_probes = self.reload_source()
-            plan = reload_mod.plan(self.config, self.probes, new_cfg, new_probes, self._binaries)
-            if plan.restart:
-                raise UserError(f"{', '.join(plan.restart)} cannot change without a restart")
-            if not plan.changed:
-                log.info("reload: the config is unchanged")
-                return
-            tfs.check_kinds(plan.add)
-            if isinstance(reader, ringbuf.RawReader):
-                try:
-                    spans = any(p.spans is not None for p in new_probes.pairs)
-                    ringbuf.check_probes(new_probes, tfs.root, spans=spans)
-                except ringbuf.RawUnsupported as e:
-                    raise UserError(f"the raw reader: {e}; such probes need `reader: text` (a restart)") from None
-            self._trial(tfs, plan.add)
+            checked = self._checked_reload(reader, tfs)
         except UserError as e:
             log.error("reload refused, the running config stays: %s", e.line())
             return
+        if checked is None:
+            log.info("reload: the config is unchanged")
+            return
+        new_cfg, new_probes, plan = checked
         for problem in tfs.disable_events(plan.remove):
             log.warning("reload: %s", problem)
         self._drain(reader)  # what the removed events left in the buffer still counts, in the old aggregate
@@ -355,6 +350,25 @@ class Agent:
         self._binaries = {ev.name: reload_mod.file_identity(ev) if ev.name in added else self._binaries.get(ev.name)
                           for ev in new_probes.events}
         log.info("reloaded: %s", plan.summary())
+
+    def _checked_reload(self, reader: Reader, tfs: Tracefs) -> tuple[Config, ProbeSet, reload_mod.Plan] | None:
+        """The new config, its probe set and the plan, once all of it passed (None: nothing changed)."""
+        assert self.reload_source is not None
+        new_cfg, new_probes = self.reload_source()
+        plan = reload_mod.plan(self.config, self.probes, new_cfg, new_probes, self._binaries)
+        if plan.restart:
+            raise UserError(f"{', '.join(plan.restart)} cannot change without a restart")
+        if not plan.changed:
+            return None
+        tfs.check_kinds(plan.add)
+        if isinstance(reader, ringbuf.RawReader):
+            try:
+                spans = any(p.spans is not None for p in new_probes.pairs)
+                ringbuf.check_probes(new_probes, tfs.root, spans=spans)
+            except ringbuf.RawUnsupported as e:
+                raise UserError(f"the raw reader: {e}; such probes need `reader: text` (a restart)") from None
+        self._trial(tfs, plan.add)
+        return new_cfg, new_probes, plan
 
     def _trial(self, tfs: Tracefs, events: tuple[EventSpec, ...]) -> None:
         """Install events in a scratch instance and group and remove them: the kernel's verdict, no effect."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from kprobe_exporter import symbols
 from kprobe_exporter.config import (
@@ -96,7 +96,6 @@ class ProbeSet:
     group: str
     events: tuple[EventSpec, ...]
     pairs: tuple[PairSpec, ...]
-    probe_names: tuple[str, ...] = field(default=())
 
     def event(self, name: str) -> EventSpec:
         return next(e for e in self.events if e.name == name)
@@ -349,10 +348,8 @@ def _build(config: Config, resolve: Resolver | None) -> ProbeSet:
     group = config.instance
     events: list[EventSpec] = []
     pairs: list[PairSpec] = []
-    names: list[str] = []
     for p in config.probes:
         evs, pair = _probe_events(p, group, resolve)
-        names.append(evs[0].name)
         events.extend(evs)
         if pair:
             pairs.append(pair)
@@ -390,4 +387,4 @@ def _build(config: Config, resolve: Resolver | None) -> ProbeSet:
                 raise probe_error(f"pair {pr.name!r}", "entry",
                                  f"event {ev_name!r} is already in pair {used[ev_name]!r}; an event is in one pair")
             used[ev_name] = pr.name
-    return ProbeSet(group, tuple(events), tuple(pairs), tuple(names))
+    return ProbeSet(group, tuple(events), tuple(pairs))
