@@ -38,14 +38,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from kprobe_exporter.aggregate import CompletedPair  # noqa: E402
+from kprobe_exporter.otlp_env import otlp_protocol, resource_attributes  # noqa: E402
 from kprobe_exporter.spans import (  # noqa: E402
     MonoToWall,
     OtlpSpanEncoder,
     SpanShipper,
     errno_name,
     negative_errno,
-    otlp_protocol,
-    resource_attributes,
 )
 
 PAIRS = ("open", "read", "connect")

@@ -21,14 +21,16 @@ from kprobe_exporter import reload as reload_mod
 from kprobe_exporter import ringbuf
 from kprobe_exporter import tracefs as tfs_mod
 from kprobe_exporter.aggregate import Aggregate, Snapshot
-from kprobe_exporter.config import Config, ConfigError, split_host_port
+from kprobe_exporter.config import Config, split_host_port
+from kprobe_exporter.errors import TracefsError, UserError
+from kprobe_exporter.kinds import PROBE_FILES, parse_definition
 from kprobe_exporter.metrics import Sources, SpanCounts, make_registry
 from kprobe_exporter.notify import SystemdNotifier
 from kprobe_exporter.probes import EventSpec, ProbeSet
 from kprobe_exporter.reader import ReaderError, TracePipeReader
-from kprobe_exporter.spans import SpanPolicy, SpanShipper
+from kprobe_exporter.spans import SpanShipper
 from kprobe_exporter.tasks import Tasks
-from kprobe_exporter.tracefs import InstanceLock, Tracefs, TracefsError
+from kprobe_exporter.tracefs import InstanceLock, Tracefs
 from kprobe_exporter.web import WebServer, make_handler
 
 if TYPE_CHECKING:
@@ -47,14 +49,6 @@ def feed(agg: Aggregate, chunk: bytes | ringbuf.Batch) -> None:
         agg.feed(chunk)
 
 HOUSEKEEPING_S = 1.0
-
-
-class StartupError(Exception):
-    """The environment refuses what the config asks (port in use, kernel lacks a probe kind, ...)."""
-
-    def __init__(self, message: str, probe: str = "", field: str = "") -> None:
-        super().__init__(message)
-        self.message, self.probe, self.field = message, probe, field
 
 
 def set_thread_name(name: str = "kprobe-exporter") -> None:
@@ -86,7 +80,7 @@ class Agent:
     notifier: SystemdNotifier = field(default_factory=SystemdNotifier)
     wrap_socket: Callable[[socket.socket], socket.socket] | None = None
     authorize: Callable[..., bool] | None = None
-    # SIGHUP reloads from here: the config file read again and its probe set (raises ConfigError)
+    # SIGHUP reloads from here: the config file read again and its probe set (raises UserError)
     reload_source: Callable[[], tuple[Config, ProbeSet]] | None = None
 
     def __post_init__(self) -> None:
@@ -110,16 +104,14 @@ class Agent:
 
     def _attach_spans(self, agg: Aggregate, probes: ProbeSet) -> None:
         """Pairs with `spans:` feed the shipper; it starts with the first such pair and stays for reloads."""
-        policies = {p.name: SpanPolicy(p.spans.sample_ratio, int(p.spans.min_duration * 1e9),
-                                       p.spans.error_on_negative_retval)
-                    for p in probes.pairs if p.spans is not None}
+        policies = {p.name: p.spans for p in probes.pairs if p.spans is not None}
         if not policies:
             return
         if self.shipper is None:
             try:
                 self.shipper = SpanShipper(policies=policies)
             except ValueError as e:  # an unsupported OTEL_EXPORTER_OTLP_PROTOCOL
-                raise StartupError(str(e), "", "OTEL_EXPORTER_OTLP_PROTOCOL") from None
+                raise UserError(str(e), "", "OTEL_EXPORTER_OTLP_PROTOCOL") from None
             if self.sources is not None:  # added by a reload: the agent already runs
                 if self.tracefs is not None:
                     self.tracefs.set_option("record-tgid", True)
@@ -168,21 +160,7 @@ class Agent:
             # A killed predecessor of this instance left its group behind: ours to remove.
             for problem in tfs_mod.cleanup(root, self.config.instance):
                 log.warning("cleanup of a previous run: %s", problem)
-            sources = self.sources = Sources(
-                snapshot=self.snapshot,
-                probes=self.probes,
-                installed=tfs.installed_names,
-                profile=lambda: self.profile,
-                heartbeat=lambda: self.heartbeat,
-                spans=self.span_counts,
-                exemplar=self.exemplar,
-            )
-            registry = make_registry(sources)
-            push = self._metrics_push(registry, sources)
-            try:
-                web = WebServer(host, port, make_handler(registry, self.healthy, self.authorize), self.wrap_socket)
-            except OSError as e:
-                raise StartupError(f"cannot listen on {self.listen}: {e.strerror}", "", "web.listen-address") from None
+            web, push = self._web(tfs, host, port)
             try:
                 # process.pid of a span is the tgid: the trace prints it only with record-tgid on
                 tfs.install(self.probes, self.config.buffer_size_kb, record_tgid=self.shipper is not None,
@@ -221,6 +199,25 @@ class Agent:
                 self.tracefs.close()
             lock.release()
 
+    def _web(self, tfs: Tracefs, host: str, port: int) -> tuple[WebServer, OtlpMetricsPush | None]:
+        """The collector's sources, the web server (bound, not yet serving) and the OTLP metrics push."""
+        sources = self.sources = Sources(
+            snapshot=self.snapshot,
+            probes=self.probes,
+            installed=tfs.installed_names,
+            profile=lambda: self.profile,
+            heartbeat=lambda: self.heartbeat,
+            spans=self.span_counts,
+            exemplar=self.exemplar,
+        )
+        registry = make_registry(sources)
+        push = self._metrics_push(registry, sources)
+        try:
+            web = WebServer(host, port, make_handler(registry, self.healthy, self.authorize), self.wrap_socket)
+        except OSError as e:
+            raise UserError(f"cannot listen on {self.listen}: {e.strerror}", "", "web.listen-address") from None
+        return web, push
+
     def _metrics_push(self, registry: CollectorRegistry, sources: Sources) -> OtlpMetricsPush | None:
         if self.config.otlp_metrics is None:
             return None
@@ -229,7 +226,7 @@ class Agent:
         try:
             push = OtlpMetricsPush(registry, self.config.otlp_metrics.interval)
         except ValueError as e:  # an unsupported OTEL_EXPORTER_OTLP_PROTOCOL
-            raise StartupError(str(e), "", "OTEL_EXPORTER_OTLP_PROTOCOL") from None
+            raise UserError(str(e), "", "OTEL_EXPORTER_OTLP_PROTOCOL") from None
         sources.extra.append(push.families)
         return push
 
@@ -308,25 +305,14 @@ class Agent:
             log.warning("reload: this agent has no config file to reload")
             return
         try:
-            new_cfg, new_probes = self.reload_source()
-            plan = reload_mod.plan(self.config, self.probes, new_cfg, new_probes, self._binaries)
-            if plan.restart:
-                raise ConfigError(f"{', '.join(plan.restart)} cannot change without a restart")
-            if not plan.changed:
-                log.info("reload: the config is unchanged")
-                return
-            tfs.check_kinds(plan.add)
-            if isinstance(reader, ringbuf.RawReader):
-                try:
-                    spans = any(p.spans is not None for p in new_probes.pairs)
-                    ringbuf.check_probes(new_probes, tfs.root, spans=spans)
-                except ringbuf.RawUnsupported as e:
-                    raise ConfigError(f"the raw reader: {e}; such probes need `reader: text` (a restart)") from None
-            self._trial(tfs, plan.add)
-        except (ConfigError, TracefsError) as e:
-            where = f"probe {e.probe!r}, field {e.field!r}: " if isinstance(e, TracefsError) and e.probe else ""
-            log.error("reload refused, the running config stays: %s%s", where, e.message)
+            checked = self._checked_reload(reader, tfs)
+        except UserError as e:
+            log.error("reload refused, the running config stays: %s", e.line())
             return
+        if checked is None:
+            log.info("reload: the config is unchanged")
+            return
+        new_cfg, new_probes, plan = checked
         for problem in tfs.disable_events(plan.remove):
             log.warning("reload: %s", problem)
         self._drain(reader)  # what the removed events left in the buffer still counts, in the old aggregate
@@ -364,6 +350,25 @@ class Agent:
         self._binaries = {ev.name: reload_mod.file_identity(ev) if ev.name in added else self._binaries.get(ev.name)
                           for ev in new_probes.events}
         log.info("reloaded: %s", plan.summary())
+
+    def _checked_reload(self, reader: Reader, tfs: Tracefs) -> tuple[Config, ProbeSet, reload_mod.Plan] | None:
+        """The new config, its probe set and the plan, once all of it passed (None: nothing changed)."""
+        assert self.reload_source is not None
+        new_cfg, new_probes = self.reload_source()
+        plan = reload_mod.plan(self.config, self.probes, new_cfg, new_probes, self._binaries)
+        if plan.restart:
+            raise UserError(f"{', '.join(plan.restart)} cannot change without a restart")
+        if not plan.changed:
+            return None
+        tfs.check_kinds(plan.add)
+        if isinstance(reader, ringbuf.RawReader):
+            try:
+                spans = any(p.spans is not None for p in new_probes.pairs)
+                ringbuf.check_probes(new_probes, tfs.root, spans=spans)
+            except ringbuf.RawUnsupported as e:
+                raise UserError(f"the raw reader: {e}; such probes need `reader: text` (a restart)") from None
+        self._trial(tfs, plan.add)
+        return new_cfg, new_probes, plan
 
     def _trial(self, tfs: Tracefs, events: tuple[EventSpec, ...]) -> None:
         """Install events in a scratch instance and group and remove them: the kernel's verdict, no effect."""
@@ -410,12 +415,13 @@ def check(config: Config, probes_for: Callable[[Config], ProbeSet]) -> list[str]
         except TracefsError as e:  # name the user's group, not the scratch one
             raise TracefsError(e.message.replace(scratch, config.instance), e.probe, e.field) from None
         readback = {}
-        for probe_file in ("kprobe_events", "uprobe_events"):
-            path = root / probe_file
+        for probe_file in PROBE_FILES:
+            path = root / probe_file.name
             if path.exists():
                 for line in tfs_mod.read_text(path).splitlines():
-                    if f":{scratch}/" in line:
-                        readback[line.split()[0].split("/", 1)[1]] = line
+                    d = parse_definition(line)
+                    if d is not None and d.group == scratch and d.event is not None:
+                        readback[d.event] = line
         for ev in probes.events:
             if ev.dynamic:
                 assert ev.definition is not None

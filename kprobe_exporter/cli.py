@@ -14,7 +14,9 @@ from typing import NoReturn
 from prometheus_client.exposition import generate_latest
 
 from kprobe_exporter import __version__, agent, config, probes, tracefs
-from kprobe_exporter.config import Config, ConfigError, format_error
+from kprobe_exporter.config import Config
+from kprobe_exporter.errors import TracefsError, UserError
+from kprobe_exporter.kinds import KIND
 from kprobe_exporter.metrics import Sources, make_registry
 
 EXIT_USAGE = 2
@@ -70,8 +72,9 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 
 def default_config_name() -> str:
+    kprobe_file = KIND["kprobe"].probe_file or ""
     for root in tracefs.CANDIDATES:
-        if os.path.exists(os.path.join(root, "kprobe_events")):
+        if os.path.exists(os.path.join(root, kprobe_file)):
             return "default-kprobes.yaml"
     if os.path.exists("/sys/kernel/tracing/instances") or os.path.exists("/sys/kernel/debug/tracing/instances"):
         return "default-tracepoints.yaml"
@@ -112,17 +115,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             config.split_host_port(args.listen)
         except ValueError as e:
-            raise ConfigError(f"--web.listen-address: {e}") from None
+            raise UserError(str(e), file="--web.listen-address") from None
     cfg, probe_set = load()
     wrap, authorize = webconfig.load(args.web_config) if args.web_config else (None, None)
     if os.geteuid() != 0:
-        raise agent.StartupError("must run as root (writing kprobe_events/uprobe_events needs it)")
+        raise UserError("must run as root (writing kprobe_events/uprobe_events needs it)")
     a = agent.Agent(cfg, probe_set, cfg.listen_address, wrap_socket=wrap, authorize=authorize, reload_source=load)
     agent.install_signal_handlers(a)
-    try:
-        return a.run()
-    except tracefs.TracefsError as e:
-        raise agent.StartupError(e.message, e.probe, e.field) from None
+    return a.run()
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -143,7 +143,7 @@ def _chunks(name: str, size: int = 1 << 22) -> Iterable[bytes]:
     try:
         f = sys.stdin.buffer if name == "-" else open(name, "rb")
     except OSError as e:
-        raise ConfigError(f"{name}: cannot read the trace ({e.strerror})") from None
+        raise UserError(f"cannot read the trace ({e.strerror})", file=name) from None
     with f:
         carry = b""
         while True:
@@ -163,11 +163,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     cfg, path = load_config(args.config)
     probes.build_probe_set(cfg, path)
     if os.geteuid() != 0:
-        raise agent.StartupError("check installs into a scratch group and needs root")
+        raise UserError("check installs into a scratch group and needs root")
     try:
         lines = agent.check(cfg, lambda c: probes.build_probe_set(c, path))
-    except tracefs.TracefsError as e:
-        raise ConfigError(format_error(path, f"probe {e.probe!r}" if e.probe else "", e.field, e.message)) from None
+    except TracefsError as e:
+        raise e.in_file(path) from None
     print(f"{path}: OK, {len(lines)} events")
     for line in lines:
         print("  " + line)
@@ -179,10 +179,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     if instance is None and args.config:
         instance = config.load(args.config).instance
     instance = instance or "kprobe_exporter"
-    try:
-        problems = agent.cleanup(instance)
-    except tracefs.TracefsError as e:
-        raise agent.StartupError(e.message) from None
+    problems = agent.cleanup(instance)
     for p in problems:
         print(f"kprobe-exporter cleanup: {p}", file=sys.stderr)
     return 1 if problems else 0
@@ -201,13 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                 "cleanup": cmd_cleanup, "default-config": cmd_default_config}
     try:
         return commands[args.command](args)
-    except ConfigError as e:
-        return _fail(e.message)
-    except agent.StartupError as e:
-        where = ", ".join(x for x in (f"probe {e.probe!r}" if e.probe else "",
-                                      f"field {e.field!r}" if e.field else "") if x)
-        src = getattr(args, "config", None) or "<embedded default>"
-        return _fail(f"{src}: {where}: {e.message}" if where else f"{src}: {e.message}")
+    except UserError as e:  # one without a file of its own is about the config that was run
+        return _fail(e.in_file(getattr(args, "config", None) or "<embedded default>").line())
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # a bug, not a user mistake: still one line, the traceback on request

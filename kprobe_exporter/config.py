@@ -1,34 +1,28 @@
 """Config: the YAML file as a validated model of probes, labels, pairings and exports.
 
-Every user mistake becomes one ConfigError whose text names the file, the probe and the field.
+Every user mistake becomes one errors.UserError whose line names the file, the probe and the field.
 """
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from kprobe_exporter import yamlmodel
+from kprobe_exporter.kinds import CONFIG_KEYS, RAW_KEY, parse_definition
+from kprobe_exporter.yamlmodel import FileKind
 
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_NAME_LEN = 63  # kernel MAX_EVENT_NAME_LEN (64) minus the NUL
 MAX_ARGS = 128  # kernel MAX_TRACE_ARGS
-PROBE_KINDS = ("kprobe", "kretprobe", "uprobe", "uretprobe", "tracepoint", "raw")
+PROBE_KINDS = CONFIG_KEYS  # one key per accepted kind of the table in kinds.py, then `raw`
 OVERFLOW_VALUE = "__overflow__"
 # Characters that would let a field end one tracefs command and start another.
 _INJECTION = re.compile(r"[\n\r\x00;]|-:")
-
-
-class ConfigError(Exception):
-    """A user's mistake in the config: one line, naming file, probe and field."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
 
 
 def parse_duration(value: Any) -> float:
@@ -65,12 +59,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class SpanConfig(_Strict):
+class SpanSettings(_Strict):
+    """A pair's span settings, as the config gives them and as the aggregate and the span encoder use them.
+
+    Sampling (ratio, minimum duration) is applied by the aggregate before a pair reaches the shipper.
+    """
+
     sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
-    min_duration: float = 0.0
+    min_duration_ns: int = Field(default=0, alias="min_duration")  # written as a duration ('1ms')
     error_on_negative_retval: bool = True
 
-    _dur = field_validator("min_duration", mode="before")(lambda v: parse_duration(v))
+    _dur = field_validator("min_duration_ns", mode="before")(lambda v: int(parse_duration(v) * 1e9))
 
 
 class OtlpMetricsConfig(_Strict):
@@ -93,9 +92,9 @@ class ProbeConfig(_Strict):
     filter: str | None = None
     labels: list[str] = Field(default_factory=list)
     latency: bool = False
-    spans: SpanConfig | None = None
+    spans: SpanSettings | None = None
 
-    @field_validator("kprobe", "kretprobe", "uprobe", "uretprobe", "tracepoint", "raw", "filter")
+    @field_validator(*CONFIG_KEYS, "filter")
     @classmethod
     def _no_injection(cls, v: str | None) -> str | None:
         if v is not None:
@@ -150,7 +149,7 @@ class PairConfig(_Strict):
     name: str
     entry: str
     exit: str
-    spans: SpanConfig | None = None
+    spans: SpanSettings | None = None
 
     _n = field_validator("name")(lambda v: check_name(v))
 
@@ -207,139 +206,31 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def _field_names(model: type[BaseModel]) -> list[str]:
-    return list(model.model_fields)
-
-
-def _describe(path: str, data: Any, loc: tuple[Any, ...]) -> tuple[str, str, type[BaseModel] | None]:
-    """Turn a pydantic error location into (probe part, field part, model of the parent)."""
-    probe = ""
-    model: type[BaseModel] | None = Config
-    parts: list[str] = []
-    i = 0
-    if loc[:1] in (("probes",), ("pairs",)) and len(loc) > 1 and isinstance(loc[1], int):
-        section, idx = loc[0], loc[1]
-        entry = data.get(section, [])[idx] if isinstance(data, dict) else None
-        name = entry.get("name") if isinstance(entry, dict) else None
-        if name is None and isinstance(entry, dict) and isinstance(entry.get("raw"), str):
-            name = raw_event_name(entry["raw"])
-        kind = "probe" if section == "probes" else "pair"
-        probe = f"{kind} {name!r}" if isinstance(name, str) else f"{kind} #{idx + 1}"
-        model = ProbeConfig if section == "probes" else PairConfig
-        i = 2
-    for part in loc[i:]:
-        if isinstance(part, int):
-            parts.append(f"[{part}]")
-        else:
-            parts.append(("." if parts else "") + str(part))
-    return probe, "".join(parts), model
-
-
 def raw_event_name(line: str) -> str | None:
-    m = re.match(r"\s*[pr]\d*:(?:[^/\s]+/)?([^\s]+)", line)
-    return m.group(1) if m else None
+    """The event a raw line names, when it is a line of a kind the config takes."""
+    d = parse_definition(line)
+    return d.event if d is not None and d.kind is not None and d.kind.accepted else None
 
 
-def format_error(path: str, probe: str, field: str, message: str) -> str:
-    where = ", ".join(p for p in (probe, f"field {field!r}" if field else "") if p)
-    return f"{path}: {where}: {message}" if where else f"{path}: {message}"
+def _item_name(item: Any) -> str | None:
+    """How messages name a probe or pair: its name, else the event its raw line names."""
+    if not isinstance(item, dict):
+        return None
+    name = item.get("name")
+    if name is None and isinstance(item.get(RAW_KEY), str):
+        name = raw_event_name(item[RAW_KEY])
+    return name if isinstance(name, str) else None
 
 
-def _pydantic_error(path: str, data: Any, err: ValidationError) -> ConfigError:
-    e = err.errors()[0]
-    loc = tuple(e["loc"])
-    probe, field, model = _describe(path, data, loc)
-    msg = e["msg"].removeprefix("Value error, ")
-    if e["type"] == "extra_forbidden":
-        key = str(loc[-1])
-        parent = model
-        if len(loc) >= 2 and loc[-2] in ("spans",):
-            parent = SpanConfig
-        elif len(loc) >= 2 and loc[-2] == "pending":
-            parent = PendingConfig
-        names = _field_names(parent) if parent else []
-        near = difflib.get_close_matches(key, names, n=1)
-        msg = f"unknown key {key!r}" + (f"; did you mean {near[0]!r}?" if near else f"; known: {', '.join(names)}")
-    elif e["type"] == "missing":
-        msg = "is required"
-    elif e["type"] == "model_type":
-        msg = f"must be a mapping of keys (like name, uprobe, args), not {type(e.get('input')).__name__}"
-    elif field == "" and model in (ProbeConfig, PairConfig):
-        pass
-    return ConfigError(format_error(path, probe, field, msg))
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-                seen.add(key)
-            except TypeError:
-                continue  # an unhashable key: construct_mapping below reports it
-            if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (the second would silently win)", key_node.start_mark)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _line_col(text: str, position: int) -> str:
-    line = text.count("\n", 0, position) + 1
-    column = position - (text.rfind("\n", 0, position) + 1) + 1
-    return f"line {line}, column {column}"
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
+CONFIG_FILE = FileKind(
+    "config", top_level="the top level must be a mapping with 'probes:', not {type}",
+    empty="the file is empty; it needs at least 'probes:'", mapping_hint="name, uprobe, args",
+    max_bytes=4 << 20, sections={"probes": "probe", "pairs": "pair"}, item_name=_item_name)
 
 
 def load_text(text: str, path: str = "<config>") -> Config:
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError(f"{path}: YAML error at {where}{_one_line(e.problem or e.context or '')}") from None
-    except yaml.reader.ReaderError as e:
-        char = chr(e.character) if isinstance(e.character, int) else str(e.character)
-        raise ConfigError(f"{path}: YAML error at {_line_col(text, e.position)}: "
-                          f"character {char!r} is not allowed in YAML") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: YAML error: {_one_line(str(e))}") from None
-    if data is None:
-        raise ConfigError(f"{path}: the file is empty; it needs at least 'probes:'")
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping with 'probes:', not {type(data).__name__}")
-    try:
-        config = Config.model_validate(data)
-    except ValidationError as err:
-        raise _pydantic_error(path, data, err) from None
-    return config
-
-
-MAX_CONFIG_BYTES = 4 << 20
+    return yamlmodel.load_text(Config, text, path, CONFIG_FILE)
 
 
 def load(path: str | Path) -> Config:
-    p = Path(path)
-    try:
-        with p.open("rb") as f:
-            data = f.read(MAX_CONFIG_BYTES + 1)
-        if len(data) > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{p}: the config file is over {MAX_CONFIG_BYTES >> 20} MiB; is it the right file?")
-        text = data.decode("utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: no such config file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{p}: is a directory, not a config file") from None
-    except PermissionError:
-        raise ConfigError(f"{p}: cannot read the config file (permission denied)") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{p}: the config file is not UTF-8 text") from None
-    except OSError as e:
-        raise ConfigError(f"{p}: cannot read the config file ({e.strerror})") from None
-    return load_text(text, str(p))
+    return yamlmodel.load_file(Config, Path(path), CONFIG_FILE)

@@ -19,8 +19,7 @@ from prometheus_client.samples import Exemplar
 from kprobe_exporter import __version__
 from kprobe_exporter.aggregate import EVICT_REASONS, Snapshot
 from kprobe_exporter.probes import ProbeSet
-
-SPAN_DROP_REASONS = ("queue_full", "export_failed", "shutdown")
+from kprobe_exporter.spans import DROP_REASONS
 
 
 @dataclass
@@ -57,7 +56,10 @@ class ExporterCollector(Collector):
         probes = self.s.probes
         yield from self._events(snap)
         yield from self._latency(snap)
-        yield from self._self_metrics(snap, probes)
+        yield from self._read_metrics(snap)
+        yield from self._pair_metrics(snap)
+        yield from self._probe_metrics(probes)
+        yield from self._span_metrics()
         for extra in self.s.extra:
             yield from extra()
 
@@ -100,7 +102,7 @@ class ExporterCollector(Collector):
             fam.add_metric([name], buckets, st.sum_ns / 1e9)
         yield fam
 
-    def _self_metrics(self, snap: Snapshot, probes: ProbeSet) -> Iterator[Metric]:
+    def _read_metrics(self, snap: Snapshot) -> Iterator[Metric]:
         yield CounterMetricFamily("kprobe_exporter_lines_read", "Lines read from trace text.",
                                   value=snap.lines_read)
         pe = CounterMetricFamily("kprobe_exporter_parse_errors", "Lines that could not be parsed, by reason.",
@@ -114,6 +116,8 @@ class ExporterCollector(Collector):
         for cpu, n in sorted(snap.lost.items()):
             lost.add_metric([str(cpu)], n)
         yield lost
+
+    def _pair_metrics(self, snap: Snapshot) -> Iterator[Metric]:
         pending = GaugeMetricFamily("kprobe_exporter_pairs_pending", "Entries waiting for their exit.",
                                     labels=["probe"])
         evicted = CounterMetricFamily("kprobe_exporter_pairs_evicted",
@@ -135,6 +139,8 @@ class ExporterCollector(Collector):
         for (probe, label), n in sorted(snap.label_overflow.items()):
             overflow.add_metric([probe, label], n)
         yield overflow
+
+    def _probe_metrics(self, probes: ProbeSet) -> Iterator[Metric]:
         info = GaugeMetricFamily("kprobe_exporter_probe_info", "Configured probes and their targets.",
                                  labels=["probe", "kind", "target"])
         installed_fam = GaugeMetricFamily("kprobe_exporter_probe_installed",
@@ -155,12 +161,14 @@ class ExporterCollector(Collector):
             misses.add_metric([name], m)
         yield hits
         yield misses
+
+    def _span_metrics(self) -> Iterator[Metric]:
         spans = self.s.spans()
         exported = CounterMetricFamily("kprobe_exporter_spans_exported", "Spans accepted by the OTLP receiver.")
         dropped = CounterMetricFamily("kprobe_exporter_spans_dropped", "Spans not exported, by reason.",
                                       labels=["reason"])
         exported.add_metric([], spans.exported if spans else 0)
-        for reason in SPAN_DROP_REASONS:
+        for reason in DROP_REASONS:
             dropped.add_metric([reason], spans.dropped.get(reason, 0) if spans else 0)
         yield exported
         yield dropped

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -37,7 +36,7 @@ from prometheus_client.metrics_core import Metric as PromMetric
 from prometheus_client.registry import CollectorRegistry
 
 from kprobe_exporter import __version__
-from kprobe_exporter.spans import otlp_protocol, resource_attributes
+from kprobe_exporter.otlp_env import metric_exporter, resource_attributes
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +49,6 @@ class MetricExporter(Protocol):
     def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000) -> MetricExportResult: ...
 
     def shutdown(self, timeout_millis: float = 30_000) -> None: ...
-
-
-def exporter_from_env(env: Mapping[str, str] = os.environ) -> MetricExporter:
-    if otlp_protocol(env, "METRICS") == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as Grpc
-
-        return Grpc()
-    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as Http
-
-    return Http()
 
 
 def _number(v: float) -> int | float:
@@ -130,7 +119,7 @@ class OtlpMetricsPush:
                  resource: Mapping[str, str] | None = None) -> None:
         self.registry = registry
         self.interval_s = interval_s
-        self.exporter = exporter if exporter is not None else exporter_from_env()
+        self.exporter = exporter if exporter is not None else metric_exporter()
         self.resource = Resource.create(dict(resource if resource is not None else resource_attributes()))
         self.start_ns = time.time_ns()
         self.pushed = 0

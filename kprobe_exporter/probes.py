@@ -8,19 +8,19 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 from kprobe_exporter import symbols
 from kprobe_exporter.config import (
     MAX_ARGS,
     Config,
-    ConfigError,
     ProbeConfig,
-    SpanConfig,
+    SpanSettings,
     check_name,
     check_tracefs_text,
-    format_error,
 )
+from kprobe_exporter.errors import UserError
+from kprobe_exporter.kinds import KIND, RAW_KEY, ProbeKind, definition_line, parse_definition
 
 # x86_64 pt_regs names the kernel's regs_query_register_offset() accepts.
 X86_64_REGS = (
@@ -32,13 +32,11 @@ _STRING_TYPES = ("string", "ustring", "symstr")
 _TRACEPOINT_RE = re.compile(r"^([A-Za-z0-9_]+)/([A-Za-z0-9_]+)$")
 _KSYM_RE = re.compile(r"^([A-Za-z_.][A-Za-z0-9_.$]*)(?:\+(0x[0-9a-fA-F]+|\d+))?$")
 _PID_LABEL_RE = re.compile(r"(?:^|_)(?:pid|tid|tgid)$", re.IGNORECASE)
-_RAW_RE = re.compile(r"^\s*([pr])(\d*)(?::(?:([^/\s]+)/)?([^\s/]+))?\s+(\S+)\s*(.*?)\s*$")
 
 
-class ProbeError(Exception):
-    def __init__(self, probe: str, field: str, message: str) -> None:
-        super().__init__(message)
-        self.probe, self.field, self.message = probe, field, message
+def probe_error(label: str, fld: str, message: str) -> UserError:
+    """A probe's mistake; label is the probe's name quoted ('a'), `pair 'p'`, or `raw line`."""
+    return UserError(message, field=fld, who=label if label.startswith("pair ") else f"probe {label}")
 
 
 @dataclass(frozen=True)
@@ -53,7 +51,7 @@ class EventSpec:
     """One trace event the agent enables: a dynamic probe it defines, or an existing tracepoint."""
 
     name: str  # event name (unique in the set); the `probe` label for counted events
-    kind: str  # kprobe | kretprobe | uprobe | uretprobe | tracepoint
+    kind: str  # the key of its row in kinds.KINDS (kprobe, kretprobe, uprobe, uretprobe, tracepoint)
     group: str
     target: str  # symbol, PATH:0xOFFSET or GROUP/EVENT
     function: str  # the probed function, for spans
@@ -66,8 +64,13 @@ class EventSpec:
     raw: bool = False  # from a `raw:` line (errors name that field)
 
     @property
+    def probe_kind(self) -> ProbeKind:
+        """Its row of the kind table."""
+        return KIND[self.kind]
+
+    @property
     def is_return(self) -> bool:
-        return self.kind in ("kretprobe", "uretprobe") or self.key.endswith(b" ")
+        return self.probe_kind.returns or self.key.endswith(b" ")  # or a syscall's exit tracepoint
 
     @property
     def dynamic(self) -> bool:
@@ -75,7 +78,8 @@ class EventSpec:
 
     @property
     def probe_file(self) -> str:
-        return "kprobe_events" if self.kind in ("kprobe", "kretprobe") else "uprobe_events"
+        """The file its definition goes to ("" for a tracepoint: nothing to define)."""
+        return self.probe_kind.probe_file or ""
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,7 @@ class PairSpec:
     entry: str
     exit: str
     function: str
-    spans: SpanConfig | None = None
+    spans: SpanSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -92,49 +96,47 @@ class ProbeSet:
     group: str
     events: tuple[EventSpec, ...]
     pairs: tuple[PairSpec, ...]
-    probe_names: tuple[str, ...] = field(default=())
 
     def event(self, name: str) -> EventSpec:
         return next(e for e in self.events if e.name == name)
 
 
-def event_key(kind: str, event: str) -> bytes:
+def event_key(kind: ProbeKind, event: str) -> bytes:
     """The bytes that start an event's body in trace text, up to and including its separator.
 
     Syscall tracepoints print the syscall, not the event: sys_enter_openat shows as
     `sys_openat(...)` and sys_exit_openat as `sys_openat -> 0x3`. Everything else prints `NAME:`.
     """
-    if kind == "tracepoint" and event.startswith("sys_enter_"):
+    if not kind.dynamic and event.startswith("sys_enter_"):
         return b"sys_" + event[len("sys_enter_"):].encode() + b"("
-    if kind == "tracepoint" and event.startswith("sys_exit_"):
+    if not kind.dynamic and event.startswith("sys_exit_"):
         return b"sys_" + event[len("sys_exit_"):].encode() + b" "
     return event.encode() + b":"
 
 
-def parse_fetcharg(probe: str, kind: str, name: str, fetch: str) -> ArgSpec:
+def parse_fetcharg(probe: str, kind: ProbeKind, name: str, fetch: str) -> ArgSpec:
     """Check one fetcharg against the grammar of kprobetrace.rst/uprobetracer.rst."""
     fld = f"args.{name}"
     check_field(probe, fld, fetch)
     body, sep, typ = fetch.rpartition(":") if re.search(r":[A-Za-z][\w@/\[\]]*$", fetch) else (fetch, "", "")
     if sep and not _TYPE_RE.match(typ):
-        raise ProbeError(probe, fld, f"unknown type {typ!r}; use u8..u64, s8..s64, x8..x64, char, string, "
+        raise probe_error(probe, fld, f"unknown type {typ!r}; use u8..u64, s8..s64, x8..x64, char, string, "
                          "ustring, symbol, symstr, bN@O/S, with [N] for arrays")
     base = typ.split("[", 1)[0]
-    user = kind in ("uprobe", "uretprobe")
-    if user and base in ("symbol", "symstr"):
-        raise ProbeError(probe, fld, f"type {base!r} is for kernel probes only; a uprobe cannot take it")
+    if kind.user and base in ("symbol", "symstr"):
+        raise probe_error(probe, fld, f"type {base!r} is for kernel probes only; a uprobe cannot take it")
     for reg in re.findall(r"%([A-Za-z0-9_]+)", body):
         if reg not in X86_64_REGS:
             near = difflib.get_close_matches(reg, X86_64_REGS, n=1, cutoff=0.5)
             hint = f"; did you mean %{near[0]}?" if near else ""
-            raise ProbeError(probe, fld, f"unknown register %{reg}{hint}")
-    if "$retval" in body and kind not in ("kretprobe", "uretprobe"):
-        raise ProbeError(probe, fld, "$retval is only available on return probes")
+            raise probe_error(probe, fld, f"unknown register %{reg}{hint}")
+    if "$retval" in body and not kind.returns:
+        raise probe_error(probe, fld, "$retval is only available on return probes")
     for var in re.findall(r"\$([A-Za-z_]+)", body):
         if var not in ("stack", "retval", "comm", "arg", "current"):
-            raise ProbeError(probe, fld, f"unknown variable ${var}; use $argN, $stackN, $stack, $retval, $comm")
+            raise probe_error(probe, fld, f"unknown variable ${var}; use $argN, $stackN, $stack, $retval, $comm")
     if body.count("(") != body.count(")"):
-        raise ProbeError(probe, fld, "unbalanced parentheses")
+        raise probe_error(probe, fld, "unbalanced parentheses")
     return ArgSpec(name, fetch, base in _STRING_TYPES or (body == "$comm" and not sep))
 
 
@@ -142,24 +144,24 @@ def check_field(probe: str, fld: str, value: str) -> None:
     try:
         check_tracefs_text(value)
     except ValueError as e:
-        raise ProbeError(probe, fld, str(e)) from None
+        raise probe_error(probe, fld, str(e)) from None
     if any(c.isspace() for c in value):
-        raise ProbeError(probe, fld, "must not contain whitespace")
+        raise probe_error(probe, fld, "must not contain whitespace")
     if "#" in value:
-        raise ProbeError(probe, fld, "must not contain '#' (the kernel reads the rest of the line as a comment)")
+        raise probe_error(probe, fld, "must not contain '#' (the kernel reads the rest of the line as a comment)")
 
 
 Resolver = Callable[[str, str], int]
 
 
-def _uprobe_target(probe: str, kind: str, spec: str, resolve: Resolver | None) -> tuple[str, str]:
+def _uprobe_target(probe: str, fld: str, spec: str, resolve: Resolver | None) -> tuple[str, str]:
     """(PATH:0xOFFSET, function name) for a uprobe given as PATH:SYMBOL or PATH:0xOFFSET."""
-    check_field(probe, kind, spec)
+    check_field(probe, fld, spec)
     path, sep, where = spec.rpartition(":")
     if not sep or not path or not where:
-        raise ProbeError(probe, kind, f"{spec!r} is not PATH:SYMBOL or PATH:0xOFFSET")
+        raise probe_error(probe, fld, f"{spec!r} is not PATH:SYMBOL or PATH:0xOFFSET")
     if not path.startswith("/"):
-        raise ProbeError(probe, kind, f"{path!r} must be an absolute path")
+        raise probe_error(probe, fld, f"{path!r} must be an absolute path")
     if re.fullmatch(r"0x[0-9a-fA-F]+|\d+", where):
         return f"{path}:{int(where, 0):#x}", spec
     if resolve is None:
@@ -167,189 +169,187 @@ def _uprobe_target(probe: str, kind: str, spec: str, resolve: Resolver | None) -
     try:
         offset = resolve(path, where)
     except symbols.SymbolError as e:
-        raise ProbeError(probe, kind, str(e)) from None
+        raise probe_error(probe, fld, str(e)) from None
     return f"{path}:{offset:#x}", where
 
 
-def _args(probe: str, kind: str, cfg_args: dict[str, str]) -> tuple[ArgSpec, ...]:
+def _args(probe: str, kind: ProbeKind, cfg_args: dict[str, str]) -> tuple[ArgSpec, ...]:
     return tuple(parse_fetcharg(probe, kind, n, f) for n, f in cfg_args.items())
 
 
-def _definition(kind: str, group: str, name: str, target: str, args: tuple[ArgSpec, ...]) -> str:
-    letter = "r" if kind in ("kretprobe", "uretprobe") else "p"
-    parts = [f"{letter}:{group}/{name}", target, *(f"{a.name}={a.fetch}" for a in args)]
-    return " ".join(parts)
+def _definition(kind: ProbeKind, group: str, name: str, target: str, args: tuple[ArgSpec, ...]) -> str:
+    return definition_line(kind, group, name, target, tuple(f"{a.name}={a.fetch}" for a in args))
 
 
 def _raw(probe_cfg: ProbeConfig, group: str, resolve: Resolver | None) -> EventSpec:
+    """A `raw:` definition line, put into our group; `%return` on an entry letter makes a return probe."""
     line = probe_cfg.target
-    m = _RAW_RE.match(line)
-    if not m:
-        raise ProbeError("raw line", "raw", f"{line!r} is not 'p|r[:[GRP/]EVENT] TARGET [FETCHARGS]'")
-    letter, maxactive, _grp, event, target, rest = m.groups()
-    if event is None:
-        raise ProbeError("raw line", "raw", "the line needs an event name: 'p:NAME TARGET ...'")
-    probe = f"{event!r}"
+    d = parse_definition(line)
+    if d is None or d.kind is None or not d.kind.accepted or not d.kind.dynamic or not d.target:
+        raise probe_error("raw line", RAW_KEY, f"{line!r} is not 'p|r[:[GRP/]EVENT] TARGET [FETCHARGS]'")
+    if d.event is None:
+        raise probe_error("raw line", RAW_KEY, "the line needs an event name: 'p:NAME TARGET ...'")
+    event, kind, probe = d.event, d.kind, f"{d.event!r}"
     try:
         check_name(event)
     except ValueError as e:
-        raise ProbeError(probe, "raw", f"event name {e}") from None
-    user = "/" in target and ":" in target
-    kind = ("uprobe" if letter == "p" else "uretprobe") if user else ("kprobe" if letter == "p" else "kretprobe")
+        raise probe_error(probe, RAW_KEY, f"event name {e}") from None
+    if len(d.fetchargs) > MAX_ARGS:
+        raise probe_error(probe, RAW_KEY, f"has {len(d.fetchargs)} args; the kernel takes at most {MAX_ARGS}")
     args: list[ArgSpec] = []
-    tokens = rest.split()
-    if len(tokens) > MAX_ARGS:
-        raise ProbeError(probe, "raw", f"has {len(tokens)} args; the kernel takes at most {MAX_ARGS}")
-    for i, tok in enumerate(tokens, 1):
+    for i, tok in enumerate(d.fetchargs, 1):
         name, eq, fetch = tok.partition("=")
         if not eq:
             name, fetch = f"arg{i}", tok
         args.append(parse_fetcharg(probe, kind, name, fetch))
-    if user:
-        target, function = _uprobe_target(probe, "raw", target, resolve)
+    if kind.user:
+        target, function = _uprobe_target(probe, RAW_KEY, d.target, resolve)
     else:
+        target = d.target
         if not _KSYM_RE.match(target) and not re.fullmatch(r"0x[0-9a-fA-F]+", target):
-            raise ProbeError(probe, "raw", f"{target!r} is not SYMBOL[+OFFSET] or an address")
+            raise probe_error(probe, RAW_KEY, f"{target!r} is not SYMBOL[+OFFSET] or an address")
         function = target.split("+", 1)[0]
-    head = f"{letter}{maxactive}:{group}/{event}"
-    definition = " ".join([head, target, *(f"{a.name}={a.fetch}" for a in args)])
-    return EventSpec(event, kind, group, target, function, definition, tuple(args), probe_cfg.filter,
+    definition = replace(d, target=target).line(group, event, tuple(f"{a.name}={a.fetch}" for a in args))
+    return EventSpec(event, kind.key, group, target, function, definition, tuple(args), probe_cfg.filter,
                      tuple(probe_cfg.labels), key=event_key(kind, event), raw=True)
 
 
 def _probe_events(p: ProbeConfig, group: str, resolve: Resolver | None) -> tuple[list[EventSpec], PairSpec | None]:
-    kind = p.kind
-    if kind == "raw":
-        if p.name is not None:
-            raise ProbeError(f"{p.name!r}", "name", "a raw line takes its name from the line; drop 'name'")
-        if p.args:
-            raise ProbeError(f"{raw_name(p)!r}", "args", "a raw line carries its own fetchargs; drop 'args'")
-        ev = _raw(p, group, resolve)
-        events = [ev]
-        name = ev.name
-    else:
-        name = p.name or default_name(p)
-        probe = f"{name!r}"
-        try:
-            check_name(name)
-        except ValueError as e:
-            raise ProbeError(probe, "name", str(e)) from None
-        if kind == "tracepoint":
-            m = _TRACEPOINT_RE.match(p.target)
-            if not m:
-                raise ProbeError(probe, "tracepoint",
-                                 f"{p.target!r} is not GROUP/EVENT (e.g. syscalls/sys_enter_openat)")
-            if p.args:
-                raise ProbeError(probe, "args", "a tracepoint has fixed fields; 'args' is for kprobes and uprobes")
-            tp_group, tp_event = m.groups()
-            ev = EventSpec(name, kind, tp_group, p.target, tp_event.removeprefix("sys_enter_"), None, (),
-                           p.filter, tuple(p.labels), key=event_key(kind, tp_event))
-        elif kind in ("kprobe", "kretprobe"):
-            check_field(probe, kind, p.target)
-            if not _KSYM_RE.match(p.target):
-                raise ProbeError(probe, kind, f"{p.target!r} is not SYMBOL[+OFFSET]")
-            if kind == "kretprobe" and "+" in p.target:
-                raise ProbeError(probe, kind, "a kretprobe goes on a function entry: no +OFFSET")
-            args = _args(probe, kind, p.args)
-            ev = EventSpec(name, kind, group, p.target, p.target.split("+", 1)[0],
-                           _definition(kind, group, name, p.target, args), args, p.filter,
-                           tuple(p.labels), key=event_key(kind, name))
-        else:
-            target, function = _uprobe_target(probe, kind, p.target, resolve)
-            args = _args(probe, kind, p.args)
-            ev = EventSpec(name, kind, group, target, function,
-                           _definition(kind, group, name, target, args), args, p.filter,
-                           tuple(p.labels), key=event_key(kind, name))
-        events = [ev]
-    probe = f"{name!r}"
+    """A probe's event, its generated return event when `latency: true`, and the pair of the two."""
+    ev = _raw_event(p, group, resolve) if p.kind == RAW_KEY else _entry_event(p, group, resolve)
+    events = [ev]
+    probe = f"{ev.name!r}"
     if p.filter is not None:
         try:
             check_tracefs_text(p.filter)
         except ValueError as e:
-            raise ProbeError(probe, "filter", str(e)) from None
+            raise probe_error(probe, "filter", str(e)) from None
+    _check_labels(probe, p, ev)
+    pair: PairSpec | None = None
+    if p.latency:
+        ret = _return_event(ev, group)
+        events.append(ret)
+        pair = PairSpec(ev.name, ev.name, ret.name, ev.function, p.spans)
+    elif p.spans is not None:
+        raise probe_error(probe, "spans", "spans are made from entry/exit pairs: set 'latency: true' or declare a pair")
+    return events, pair
+
+
+def _raw_event(p: ProbeConfig, group: str, resolve: Resolver | None) -> EventSpec:
+    if p.name is not None:
+        raise probe_error(f"{p.name!r}", "name", "a raw line takes its name from the line; drop 'name'")
+    if p.args:
+        raise probe_error(f"{raw_name(p)!r}", "args", "a raw line carries its own fetchargs; drop 'args'")
+    return _raw(p, group, resolve)
+
+
+def _entry_event(p: ProbeConfig, group: str, resolve: Resolver | None) -> EventSpec:
+    """The event of a probe given by its kind's key (`kprobe: SYMBOL`, `tracepoint: GROUP/EVENT`, ...)."""
+    kind = KIND[p.kind]
+    name = p.name or default_name(p)
+    probe = f"{name!r}"
+    try:
+        check_name(name)
+    except ValueError as e:
+        raise probe_error(probe, "name", str(e)) from None
+    if not kind.dynamic:
+        m = _TRACEPOINT_RE.match(p.target)
+        if not m:
+            raise probe_error(probe, kind.key, f"{p.target!r} is not GROUP/EVENT (e.g. syscalls/sys_enter_openat)")
+        if p.args:
+            raise probe_error(probe, "args", "a tracepoint has fixed fields; 'args' is for kprobes and uprobes")
+        tp_group, tp_event = m.groups()
+        return EventSpec(name, kind.key, tp_group, p.target, tp_event.removeprefix("sys_enter_"), None, (),
+                         p.filter, tuple(p.labels), key=event_key(kind, tp_event))
+    if kind.user:
+        target, function = _uprobe_target(probe, kind.key, p.target, resolve)
+    else:
+        check_field(probe, kind.key, p.target)
+        if not _KSYM_RE.match(p.target):
+            raise probe_error(probe, kind.key, f"{p.target!r} is not SYMBOL[+OFFSET]")
+        if kind.returns and "+" in p.target:
+            raise probe_error(probe, kind.key, f"a {kind.key} goes on a function entry: no +OFFSET")
+        target, function = p.target, p.target.split("+", 1)[0]
+    args = _args(probe, kind, p.args)
+    return EventSpec(name, kind.key, group, target, function, _definition(kind, group, name, target, args), args,
+                     p.filter, tuple(p.labels), key=event_key(kind, name))
+
+
+def _check_labels(probe: str, p: ProbeConfig, ev: EventSpec) -> None:
     arg_names = {a.name for a in ev.args}
     for label in p.labels:
         if _PID_LABEL_RE.search(label):
-            raise ProbeError(probe, "labels", f"label {label!r}: pid and tid are never labels (one series per "
+            raise probe_error(probe, "labels", f"label {label!r}: pid and tid are never labels (one series per "
                              "process or thread grows without bound); use 'comm'")
         if label == "comm" or label in arg_names:
             continue
-        if ev.kind == "tracepoint" and re.fullmatch(r"[A-Za-z_]\w*", label):
+        if not ev.dynamic and re.fullmatch(r"[A-Za-z_]\w*", label):
             continue  # tracepoint fields are checked against the format file at install
         near = difflib.get_close_matches(label, [*arg_names, "comm"], n=1)
         known = ", ".join(sorted(arg_names)) or "none"
         hint = f"; did you mean {near[0]!r}?" if near else f"; labels name args ({known}) or 'comm'"
-        raise ProbeError(probe, "labels", f"label {label!r} is not an arg of this probe{hint}")
+        raise probe_error(probe, "labels", f"label {label!r} is not an arg of this probe{hint}")
     if len(set(p.labels)) != len(p.labels):
-        raise ProbeError(probe, "labels", "a label is listed twice")
-    pair: PairSpec | None = None
-    if p.latency:
-        ret = _return_event(p, ev, group)
-        events.append(ret)
-        pair = PairSpec(name, ev.name, ret.name, ev.function, p.spans)
-    elif p.spans is not None:
-        raise ProbeError(probe, "spans", "spans are made from entry/exit pairs: set 'latency: true' or declare a pair")
-    return events, pair
+        raise probe_error(probe, "labels", "a label is listed twice")
 
 
 def raw_name(p: ProbeConfig) -> str:
-    m = _RAW_RE.match(p.target)
-    return (m.group(4) if m else None) or "raw line"
+    d = parse_definition(p.target)
+    ok = d is not None and d.kind is not None and d.kind.accepted and d.kind.dynamic and d.target
+    return (d.event if ok and d is not None else None) or "raw line"
 
 
 def default_name(p: ProbeConfig) -> str:
     target = p.target
-    if p.kind == "tracepoint":
+    kind = KIND[p.kind]
+    if not kind.dynamic:
         return target.rpartition("/")[2]
-    if p.kind in ("uprobe", "uretprobe"):
+    if kind.user:
         target = target.rpartition(":")[2]
     return re.sub(r"\W", "_", target.split("+", 1)[0])
 
 
-def _return_event(p: ProbeConfig, ev: EventSpec, group: str) -> EventSpec:
-    probe = f"{ev.name!r}"
-    if ev.kind in ("kretprobe", "uretprobe"):
-        raise ProbeError(probe, "latency", f"a {ev.kind} is already the return; put latency on the entry probe")
+def _return_event(ev: EventSpec, group: str) -> EventSpec:
+    """The return event `latency: true` adds: the kind's return kind, or a syscall's exit tracepoint."""
+    probe, kind = f"{ev.name!r}", ev.probe_kind
+    if kind.returns:
+        raise probe_error(probe, "latency", f"a {kind.key} is already the return; put latency on the entry probe")
     name = f"{ev.name}_ret"
-    if ev.kind == "tracepoint":
+    if not kind.dynamic:
         tp_group, _, tp_event = ev.target.partition("/")
         if not tp_event.startswith("sys_enter_"):
-            raise ProbeError(probe, "latency", f"tracepoint {ev.target} has no matching return event; "
+            raise probe_error(probe, "latency", f"tracepoint {ev.target} has no matching return event; "
                              "declare an explicit pair of two tracepoints under 'pairs:'")
         exit_event = "sys_exit_" + tp_event[len("sys_enter_"):]
-        return EventSpec(name, "tracepoint", tp_group, f"{tp_group}/{exit_event}", ev.function, None, (),
-                         None, (), counted=False, key=event_key("tracepoint", exit_event))
-    if "+" in ev.target.rpartition(":")[2] and ev.kind == "kprobe":
-        raise ProbeError(probe, "latency", "latency needs the function entry: drop +OFFSET")
-    kind = "kretprobe" if ev.kind == "kprobe" else "uretprobe"
-    target = ev.target
+        return EventSpec(name, kind.key, tp_group, f"{tp_group}/{exit_event}", ev.function, None, (),
+                         None, (), counted=False, key=event_key(kind, exit_event))
+    if "+" in ev.target.rpartition(":")[2] and not kind.user:
+        raise probe_error(probe, "latency", "latency needs the function entry: drop +OFFSET")
+    assert kind.exit is not None, f"{kind.key} has no return kind in the table"
+    ret_kind = KIND[kind.exit]
     ret_arg = (ArgSpec("ret", "$retval", False),)
-    letter_target = target
-    return EventSpec(name, kind, group, letter_target, ev.function,
-                     _definition(kind, group, name, letter_target, ret_arg), ret_arg, None, (),
-                     counted=False, key=event_key(kind, name))
+    return EventSpec(name, ret_kind.key, group, ev.target, ev.function,
+                     _definition(ret_kind, group, name, ev.target, ret_arg), ret_arg, None, (),
+                     counted=False, key=event_key(ret_kind, name))
 
 
 def build_probe_set(config: Config, path: str = "<config>", resolve: Resolver | None = symbols.resolve) -> ProbeSet:
-    """All events and pairs a config asks for; raises ConfigError naming file, probe and field.
+    """All events and pairs a config asks for; raises UserError naming file, probe and field.
 
     With resolve=None, uprobe symbols stay unresolved (replay needs no binaries).
     """
     try:
         return _build(config, resolve)
-    except ProbeError as e:
-        who = e.probe if e.probe.startswith("pair ") or not e.probe else f"probe {e.probe}"
-        raise ConfigError(format_error(path, who, e.field, e.message)) from None
+    except UserError as e:
+        raise e.in_file(path) from None
 
 
 def _build(config: Config, resolve: Resolver | None) -> ProbeSet:
     group = config.instance
     events: list[EventSpec] = []
     pairs: list[PairSpec] = []
-    names: list[str] = []
     for p in config.probes:
         evs, pair = _probe_events(p, group, resolve)
-        names.append(evs[0].name)
         events.extend(evs)
         if pair:
             pairs.append(pair)
@@ -357,11 +357,11 @@ def _build(config: Config, resolve: Resolver | None) -> ProbeSet:
     keys: dict[bytes, EventSpec] = {}
     for ev in events:
         if ev.name in seen:
-            raise ProbeError(f"{ev.name!r}", "name", "duplicate name; each probe needs a unique name "
+            raise probe_error(f"{ev.name!r}", "name", "duplicate name; each probe needs a unique name "
                              "(and 'latency: true' takes NAME_ret for the return probe)")
         if ev.key in keys:
             other = keys[ev.key]
-            raise ProbeError(f"{ev.name!r}", "tracepoint", f"prints the same as probe {other.name!r} "
+            raise probe_error(f"{ev.name!r}", "tracepoint", f"prints the same as probe {other.name!r} "
                              f"({ev.key.decode()!r}); the two could not be told apart")
         seen[ev.name] = ev
         keys[ev.key] = ev
@@ -373,18 +373,18 @@ def _build(config: Config, resolve: Resolver | None) -> ProbeSet:
             if ref not in seen:
                 near = difflib.get_close_matches(ref, list(seen), n=1)
                 hint = f"; did you mean {near[0]!r}?" if near else ""
-                raise ProbeError(probe, role, f"names unknown event {ref!r}{hint}")
+                raise probe_error(probe, role, f"names unknown event {ref!r}{hint}")
         if pc.name in pair_names:
-            raise ProbeError(probe, "name", "duplicate pair name")
+            raise probe_error(probe, "name", "duplicate pair name")
         if pc.entry == pc.exit:
-            raise ProbeError(probe, "exit", "entry and exit must be two different events")
+            raise probe_error(probe, "exit", "entry and exit must be two different events")
         pair_names.add(pc.name)
         pairs.append(PairSpec(pc.name, pc.entry, pc.exit, seen[pc.entry].function, pc.spans))
     used: dict[str, str] = {}
     for pr in pairs:
         for ev_name in (pr.entry, pr.exit):
             if ev_name in used:
-                raise ProbeError(f"pair {pr.name!r}", "entry",
+                raise probe_error(f"pair {pr.name!r}", "entry",
                                  f"event {ev_name!r} is already in pair {used[ev_name]!r}; an event is in one pair")
             used[ev_name] = pr.name
-    return ProbeSet(group, tuple(events), tuple(pairs), tuple(names))
+    return ProbeSet(group, tuple(events), tuple(pairs))

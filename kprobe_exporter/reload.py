@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from kprobe_exporter.aggregate import PairStats, Snapshot
 from kprobe_exporter.config import OVERFLOW_VALUE, Config
+from kprobe_exporter.kinds import parse_definition
 from kprobe_exporter.probes import EventSpec, ProbeSet
 
 # Pending entries of kept pairs that a rebuilt aggregate cannot inherit are counted, not hidden.
@@ -42,7 +43,7 @@ class Plan:
 
 def file_identity(ev: EventSpec) -> tuple[int, int] | None:
     """(device, inode) of a uprobe's binary: a uprobe sticks to the inode, not to the path."""
-    if ev.kind not in ("uprobe", "uretprobe"):
+    if not ev.probe_kind.user:
         return None
     try:
         st = os.stat(ev.target.rpartition(":")[0])
@@ -64,7 +65,7 @@ def plan(old_cfg: Config, old: ProbeSet, new_cfg: Config, new: ProbeSet,
     keep = {name for name, ev in new_by.items() if old_by.get(name) == ev}
     notes = []
     retarget = {name for name in keep
-                if new_by[name].kind in ("uprobe", "uretprobe")
+                if new_by[name].probe_kind.user
                 and file_identity(new_by[name]) != installed_files.get(name)}
     if retarget:
         notes.append(f"binary replaced under {', '.join(sorted(retarget))}: defined again")
@@ -160,8 +161,8 @@ def regroup(events: Iterable[EventSpec], group: str, other: str) -> tuple[EventS
     """The same events defined in another group (a scratch one): tracepoints stay as they are."""
     out = []
     for ev in events:
-        if ev.definition is not None and ev.group == group:
-            head, _, rest = ev.definition.partition(" ")
-            ev = replace(ev, group=other, definition=head.replace(f":{group}/", f":{other}/", 1) + " " + rest)
+        d = parse_definition(ev.definition) if ev.definition is not None and ev.group == group else None
+        if d is not None:
+            ev = replace(ev, group=other, definition=d.line(group=other))
         out.append(ev)
     return tuple(out)

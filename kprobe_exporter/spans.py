@@ -7,10 +7,7 @@ cheaper than ReadableSpan + the SDK encoder) and hands the bytes to the OTLP exp
 opentelemetry-exporter-otlp, gRPC or HTTP, so endpoint, headers, timeout, compression and
 certificates come from the standard OTEL_EXPORTER_OTLP_* variables, read by that library.
 
-Protocol: OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, else OTEL_EXPORTER_OTLP_PROTOCOL, else
-"http/protobuf", the default the OpenTelemetry specification gives (exporter.md: "SHOULD default
-to http/protobuf"); "grpc" is the other accepted value. The Python library reads
-OTEL_EXPORTER_OTLP_TIMEOUT in seconds (the specification says milliseconds).
+The protocol and the resource come from the environment as otlp_env says.
 
 Accounting: once the shipper thread has stopped, every pair given to `sink` is counted exactly
 once, in `exported` or in `dropped[reason]`, reason being queue_full, export_failed or shutdown.
@@ -22,31 +19,21 @@ from __future__ import annotations
 import errno
 import os
 import random
-import socket
 import struct
 import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+
+from kprobe_exporter.config import SpanSettings
+from kprobe_exporter.otlp_env import compression_off, otlp_protocol, resource_attributes
 
 if TYPE_CHECKING:
     from kprobe_exporter.aggregate import CompletedPair
 
-DEFAULT_PROTOCOL = "http/protobuf"
-PROTOCOLS = ("grpc", "http/protobuf")
 SCOPE_NAME = "kprobe_exporter"
 DROP_REASONS = ("queue_full", "export_failed", "shutdown")
-
-
-@dataclass(slots=True)
-class SpanPolicy:
-    """Per-pair span settings. Sampling is applied by the aggregate before a pair reaches `sink`."""
-
-    sample_ratio: float = 1.0
-    min_duration_ns: int = 0
-    error_on_negative_retval: bool = True
 
 
 class MonoToWall:
@@ -109,31 +96,6 @@ def negative_errno(retval: str | None) -> int | None:
 
 def errno_name(number: int) -> str:
     return errno.errorcode.get(number, f"E{number}")
-
-
-def otlp_protocol(env: Mapping[str, str] = os.environ, signal: str = "TRACES") -> str:
-    """The OTLP protocol for a signal (TRACES, METRICS) from the environment, the signal's own variable
-    first; ValueError for one we cannot speak."""
-    protocol = (
-        env.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or DEFAULT_PROTOCOL
-    ).strip()
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unsupported OTLP protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
-    return protocol
-
-
-def resource_attributes(env: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """service.name and host.name, overridden by OTEL_RESOURCE_ATTRIBUTES, then OTEL_SERVICE_NAME."""
-    from urllib.parse import unquote
-
-    attributes = {"service.name": "kprobe-exporter", "host.name": socket.gethostname()}
-    for item in env.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
-        key, sep, value = item.partition("=")
-        if sep and key.strip():
-            attributes[key.strip()] = unquote(value.strip())
-    if service_name := env.get("OTEL_SERVICE_NAME"):
-        attributes["service.name"] = service_name
-    return attributes
 
 
 # ---- OTLP wire format ---------------------------------------------------------------------------
@@ -214,7 +176,7 @@ class OtlpSpanEncoder:
     def __init__(
         self,
         resource: Mapping[str, object],
-        policies: Mapping[str, SpanPolicy] | None = None,
+        policies: Mapping[str, SpanSettings] | None = None,
         scope_name: str = SCOPE_NAME,
     ) -> None:
         attrs = b"".join(_field(b"\x0a", _key(k) + _field(b"\x12", _any_value(v))) for k, v in resource.items())
@@ -324,10 +286,7 @@ class GrpcTransport:
 
         self._success = SpanExportResult.SUCCESS
         # The gRPC exporter rejects compression "none" (the HTTP one accepts it): say it ourselves.
-        compression = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION") or os.environ.get(
-            "OTEL_EXPORTER_OTLP_COMPRESSION", ""
-        )
-        none = grpc.Compression.NoCompression if compression.strip().lower() == "none" else None
+        none = grpc.Compression.NoCompression if compression_off() else None
         self._exporter = _BytesExporter(compression=none)
 
     def send(self, body: bytes, count: int) -> bool:
@@ -378,7 +337,7 @@ class SpanShipper:
         self,
         transport: Transport | None = None,
         *,
-        policies: Mapping[str, SpanPolicy] | None = None,
+        policies: Mapping[str, SpanSettings] | None = None,
         resource: Mapping[str, object] | None = None,
         clock: MonoToWall | None = None,
         max_queue: int = 65536,
@@ -410,7 +369,7 @@ class SpanShipper:
     def start(self) -> None:
         self._thread.start()
 
-    def set_policies(self, policies: Mapping[str, SpanPolicy]) -> None:
+    def set_policies(self, policies: Mapping[str, SpanSettings]) -> None:
         """A reload's new per-pair settings (sampling itself happens in the aggregate)."""
         self._encoder._errors_on = {name: p.error_on_negative_retval for name, p in policies.items()}
 

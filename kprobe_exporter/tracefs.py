@@ -18,6 +18,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from kprobe_exporter import kernel
+from kprobe_exporter.errors import TracefsError
+from kprobe_exporter.kinds import PROBE_FILES, ProbeFile, parse_definition
 from kprobe_exporter.probes import EventSpec, ProbeSet
 
 CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
@@ -27,15 +30,6 @@ CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 BROKEN_TYPES: tuple[tuple[str, tuple[tuple[int, ...], ...], str], ...] = (
     ("symstr", ((6, 1),), "Debian 6.1.192: general protection faults in kmem_cache_alloc once the probe fires"),
 )
-_DEF_RE = re.compile(r"^[pr]\d*:([^/\s]+)/(\S+)\s")
-
-
-class TracefsError(Exception):
-    """The kernel refused something, or tracefs is unusable; the text says what and why."""
-
-    def __init__(self, message: str, probe: str = "", field: str = "") -> None:
-        super().__init__(message)
-        self.message, self.probe, self.field = message, probe, field
 
 
 def _mount_tracefs(where: str) -> None:
@@ -183,30 +177,30 @@ class Tracefs:
         return (self.root / probe_file).exists()
 
     def check_kinds(self, events: Iterable[EventSpec]) -> None:
-        need: dict[str, list[str]] = {}
+        need: dict[str, list[EventSpec]] = {}
         for ev in events:
             if ev.dynamic and not self.supports(ev.probe_file):
-                need.setdefault(ev.probe_file, []).append(ev.name)
-        for probe_file, names in need.items():
-            option = "CONFIG_KPROBE_EVENTS" if probe_file == "kprobe_events" else "CONFIG_UPROBE_EVENTS"
-            raise TracefsError(f"this kernel has no {probe_file} (it lacks {option}); "
+                need.setdefault(ev.probe_file, []).append(ev)
+        for probe_file, lacking in need.items():
+            names = [ev.name for ev in lacking]
+            raise TracefsError(f"this kernel has no {probe_file} (it lacks {lacking[0].probe_kind.option}); "
                                f"probes that need it: {', '.join(names)}", names[0], "kind")
         for ev in events:
-            if ev.kind == "tracepoint" and not (self.root / "events" / ev.target).is_dir():
+            if not ev.dynamic and not (self.root / "events" / ev.target).is_dir():
                 group, _, name = ev.target.partition("/")
                 known = [p.name for p in (self.root / "events" / group).glob("*") if p.is_dir()]
                 near = difflib.get_close_matches(name, known, n=1)
                 hint = f"; did you mean {group}/{near[0]}?" if near else ""
-                raise TracefsError(f"no tracepoint {ev.target} in this kernel{hint}", ev.name, "tracepoint")
+                raise TracefsError(f"no tracepoint {ev.target} in this kernel{hint}", ev.name, ev.kind)
         self.check_types(events)
 
     def check_types(self, events: Iterable[EventSpec], release: str | None = None) -> None:
         """Refuse fetcharg types that this kernel takes but that corrupt its memory when the probe fires."""
-        release = release or os.uname().release
-        version = tuple(int(x) for x in re.findall(r"\d+", release)[:2])
+        release = release or kernel.release()
+        version = kernel.version(release)
         for ev in events:
-            if ev.kind not in ("kprobe", "kretprobe"):
-                continue
+            if not ev.dynamic or ev.probe_kind.user:
+                continue  # the types seen breaking a kernel were in kernel probes
             for arg in ev.args:
                 typ = re.search(r":(\w+)(?:\[\d+\])?$", arg.fetch)
                 for broken, versions, seen in BROKEN_TYPES:
@@ -218,17 +212,17 @@ class Tracefs:
 
     # --- group definitions ---------------------------------------------------------
     def own_definitions(self, group: str | None = None) -> list[tuple[str, str]]:
-        """(probe file, event) of every definition in our group, from kprobe_events and uprobe_events."""
+        """(probe file, event) of every definition in our group, from the probe files (kinds.PROBE_FILES)."""
         group = group or self.group
         found = []
-        for probe_file in ("kprobe_events", "uprobe_events"):
-            path = self.root / probe_file
+        for probe_file in PROBE_FILES:
+            path = self.root / probe_file.name
             if not path.exists():
                 continue
             for line in read_text(path).splitlines():
-                m = _DEF_RE.match(line + " ")
-                if m and m.group(1) == group:
-                    found.append((probe_file, m.group(2)))
+                d = parse_definition(line)
+                if d is not None and d.group == group and d.event is not None:
+                    found.append((probe_file.name, d.event))
         return found
 
     def define(self, ev: EventSpec) -> None:
@@ -244,7 +238,7 @@ class Tracefs:
             # error_log is global: another writer's error can land meanwhile; ours echoes our command
             mine = [x for x in new if f"Command: {ev.definition}" in x] or new
             reason = kernel_reason(mine[-1]) if mine else os.strerror(e.errno or 0)
-            hint = self._symbol_hint(ev) if ev.kind in ("kprobe", "kretprobe") else ""
+            hint = self._symbol_hint(ev) if ev.probe_kind.symbol else ""
             raise TracefsError(f"the kernel rejected '{ev.definition}': {reason}{hint}", ev.name,
                                rejected_field(ev, mine[-1] if mine else "")) from None
         self._defined.append((ev.probe_file, ev.name))
@@ -350,8 +344,8 @@ class Tracefs:
                                "filter") from None
 
     def check_labels(self, ev: EventSpec) -> None:
-        if ev.kind != "tracepoint":
-            return
+        if ev.dynamic:
+            return  # a probe's labels name its args, checked with the config
         fmt = read_text(self.event_dir(ev) / "format")
         fields = set(re.findall(r"field:[^;]*?(\w+)(?:\[\d*\])?;", fmt))
         for label in ev.labels:
@@ -477,9 +471,9 @@ class Tracefs:
         kprobe_events/uprobe_events, so lines are matched to definitions by position instead.
         """
         out: dict[str, tuple[int, int]] = {}
-        for events_file, profile_file in (("kprobe_events", "kprobe_profile"), ("uprobe_events", "uprobe_profile")):
-            for name, cols in profile_rows(self.root, events_file, profile_file, self.group):
-                hits, misses = (cols[-2], cols[-1]) if profile_file == "kprobe_profile" else (cols[-1], "0")
+        for probe_file in PROBE_FILES:
+            for name, cols in profile_rows(self.root, probe_file, self.group):
+                _, hits, misses = probe_file.profile_counts(cols)
                 if hits.isdigit() and misses.isdigit():
                     out[name] = (int(hits), int(misses))
         return out
@@ -502,19 +496,20 @@ class Tracefs:
         return out
 
 
-def profile_rows(root: Path, events_file: str, profile_file: str, group: str) -> list[tuple[str, list[str]]]:
+def profile_rows(root: Path, probe_file: ProbeFile, group: str) -> list[tuple[str, list[str]]]:
     """(event, columns of its profile line) for the definitions of one group, matched by position."""
-    if not (root / profile_file).exists():
+    if probe_file.profile is None or not (root / probe_file.profile).exists():
         return []
     for _ in range(5):  # the lists can change between the two reads: then read both again
-        defs = [ln for ln in read_text(root / events_file).splitlines() if ln.strip()]
-        rows = [ln.split() for ln in read_text(root / profile_file).splitlines() if ln.strip()]
-        name_col = -3 if profile_file == "kprobe_profile" else -2
-        parsed = [_DEF_RE.match(d + " ") for d in defs]
+        defs = [ln for ln in read_text(root / probe_file.name).splitlines() if ln.strip()]
+        rows = [ln.split() for ln in read_text(root / probe_file.profile).splitlines() if ln.strip()]
+        parsed = [parse_definition(d) for d in defs]
         if len(rows) == len(defs) and all(
-                m is not None and len(r) >= 3 and r[name_col].rpartition("/")[2] == m.group(2)
-                for m, r in zip(parsed, rows, strict=True)):
-            return [(m.group(2), r) for m, r in zip(parsed, rows, strict=True) if m is not None and m.group(1) == group]
+                d is not None and d.group is not None and len(r) >= 3
+                and probe_file.profile_counts(r)[0].rpartition("/")[2] == d.event
+                for d, r in zip(parsed, rows, strict=True)):
+            return [(d.event, r) for d, r in zip(parsed, rows, strict=True)
+                    if d is not None and d.event is not None and d.group == group]
     return []
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import difflib
 import socket
 import ssl
 from collections.abc import Callable
@@ -11,10 +10,11 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from kprobe_exporter.config import ConfigError
+from kprobe_exporter import yamlmodel
+from kprobe_exporter.errors import UserError
+from kprobe_exporter.yamlmodel import FileKind
 
 _TLS_VERSIONS = {"TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
 
@@ -40,41 +40,12 @@ SocketWrap = Callable[[socket.socket], socket.socket]
 Authorize = Callable[[BaseHTTPRequestHandler], bool]
 
 
+WEB_CONFIG_FILE = FileKind("web config", top_level="the top level must be a mapping (tls_server_config, "
+                           "basic_auth_users)", unique_keys=False)  # PyYAML's last-wins, as before
+
+
 def load(path: str) -> tuple[SocketWrap | None, Authorize | None]:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such web config file") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: the web config file is not UTF-8 text") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the web config ({e.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: YAML error{where}: {' '.join(str(e.problem).split())}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: YAML error: {' '.join(str(e).split())}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping (tls_server_config, basic_auth_users)")
-    try:
-        cfg = WebConfig.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = [str(x) for x in err["loc"]]
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            parent: type[BaseModel] = TLSServerConfig if loc[:1] == ["tls_server_config"] else WebConfig
-            near = difflib.get_close_matches(loc[-1], list(parent.model_fields), n=1)
-            msg = f"unknown key {loc[-1]!r}" + (f"; did you mean {near[0]!r}?" if near else
-                                                 f"; known: {', '.join(parent.model_fields)}")
-        elif err["type"] == "missing":
-            msg = "is required"
-        raise ConfigError(f"{path}: field {'.'.join(loc)!r}: {msg}") from None
+    cfg = yamlmodel.load_file(WebConfig, path, WEB_CONFIG_FILE)
     return _tls(path, cfg.tls_server_config), _basic_auth(path, cfg.basic_auth_users)
 
 
@@ -93,17 +64,17 @@ def _tls(path: str, tls: TLSServerConfig | None) -> SocketWrap | None:
             with open(file, "rb"):
                 pass
         except OSError as e:
-            raise ConfigError(f"{path}: field 'tls_server_config.{key}': cannot read {file} ({e.strerror})") from None
+            raise UserError(f"cannot read {file} ({e.strerror})", field=f"tls_server_config.{key}", file=path) from None
         files[key] = file
     if tls.client_auth_type == "RequireAndVerifyClientCert" and "client_ca_file" not in files:
-        raise ConfigError(f"{path}: field 'tls_server_config.client_ca_file': is required for client certs")
+        raise UserError("is required for client certs", field="tls_server_config.client_ca_file", file=path)
     try:
         ctx.load_cert_chain(files["cert_file"], files["key_file"])
         if tls.client_auth_type == "RequireAndVerifyClientCert":
             ctx.load_verify_locations(files["client_ca_file"])
             ctx.verify_mode = ssl.CERT_REQUIRED
     except (OSError, ssl.SSLError) as e:
-        raise ConfigError(f"{path}: field 'tls_server_config': cannot load certificate/key: {e}") from None
+        raise UserError(f"cannot load certificate/key: {e}", field="tls_server_config", file=path) from None
 
     def wrap(sock: socket.socket) -> socket.socket:
         # The handshake happens in the request thread, so a stalled client cannot block accept().
@@ -120,7 +91,7 @@ def _basic_auth(path: str, users: dict[str, str]) -> Authorize | None:
     hashes = {}
     for user, hashed in users.items():
         if not hashed.startswith(("$2a$", "$2b$", "$2y$")):
-            raise ConfigError(f"{path}: field 'basic_auth_users.{user}': must be a bcrypt hash ($2b$...)")
+            raise UserError("must be a bcrypt hash ($2b$...)", field=f"basic_auth_users.{user}", file=path)
         hashes[user] = hashed.encode()
     cache: dict[bytes, bool] = {}  # bcrypt costs ~50-200 ms; remember verdicts per header value
 

@@ -163,9 +163,10 @@ def event_id(instance: str, event: str, group: str | None = None) -> int | None:
 
 def uprobe_hits(group: str, event: str) -> int | None:
     """Hits of one uprobe of a group (uprobe_profile): a definition made anew starts again from 0."""
+    from kprobe_exporter.kinds import UPROBE_EVENTS
     from kprobe_exporter.tracefs import profile_rows
 
-    rows = dict(profile_rows(TRACEFS, "uprobe_events", "uprobe_profile", group))
+    rows = dict(profile_rows(TRACEFS, UPROBE_EVENTS, group))
     return int(rows[event][-1]) if event in rows else None
 
 

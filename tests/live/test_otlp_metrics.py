@@ -17,8 +17,8 @@ from opentelemetry.sdk.resources import Resource
 from prometheus_client.exposition import generate_latest
 
 from agent_proc import AgentProcess, free_port, running_agent, samples, value
+from kprobe_exporter.otlp_env import otlp_protocol
 from kprobe_exporter.otlp_metrics import OtlpMetricsPush, to_metrics_data
-from kprobe_exporter.spans import otlp_protocol
 from live.test_metrics import replayed_registry
 from otlp_receiver import GrpcReceiver, HttpReceiver
 

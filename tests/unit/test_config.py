@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kprobe_exporter import config
-from kprobe_exporter.config import ConfigError
+from kprobe_exporter.errors import UserError
 
 
 def test_defaults() -> None:
@@ -47,18 +47,18 @@ def test_durations(value: object, seconds: float) -> None:
     ],
 )
 def test_errors_are_one_line_naming_file_probe_field(text: str, needle: str) -> None:
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(UserError) as e:
         config.load_text(text, "cfg.yaml")
-    assert e.value.message.startswith("cfg.yaml: ") and needle in e.value.message, e.value.message
-    assert "\n" not in e.value.message
+    assert e.value.line().startswith("cfg.yaml: ") and needle in e.value.line(), e.value.line()
+    assert "\n" not in e.value.line()
 
 
 def test_file_errors(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="no such config file"):
+    with pytest.raises(UserError, match="no such config file"):
         config.load(tmp_path / "missing.yaml")
-    with pytest.raises(ConfigError, match="is a directory"):
+    with pytest.raises(UserError, match="is a directory"):
         config.load(tmp_path)
     bad = tmp_path / "latin1.yaml"
     bad.write_bytes(b"probes: [\xff]\n")
-    with pytest.raises(ConfigError, match="not UTF-8"):
+    with pytest.raises(UserError, match="not UTF-8"):
         config.load(bad)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kprobe_exporter import config, probes
-from kprobe_exporter.config import ConfigError
+from kprobe_exporter.errors import UserError
 
 
 def build(text: str, resolve: probes.Resolver | None = None) -> probes.ProbeSet:
@@ -100,19 +100,19 @@ def test_syscall_tracepoints_print_keys_told_apart() -> None:
     ],
 )
 def test_probe_mistakes_name_probe_and_field(probe: str, field: str, needle: str) -> None:
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(UserError) as e:
         build(f"probes:\n  - {probe}\n")
-    msg = e.value.message
+    msg = e.value.line()
     assert msg.startswith("c.yaml: probe ") and f"field {field!r}" in msg and needle in msg, msg
     assert "\n" not in msg
 
 
 def test_duplicates_and_pairs() -> None:
-    with pytest.raises(ConfigError, match="duplicate name"):
+    with pytest.raises(UserError, match="duplicate name"):
         build("probes:\n  - {name: a, kprobe: f}\n  - {name: a, kprobe: g}\n")
-    with pytest.raises(ConfigError, match="duplicate name"):  # the generated a_ret collides
+    with pytest.raises(UserError, match="duplicate name"):  # the generated a_ret collides
         build("probes:\n  - {name: a, kprobe: f, latency: true}\n  - {name: a_ret, kprobe: g}\n")
-    with pytest.raises(ConfigError, match=r"pair 'p', field 'exit': names unknown event 'nope'"):
+    with pytest.raises(UserError, match=r"pair 'p', field 'exit': names unknown event 'nope'"):
         build("probes:\n  - {name: a, kprobe: f}\npairs:\n  - {name: p, entry: a, exit: nope}\n")
     ps = build(
         "probes:\n  - {name: a, kprobe: f}\n  - {name: b, kretprobe: f}\npairs:\n  - {name: p, entry: a, exit: b}\n"
@@ -122,5 +122,19 @@ def test_duplicates_and_pairs() -> None:
 
 def test_too_many_args() -> None:
     args = ", ".join(f"a{i}: '%di'" for i in range(129))
-    with pytest.raises(ConfigError, match="at most 128"):
+    with pytest.raises(UserError, match="at most 128"):
         build(f"probes:\n  - {{name: a, kprobe: f, args: {{{args}}}}}\n")
+
+
+def test_return_suffix_makes_a_return_probe_that_takes_retval() -> None:
+    """Issue 13: `p:... SYM%return` (Linux 5.11+) is a return probe; config used to refuse its $retval."""
+    ps = build("probes:\n  - raw: 'p:vread_ret vfs_read%return ret=$retval:s64'\n"
+               "  - raw: 'p:u_ret /bin/x:compute%return $retval'\n", resolve=lambda path, sym: 0x1234)
+    assert defs(ps) == ["p:kprobe_exporter/vread_ret vfs_read%return ret=$retval:s64",
+                        "p:kprobe_exporter/u_ret /bin/x:0x1234%return arg1=$retval"]
+    assert [(e.kind, e.target, e.function, e.is_return) for e in ps.events] == [
+        ("kretprobe", "vfs_read", "vfs_read", True), ("uretprobe", "/bin/x:0x1234", "compute", True)]
+    with pytest.raises(UserError, match="field 'latency': a kretprobe is already the return"):
+        build("probes:\n  - {raw: 'p:v vfs_read%return', latency: true}\n")
+    with pytest.raises(UserError, match=r"field 'args.ret': \$retval is only available on return probes"):
+        build("probes:\n  - raw: 'p:v vfs_read ret=$retval'\n")  # no suffix: an entry probe still

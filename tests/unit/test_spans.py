@@ -10,16 +10,14 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from kprobe_exporter.aggregate import CompletedPair
+from kprobe_exporter.config import SpanSettings
 from kprobe_exporter.spans import (
     GrpcTransport,
     HttpTransport,
     MonoToWall,
     OtlpSpanEncoder,
-    SpanPolicy,
     SpanShipper,
     negative_errno,
-    otlp_protocol,
-    resource_attributes,
 )
 from otlp_receiver import GrpcReceiver, HttpReceiver, ReceivedSpan, decode_request
 
@@ -117,25 +115,6 @@ def test_negative_errno(retval: str | None, expected: int | None) -> None:
     assert negative_errno(retval) == expected
 
 
-def test_protocol_from_env() -> None:
-    assert otlp_protocol({}) == "http/protobuf"  # the specification's default
-    assert otlp_protocol({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}) == "grpc"
-    env = {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}
-    assert otlp_protocol(env) == "http/protobuf"
-    with pytest.raises(ValueError, match="http/json"):
-        otlp_protocol({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"})
-
-
-def test_resource_from_env() -> None:
-    attrs = resource_attributes({})
-    assert attrs["service.name"] == "kprobe-exporter" and attrs["host.name"]
-    env = {"OTEL_RESOURCE_ATTRIBUTES": "service.name=a, deployment.environment=prod,k8s.node.name=n%2C1,bad"}
-    attrs = resource_attributes(env)
-    assert attrs["service.name"] == "a" and attrs["deployment.environment"] == "prod"
-    assert attrs["k8s.node.name"] == "n,1" and "bad" not in attrs
-    assert resource_attributes({**env, "OTEL_SERVICE_NAME": "b"})["service.name"] == "b"
-
-
 # ---- encoding ------------------------------------------------------------------------------------
 
 
@@ -182,7 +161,7 @@ def test_encoding_edge_values() -> None:
 
 
 def test_error_status_follows_policy() -> None:
-    enc = OtlpSpanEncoder(RESOURCE, {"quiet": SpanPolicy(error_on_negative_retval=False)})
+    enc = OtlpSpanEncoder(RESOURCE, {"quiet": SpanSettings(error_on_negative_retval=False)})
     a, b = decode_request(decode(enc.encode([pair(retval="0xfffffffffffffff4"), pair(retval="-12", name="quiet")])))
     assert (a.status_code, a.status_message) == (2, "ENOMEM")
     assert b.status_code == 0 and "error.type" not in b.attributes
