@@ -75,14 +75,19 @@ def proc_pid_of(spans: list) -> int:  # type: ignore[type-arg]
 
 def test_min_duration_and_sample_ratio_select(tracefs: Path, progs: dict[str, Path], write_config) -> None:
     with GrpcReceiver() as rx:
-        cfg = write_config(spans_config(progs, "kpe_t_sel", "{min_duration: 1ms}", func="sleep_us"))
+        # a bucket just under the threshold: the text reader's durations are whole µs, so the calls that
+        # must become spans are exactly those outside it, however long a busy machine made the ~50 µs ones
+        cfg = write_config("buckets: [0.000999, 0.1]\n"
+                           + spans_config(progs, "kpe_t_sel", "{min_duration: 1ms}", func="sleep_us"))
         with running_agent(cfg, env=rx.env()) as agent:
             subprocess.run([progs["pie"], "sleep", "30", "50"], check=True)  # 30 calls of ~50 µs
             subprocess.run([progs["pie"], "sleep", "12", "3000"], check=True)  # 12 calls of ~3 ms
             assert agent.wait_value("kprobe_latency_seconds_count", 42, probe="sleep_us") == 42
-            assert rx.wait_for(12, timeout=20)
+            fast = value(agent.scrape(), "kprobe_latency_seconds_bucket", probe="sleep_us", le="0.000999")
+            assert fast is not None and fast <= 30
+            assert rx.wait_for(42 - int(fast), timeout=20)
             time.sleep(1.5)
-            assert len(rx.spans) == 12
+            assert len(rx.spans) == 42 - fast  # the 12 slow calls, and any fast one load stretched past 1 ms
             assert all(s.end_ns - s.start_ns >= 1_000_000 for s in rx.spans)
     with GrpcReceiver() as rx:
         cfg = write_config(spans_config(progs, "kpe_t_ratio", "{sample_ratio: 0.25}"))
