@@ -1,18 +1,21 @@
 #!/usr/bin/env python3
 """Build, or reuse from its cache, the kernel-lab guest: Debian's stock kernel (real kprobes), a Python root.
 
-Everything lives in one cache directory, ``$KPROBE_LAB_CACHE`` (default /var/cache/kprobe-exporter-lab)::
+Two kernels (``--kernel``): ``6.1``, bookworm's own (the default), and ``6.12``, bookworm-backports' (fprobe
+events, BTF arguments). Everything lives in one cache directory, ``$KPROBE_LAB_CACHE`` (default
+/var/cache/kprobe-exporter-lab); the 6.1 guest is ``guest/``, the 6.12 one ``guest-6.12/``, laid out alike::
 
-    guest/vmlinux         ELF kernel extracted from Debian's bzImage; qemu boots it directly (PVH)
+    guest/vmlinux         ELF kernel extracted from Debian's bzImage (xz on 6.1, zstd on 6.12); qemu boots
+                          it directly (PVH)
     guest/initrd.cpio.gz  busybox initramfs: loads virtio-blk + ext4, mounts the root (vda, read-only)
                           and the per-boot job disk (vdb, read-write) at /job, runs /job/init.sh
     guest/rootfs.ext4     debootstrapped bookworm (minbase + python3), the project's dependencies in
                           /opt/kprobe-lab/site (wheels fetched on the host, installed offline), a static
                           busybox in /opt/kprobe-lab/bin; never the project's own source (guest.py
-                          injects that per boot)
+                          injects that per boot); the kernel's config as /boot/config-RELEASE
     guest/stamp           hash of this file and of the dependency list: the build is reused while it matches
 
-Run it as a script to build ahead of time: ``python3 tests/kernel_lab/build_guest.py [--force]``.
+Run it as a script to build ahead of time: ``python3 tests/kernel_lab/build_guest.py [--kernel 6.12] [--force]``.
 Needs root and Debian's apt (bookworm); about 1.5-3 minutes from nothing, well under a second when cached.
 """
 
@@ -25,6 +28,7 @@ import gzip
 import hashlib
 import lzma
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,9 +60,33 @@ BOOT_MODULES = (
     "drivers/block/virtio_blk",
 )
 REQUIRED_KERNEL_CONFIG = ("CONFIG_KPROBES=y", "CONFIG_KPROBE_EVENTS=y", "CONFIG_UPROBE_EVENTS=y")
+DEFAULT_KERNEL = "6.1"
+# 6.12: bookworm-backports' unsigned image (cloud and rt flavours excluded); virtio and virtio_pci are built in.
+BACKPORTS_612 = (
+    "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg]"
+    " http://deb.debian.org/debian bookworm-backports main\n"
+)
+PACKAGE_612 = re.compile(r"^linux-image-(6\.12\.(\d+)\+deb\d+-amd64)-unsigned$")
+BOOT_MODULES_612 = (
+    "crypto/crc32c_generic",
+    "lib/crc16",
+    "fs/mbcache",
+    "fs/jbd2/jbd2",
+    "fs/ext4/ext4",
+    "drivers/block/virtio_blk",
+)
+REQUIRED_KERNEL_CONFIG_612 = (
+    *REQUIRED_KERNEL_CONFIG,
+    "CONFIG_FPROBE_EVENTS=y",
+    "CONFIG_PROBE_EVENTS_BTF_ARGS=y",
+    "CONFIG_DEBUG_INFO_BTF=y",
+    "CONFIG_HIST_TRIGGERS=y",
+    "CONFIG_SYNTH_EVENTS=y",
+)
+KERNELS = ("6.1", "6.12")
 # Host tools: command -> Debian package that provides it.
 RUN_TOOLS = {"qemu-system-x86_64": "qemu-system-x86", "mke2fs": "e2fsprogs", "debugfs": "e2fsprogs"}
-BUILD_TOOLS = {"debootstrap": "debootstrap", "cpio": "cpio", "dpkg-deb": "dpkg", "apt-get": "apt"}
+BUILD_TOOLS = {"debootstrap": "debootstrap", "cpio": "cpio", "dpkg-deb": "dpkg", "apt-get": "apt", "zstd": "zstd"}
 
 INITRAMFS_INIT = """#!/bin/sh
 # /init of the kernel-lab initramfs: load virtio-blk + ext4, mount the cached root (vda, read-only) and
@@ -103,9 +131,11 @@ def guest_requirements() -> list[str]:
     return sorted(set(project.get("dependencies", [])) | set(EXTRA_GUEST_REQUIREMENTS))
 
 
-def build_key() -> str:
+def build_key(kernel: str = DEFAULT_KERNEL) -> str:
     digest = hashlib.sha256(Path(__file__).read_bytes())
     digest.update("\n".join(guest_requirements()).encode())
+    if kernel != DEFAULT_KERNEL:
+        digest.update(kernel.encode())
     return digest.hexdigest()[:16]
 
 
@@ -156,8 +186,15 @@ def ensure_static_busybox() -> Path:
 
 
 def extract_vmlinux(bzimage: Path, out: Path) -> None:
-    """Write the ELF kernel (the xz payload of Debian's bzImage) to out, so qemu can PVH-boot it."""
+    """Write the ELF kernel (the xz or zstd payload of Debian's bzImage) to out, so qemu can PVH-boot it."""
     data = bzimage.read_bytes()
+    if (zstd_payload := bzimage_payload(data)).startswith(b"\x28\xb5\x2f\xfd"):
+        # The payload ends with the decompressed size (4 bytes, little-endian) after the zstd frame.
+        elf = run_bytes(["zstd", "-dc"], zstd_payload[:-4], bzimage.parent)
+        if elf[:4] != b"\x7fELF" or len(elf) != int.from_bytes(zstd_payload[-4:], "little"):
+            raise LabError(f"{bzimage}: the zstd payload is not an ELF kernel")
+        out.write_bytes(elf)
+        return
     start = data.find(b"\xfd7zXZ\x00")
     if start < 0:
         raise LabError(f"{bzimage}: no xz payload (not a Debian x86 bzImage?)")
@@ -165,6 +202,40 @@ def extract_vmlinux(bzimage: Path, out: Path) -> None:
     if elf[:4] != b"\x7fELF":
         raise LabError(f"{bzimage}: the xz payload is not an ELF kernel")
     out.write_bytes(elf)
+
+
+def bzimage_payload(data: bytes) -> bytes:
+    """The compressed kernel of a bzImage, located by its setup header (payload_offset, payload_length)."""
+    if data[0x202:0x206] != b"HdrS":
+        return b""
+    setup_sects = data[0x1F1] or 4
+    start = (setup_sects + 1) * 512 + int.from_bytes(data[0x248:0x24C], "little")
+    return data[start : start + int.from_bytes(data[0x24C:0x250], "little")]
+
+
+def download_backports_kernel(debs: Path) -> str:
+    """apt-get download bookworm-backports' newest 6.12 unsigned image; its package name.
+
+    The suite is added for this download only: a sources list and package lists of its own under debs/,
+    so the host's apt configuration and lists are left as they were.
+    """
+    apt = debs / "apt"
+    for d in ("lists/partial", "cache/archives/partial"):
+        (apt / d).mkdir(parents=True)
+    (apt / "sources.list").write_text(BACKPORTS_612)
+    options = [
+        f"-oDir::Etc::SourceList={apt / 'sources.list'}", "-oDir::Etc::SourceParts=/nonexistent",
+        f"-oDir::State::Lists={apt / 'lists'}", f"-oDir::Cache={apt / 'cache'}", "-oDebug::NoLocking=1",
+    ]  # fmt: skip
+    run(["apt-get", *options, "update", "-qq"], "apt-get update of bookworm-backports")
+    found = run(["apt-cache", *options, "search", "--names-only", "^linux-image-6\\.12\\."], "apt-cache search")
+    names = [m for line in found.splitlines() if (m := PACKAGE_612.match(line.split(" - ")[0].strip()))]
+    if not names:
+        raise LabError(f"bookworm-backports has no linux-image-6.12.*-amd64-unsigned:\n{found}")
+    pkg = max(names, key=lambda m: int(m.group(2))).group(0)
+    run(["apt-get", *options, "download", pkg], f"downloading the kernel package {pkg}", cwd=debs)
+    shutil.rmtree(apt)
+    return pkg
 
 
 def download_kernel(debs: Path) -> str:
@@ -188,15 +259,17 @@ def download_kernel(debs: Path) -> str:
     raise AssertionError("unreachable")
 
 
-def fetch_kernel(work: Path) -> str:
+def fetch_kernel(work: Path, kernel: str = DEFAULT_KERNEL) -> str:
     """Download Debian's kernel package; leave vmlinux, config and the boot modules in work; its release."""
     debs = work / "debs"
     debs.mkdir()
-    pkg = download_kernel(debs)
-    release = pkg.removeprefix("linux-image-")
+    pkg = download_backports_kernel(debs) if kernel == "6.12" else download_kernel(debs)
+    release = pkg.removeprefix("linux-image-").removesuffix("-unsigned")
     deb = next(debs.glob(f"{pkg}_*.deb"))
+    # 6.12's modules are xz-compressed (.ko.xz): unpacked here, since busybox's insmod takes plain .ko files.
+    suffix = ".ko.xz" if kernel == "6.12" else ".ko"
     wanted = {f"./boot/vmlinuz-{release}", f"./boot/config-{release}"} | {
-        f"./lib/modules/{release}/kernel/{m}.ko" for m in BOOT_MODULES
+        f"./lib/modules/{release}/kernel/{m}{suffix}" for m in boot_modules(kernel)
     }
     kdir = work / "kernel"
     kdir.mkdir()
@@ -207,12 +280,17 @@ def fetch_kernel(work: Path) -> str:
                 if member.name in wanted and member.isfile():
                     src = tar.extractfile(member)
                     assert src is not None
-                    (kdir / Path(member.name).name).write_bytes(src.read())
-    missing = sorted(w for w in wanted if not (kdir / Path(w).name).exists())
+                    data = src.read()
+                    name = Path(member.name).name
+                    if name.endswith(".ko.xz"):
+                        data, name = lzma.decompress(data), name.removesuffix(".xz")
+                    (kdir / name).write_bytes(data)
+    missing = sorted(w for w in wanted if not (kdir / Path(w).name.removesuffix(".xz")).exists())
     if missing:
         raise LabError(f"{deb.name} lacks {missing}")
     config = (kdir / f"config-{release}").read_text()
-    absent = [opt for opt in REQUIRED_KERNEL_CONFIG if opt not in config.splitlines()]
+    required = REQUIRED_KERNEL_CONFIG_612 if kernel == "6.12" else REQUIRED_KERNEL_CONFIG
+    absent = [opt for opt in required if opt not in config.splitlines()]
     if absent:
         raise LabError(f"kernel {release} lacks {absent}")
     extract_vmlinux(kdir / f"vmlinuz-{release}", work / "vmlinux")
@@ -221,18 +299,27 @@ def fetch_kernel(work: Path) -> str:
     return release
 
 
-def make_initramfs(work: Path, busybox: Path) -> None:
+def boot_modules(kernel: str) -> tuple[str, ...]:
+    return BOOT_MODULES_612 if kernel == "6.12" else BOOT_MODULES
+
+
+def guest_dir_name(kernel: str) -> str:
+    """The guest's directory in the cache: guest/ for the default kernel (as before), guest-KERNEL/ for others."""
+    return "guest" if kernel == DEFAULT_KERNEL else f"guest-{kernel}"
+
+
+def make_initramfs(work: Path, busybox: Path, kernel: str = DEFAULT_KERNEL) -> None:
     root = work / "initramfs"
     for d in ("bin", "proc", "sys", "dev", "newroot", "mod"):
         (root / d).mkdir(parents=True)
     shutil.copy2(busybox, root / "bin/busybox")
     for applet in ("sh", "mount", "umount", "insmod", "switch_root", "poweroff", "echo", "ls", "seq"):
         (root / "bin" / applet).symlink_to("busybox")
-    for m in BOOT_MODULES:
+    for m in boot_modules(kernel):
         name = Path(m).name + ".ko"
         shutil.move(work / "kernel" / name, root / "mod" / name)
     init = root / "init"
-    init.write_text(INITRAMFS_INIT.replace("MODULES", " ".join(Path(m).name for m in BOOT_MODULES)))
+    init.write_text(INITRAMFS_INIT.replace("MODULES", " ".join(Path(m).name for m in boot_modules(kernel))))
     init.chmod(0o755)
     names = "\n".join(str(p.relative_to(root)) for p in sorted(root.rglob("*"))) + "\n"
     cpio = run_bytes(["cpio", "-o", "-H", "newc", "--quiet"], names.encode(), root)
@@ -325,8 +412,8 @@ def _image(directory: Path) -> GuestImage:
     )
 
 
-def cached_guest(cache: Path, key: str) -> GuestImage | None:
-    guest = cache / "guest"
+def cached_guest(cache: Path, key: str, kernel: str = DEFAULT_KERNEL) -> GuestImage | None:
+    guest = cache / guest_dir_name(kernel)
     stamp = guest / "stamp"
     if not stamp.exists() or stamp.read_text().strip() != key:
         return None
@@ -343,7 +430,7 @@ def locked(cache: Path) -> Iterator[None]:
         yield
 
 
-def build(cache: Path, key: str) -> GuestImage:
+def build(cache: Path, key: str, kernel: str = DEFAULT_KERNEL) -> GuestImage:
     """Build a fresh guest in a staging directory and swap it in; the caller holds the lock."""
     if os.geteuid() != 0:
         raise LabError("building the kernel-lab guest needs root (debootstrap, apt-get)")
@@ -358,20 +445,22 @@ def build(cache: Path, key: str) -> GuestImage:
         # Network-bound steps in parallel: debootstrap, the kernel package, the wheels.
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             boot = pool.submit(debootstrap, work)
-            kernel = pool.submit(fetch_kernel, work)
+            fetched = pool.submit(fetch_kernel, work, kernel)
             deps = pool.submit(install_deps, work)
-            release = kernel.result()
+            release = fetched.result()
             log(f"kernel {release}: vmlinux extracted ({time.monotonic() - started:.0f} s)")
-            make_initramfs(work, busybox)
+            make_initramfs(work, busybox, kernel)
             deps.result()
             boot.result()
+        (work / "tree/boot").mkdir(exist_ok=True)
+        shutil.copy2(work / "config", work / f"tree/boot/config-{release}")
         make_rootfs(work, busybox)
     except BaseException:
         remove_tree(work)
         raise
     (work / "kernel-release").write_text(release + "\n")
     (work / "stamp").write_text(key + "\n")
-    old = cache / "guest"
+    old = cache / guest_dir_name(kernel)
     if old.exists():
         shutil.rmtree(old)
     work.rename(old)
@@ -379,11 +468,13 @@ def build(cache: Path, key: str) -> GuestImage:
     return _image(old)
 
 
-def ensure_guest(cache: Path | None = None, force: bool = False) -> GuestImage:
-    """The cached guest if its stamp matches this build, else a fresh build (needs root and apt)."""
+def ensure_guest(cache: Path | None = None, force: bool = False, kernel: str = DEFAULT_KERNEL) -> GuestImage:
+    """The cached guest of `kernel` if its stamp matches this build, else a fresh build (needs root and apt)."""
+    if kernel not in KERNELS:
+        raise LabError(f"unknown lab kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
     cache = cache or cache_dir()
-    key = build_key()
-    if not force and (image := cached_guest(cache, key)) is not None:
+    key = build_key(kernel)
+    if not force and (image := cached_guest(cache, key, kernel)) is not None:
         ensure_tools(RUN_TOOLS)
         return image
     try:
@@ -391,19 +482,20 @@ def ensure_guest(cache: Path | None = None, force: bool = False) -> GuestImage:
     except OSError as e:
         raise LabError(f"cannot create the kernel-lab cache {cache}: {e}") from e
     with locked(cache):
-        if not force and (image := cached_guest(cache, key)) is not None:
+        if not force and (image := cached_guest(cache, key, kernel)) is not None:
             return image
-        return build(cache, key)
+        return build(cache, key, kernel)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--force", action="store_true", help="rebuild even if the cache is valid")
     parser.add_argument("--cache", type=Path, default=None, help=f"cache directory (default {DEFAULT_CACHE})")
+    parser.add_argument("--kernel", choices=KERNELS, default=DEFAULT_KERNEL, help="Debian kernel (default 6.1)")
     args = parser.parse_args()
     started = time.monotonic()
     try:
-        image = ensure_guest(args.cache, force=args.force)
+        image = ensure_guest(args.cache, force=args.force, kernel=args.kernel)
     except LabError as e:
         print(f"kernel-lab: {e}", file=sys.stderr)
         return 1

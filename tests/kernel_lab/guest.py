@@ -1,4 +1,4 @@
-"""Run a bash script inside the kernel-lab guest (Debian's 6.1 kernel, real kprobes) and collect its results.
+"""Run a bash script inside the kernel-lab guest (Debian's 6.1 or 6.12 kernel, real kprobes) and collect its results.
 
 Each call boots a fresh guest under qemu (TCG, about 5 s): the cached root from build_guest.py
 (read-only, /dev/vda) plus a small per-boot ext4 job disk (read-write, /dev/vdb, mounted at /job)
@@ -30,9 +30,18 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from .build_guest import REPO_ROOT, GuestImage, LabError, ensure_guest, run
+from .build_guest import DEFAULT_KERNEL, KERNELS, REPO_ROOT, GuestImage, LabError, ensure_guest, run
 
-__all__ = ["GuestImage", "GuestResult", "GuestTimeout", "LabError", "require_guest", "run_in_guest"]
+__all__ = [
+    "DEFAULT_KERNEL",
+    "KERNELS",
+    "GuestImage",
+    "GuestResult",
+    "GuestTimeout",
+    "LabError",
+    "require_guest",
+    "run_in_guest",
+]
 
 MEMORY_MB = 1024
 OUT_SPACE_MB = 256  # free space on the job disk for the script's results (sparse on the host)
@@ -88,12 +97,12 @@ class GuestResult:
     seconds: float  # the whole boot, from starting qemu to its exit
 
 
-def require_guest() -> GuestImage:
-    """The built guest (building it if needed), or pytest.fail with the exact reason: never a skip."""
+def require_guest(kernel: str = DEFAULT_KERNEL) -> GuestImage:
+    """The built guest of `kernel` (building it if needed), or pytest.fail with the exact reason: never a skip."""
     import pytest
 
     try:
-        return ensure_guest()
+        return ensure_guest(kernel=kernel)
     except LabError as e:
         reason = str(e)
     pytest.fail(f"kernel lab unavailable: {reason}", pytrace=False)
@@ -105,13 +114,15 @@ def run_in_guest(
     timeout: float = 120,
     *,
     package_dir: Path | None = None,
+    kernel: str = DEFAULT_KERNEL,
 ) -> GuestResult:
     """Boot the guest, run `script` (bash) in it with `files` under /job/in, return its results.
 
-    package_dir is the Python package injected into /job/src (default: this checkout's kprobe_exporter/).
+    package_dir is the Python package injected into /job/src (default: this checkout's kprobe_exporter/);
+    kernel is the lab kernel to boot (build_guest.KERNELS).
     Raises LabError when the guest cannot be built or booted, GuestTimeout past `timeout` seconds.
     """
-    image = ensure_guest()
+    image = ensure_guest(kernel=kernel)
     package = package_dir or REPO_ROOT / "kprobe_exporter"
     if not package.is_dir():
         raise LabError(f"no package to inject at {package}")

@@ -96,3 +96,55 @@ def test_exit_status_and_console_come_back(guest: GuestImage) -> None:
     assert result.returncode == 7
     assert "to-stderr" in result.stdout and "to-stdout" in result.stdout
     assert result.files == {}
+
+
+# Debian's 6.12 guest: fprobe events (entry and %return) and hist triggers, used for real, not only configured.
+# A static busybox copied under its own name gives a comm to filter on and exactly READS read(2) calls
+# (bs=1 count=READS; no dynamic loader reading libraries first).
+READS = 100
+FPROBE_SCRIPT = f"""
+set -euo pipefail
+T=/sys/kernel/tracing
+I=$T/instances/lab_smoke
+uname -r > "$LAB_OUT/uname.txt"
+cp "/boot/config-$(uname -r)" "$LAB_OUT/config"
+echo 'f:lab_smoke/fent vfs_read count' >> $T/dynamic_events
+echo 'f:lab_smoke/fexit vfs_read%return ret=$retval' >> $T/dynamic_events
+cat $T/dynamic_events > "$LAB_OUT/dynamic_events"
+mkdir $I
+echo 'hist:keys=common_pid:vals=hitcount if comm == "busybox-smoke"' > $I/events/lab_smoke/fent/trigger
+echo 'comm == "busybox-smoke"' > $I/events/lab_smoke/fexit/filter
+echo 1 > $I/events/lab_smoke/fexit/enable
+cp /opt/kprobe-lab/bin/busybox /tmp/busybox-smoke
+head -c {READS} /dev/zero > /tmp/data
+/tmp/busybox-smoke dd if=/tmp/data of=/dev/null bs=1 count={READS} 2>/dev/null
+echo 0 > $I/tracing_on
+cat $I/events/lab_smoke/fent/hist > "$LAB_OUT/hist"
+cat $I/trace > "$LAB_OUT/trace"
+"""
+
+
+@pytest.fixture(scope="module")
+def guest_612() -> GuestImage:
+    return require_guest("6.12")
+
+
+def test_612_guest_has_fprobe_events_and_hist_triggers(guest_612: GuestImage) -> None:
+    result = run_in_guest(FPROBE_SCRIPT, timeout=300, kernel="6.12")
+    assert result.returncode == 0, result.stdout
+    release = result.files["uname.txt"].decode().strip()
+    assert release == guest_612.kernel_release and release.startswith("6.12."), release
+    config = result.files["config"].decode().splitlines()
+    for option in ("CONFIG_FPROBE_EVENTS=y", "CONFIG_PROBE_EVENTS_BTF_ARGS=y", "CONFIG_HIST_TRIGGERS=y"):
+        assert option in config, option
+    # The kernel lists the BTF-named argument back in its expanded form.
+    assert result.files["dynamic_events"].decode().splitlines() == [
+        "f:lab_smoke/fent vfs_read count=count",
+        "f:lab_smoke/fexit vfs_read%return ret=$retval",
+    ]
+    hist = result.files["hist"].decode()
+    assert f"Hits: {READS}\n" in hist, hist
+    exits = [line for line in result.files["trace"].decode().splitlines() if "fexit:" in line]
+    assert len(exits) == READS, result.files["trace"].decode()
+    # $retval takes vfs_read's BTF return type (ssize_t): printed signed decimal, not the kprobe's 0x1.
+    assert all(line.endswith("<- vfs_read) ret=1") for line in exits), exits[:3]
