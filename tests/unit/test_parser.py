@@ -160,6 +160,47 @@ def test_bad_lines_raise_parse_error_with_reason(bad: bytes) -> None:
     assert e.value.reason in parser.REASONS
 
 
+def test_head_limits_are_exact() -> None:
+    """Where a head stops being one, and with which reason: 30 bytes is the least the parser looks at
+    (shorter is a bad head, 30 with a bad stamp a bad timestamp); pid, CPU and seconds take 1 to 9
+    digits (10 would not fit the int64 keys); `(-------)` is the kernel's tgid column for a pid it has
+    no tgid for."""
+    comm = b"a" * 16
+
+    def reason(line: bytes) -> str | None:
+        try:
+            parser.parse_head(line)
+        except parser.ParseError as e:
+            return e.reason
+        return None
+
+    assert [reason(comm + b"-1 [0] 1.5: ab"), reason(comm + b"-1 [0] 1.5: a")] == ["bad_timestamp", "bad_head"]
+    assert parser.parse_head(comm + b"-123456789 [123456789] 123456789.000001: e") == (
+        123456789, -1, 123456789, 123456789_000_001_000, 57)
+    assert reason(comm + b"-1234567890 [0] 1.000001: e") == "bad_head"
+    assert reason(comm + b"-1 [1234567890] 1.000001: e") == "bad_head"
+    assert reason(comm + b"-1 [0] 1234567890.000001: e") == "bad_timestamp"
+    assert reason(comm + b"-1 [0] 1.00001: e") == "bad_timestamp"
+    assert reason(comm + b"-1 [0] 1.0000001: e") == "bad_timestamp"
+    assert reason(comm + b"-1 [0] .000001: e") == "bad_timestamp"
+    assert parser.parse_line(comm + b"-7       (-------) [001] d..1.   1.000002: e: x").tgid == -1
+    assert parser.parse_line(comm + b"-7       (    123) [001] d..1.   1.000002: e: x").tgid == 123
+
+
+def test_replay_counts_a_last_line_without_its_newline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kprobe_exporter import cli
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("probes:\n  - name: f\n    uprobe: /bin/x:0x10\n    latency: true\n")
+    trace = tmp_path / "t.trace"
+    head = b"             app-7       [000] .....  1234.%06d: "
+    trace.write_bytes(head % 10 + b"f: (0x1)\n" + head % 30 + b"f_ret: (0x2 <- 0x1) ret=0x0")
+    assert cli.main(["replay", "--config", str(cfg), str(trace)]) == 0
+    out = capsys.readouterr().out
+    assert _sample(out, 'kprobe_latency_seconds_count{probe="f"}') == 1
+    assert _sample(out, "kprobe_exporter_lines_read_total") == 2
+
+
 comm_st = st.binary(min_size=1, max_size=15).filter(lambda b: b"\n" not in b and b.strip() == b and b"\0" not in b)
 name_st = st.from_regex(r"\A[a-z_][a-z0-9_]{0,20}\Z", fullmatch=True)
 val_st = st.binary(max_size=40).filter(lambda b: b"\n" not in b)
