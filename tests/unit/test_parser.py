@@ -187,6 +187,9 @@ def test_head_limits_are_exact() -> None:
     t = parser.parse_line(b"        a: b [1]-7       [001] d..1.   1.000002: e: x")  # `: ` and `]` in the comm
     assert (t.comm, t.tid, t.cpu, t.ts_ns, t.token) == (b"a: b [1]", 7, 1, 1_000_002_000, b"e:")
     assert parser.parse_line(comm + b"-7       (-------) [001] d..1.   1.000002: e: x").tgid == -1
+    assert parser.parse_line(comm + b"-7       (1234567) [001] d..1.   1.000002: e: x").tgid == 1234567
+    # no tgid column: parentheses in the comm or the body are not one
+    assert parser.parse_line(b"       (123) app-7       [001] d..1.   1.000002: e: (5)").tgid == -1
     assert parser.parse_line(comm + b"-7       (    123) [001] d..1.   1.000002: e: x").tgid == 123
 
 
