@@ -167,26 +167,39 @@ def test_both_readers_agree_on_the_same_events(tracefs: Path, exe: Path) -> None
     def key(s: CompletedPair) -> tuple[str, int, int]:
         return (s.pair, s.tid, s.start_ns)  # each thread's calls in order (they cannot overlap)
 
+    # Python's sort is stable and each list is in the order of the exits, so calls of a thread that
+    # start within one microsecond of text keep the thread's own order: the k-th call of a pair on a
+    # thread is the k-th on that thread in both, with the same args and return value.
     ts_, rs_ = sorted(text.spans, key=key), sorted(raw.spans, key=key)
     assert len(rs_) == len(ts_) == sum(p.count for p in r.pairs.values())
     for a, b in zip(rs_, ts_, strict=True):
         assert (a.pair, a.tid, a.args, a.retval) == (b.pair, b.tid, b.args, b.retval)
+    # the calls of each thread, across pairs, in the order they returned: the same sequence in both
+    assert by_thread(raw.spans) == by_thread(text.spans)
     # A thread gone before it is named has its tgid only from saved_tgids, which the kernel fills when
     # it switches the thread out (the text may print a previous holder's) and which the raw reader reads
     # at most 5 times a second (~10 ms a read): rarely, the two differ or one does not know.
     assert sum(a.tgid != b.tgid for a, b in zip(rs_, ts_, strict=True)) <= len(rs_) // 100
     assert {a.comm for a in rs_} | {b.comm for b in ts_} <= {COMM, UNKNOWN_COMM}
     assert sum(a.comm != COMM or b.comm != COMM for a, b in zip(rs_, ts_, strict=True)) <= len(rs_) // 100
-    # Each instance's buffer stamps an event itself, a few hundred ns apart: the same call's latency in
-    # the two is within the text's rounding (< 1 us) plus that
-    dl = np.array([(a.end_ns - a.start_ns) - (b.end_ns - b.start_ns) for a, b in zip(rs_, ts_, strict=True)])
-    # (an interrupt between the two writes now and then: measured p50 ~450 ns, p99 ~900 ns, max ~10 us).
-    # The exact check, on one buffer, is the next test.
-    assert np.percentile(np.abs(dl), 99) < 1000, np.percentile(np.abs(dl), [50, 99, 100])
-    assert np.count_nonzero(np.abs(dl) >= 2000) <= len(dl) // 100
+    # Timestamps: each instance's buffer stamps an event itself, a few hundred ns apart (more when an
+    # interrupt or a busy CPU comes between the two writes), so no bound on their difference holds
+    # under load; the exact check of the stamps, on one buffer read both ways, is the next test. What
+    # holds here is the order they put each thread's calls in (above), and that both are real stamps.
+    for spans in (rs_, ts_):
+        assert all(s.end_ns >= s.start_ns > 0 for s in spans)
     assert sum(s.tgid <= 0 for s in rs_) <= len(rs_) // 100
     d = np.array([s.end_ns - s.start_ns for s in rs_])
     assert np.count_nonzero(d % 1000) > len(d) // 2  # nanoseconds, where text has microseconds
+    assert not np.any(np.array([s.end_ns - s.start_ns for s in ts_]) % 1000)
+
+
+def by_thread(spans: list[CompletedPair]) -> dict[int, list[tuple[str, tuple[tuple[str, str], ...], str | None]]]:
+    """Each thread's calls (pair, args, return value) in the order they returned."""
+    out: dict[int, list[tuple[str, tuple[tuple[str, str], ...], str | None]]] = {}
+    for s in spans:
+        out.setdefault(s.tid, []).append((s.pair, s.args, s.retval))
+    return out
 
 
 def test_one_buffer_as_text_and_as_pages_agrees_to_the_microsecond(tracefs: Path, exe: Path) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
+from feeding import feed_text
 from kprobe_exporter import config, probes
 from kprobe_exporter.aggregate import Aggregate, CompletedPair
 
@@ -39,7 +41,7 @@ probes:
 
 
 def feed(agg: Aggregate, *lines: bytes) -> None:
-    agg.feed(b"\n".join(lines) + b"\n")
+    feed_text(agg, b"\n".join(lines) + b"\n")
 
 
 def reference_pairs(path: Path, entry: bytes, exit_: bytes) -> tuple[int, int, int]:
@@ -71,7 +73,7 @@ def test_fixture_618_counts_and_pairs_match_an_independent_reference() -> None:
     ):
         agg = from_file(HERE / "configs" / "fixture-6.18.yaml")
         trace = FIX / "linux-6.18" / name
-        agg.feed(trace.read_bytes())
+        feed_text(agg, trace.read_bytes())
         snap = agg.snapshot()
         assert snap.lines_read == 278 and sum(snap.parse_errors.values()) == 0
         for pair, (entry, exit_) in {
@@ -91,7 +93,7 @@ def test_fixture_618_counts_and_pairs_match_an_independent_reference() -> None:
 def test_fixture_61_two_kretprobes_on_one_function_still_pair() -> None:
     agg = from_file(HERE / "configs" / "fixture-6.1.yaml")
     trace = FIX / "linux-6.1-debian" / "kprobes-kretprobes-eprobe.trace"
-    agg.feed(trace.read_bytes())
+    feed_text(agg, trace.read_bytes())
     snap = agg.snapshot()
     assert sum(snap.parse_errors.values()) == 0
     assert (snap.pairs["openat2"].count, snap.pairs["openat2"].unmatched) == reference_pairs(
@@ -105,20 +107,129 @@ def test_fixture_61_two_kretprobes_on_one_function_still_pair() -> None:
     assert "/sys/kernel/tracing/instances/lab/tracing_on" in labelled
 
 
-def test_nested_calls_pair_lifo_per_thread() -> None:
-    agg = make(UP)
-    feed(
-        agg,
+class AllSpans:
+    sample_ratio = 1.0
+    min_duration_ns = 0
+
+
+# Bounds 5 µs, 50 µs, 500 µs, 5 ms: the calls below have durations in distinct buckets, so a histogram
+# tells which entry paired with which exit (sums and counts do not: any pairing of the same entries
+# and exits has the same sum).
+NESTED = """
+buckets: [0.000005, 0.00005, 0.0005, 0.005]
+probes:
+  - name: f
+    uprobe: /bin/x:0x10
+    args: {n: "%di:s32"}
+    latency: true
+  - name: g
+    uprobe: /bin/x:0x20
+    latency: true
+"""
+
+
+def other_thread_calls(n: int, ts_us: int) -> list[bytes]:
+    """n calls of g (another pair, another thread): enough of them make a chunk take the columnar
+    path (whole-array pairing), none the per-line loop; f's figures do not include them."""
+    return [line("o", 77, ts_us, "g: (0x3)" if i % 2 == 0 else "g_ret: (0x4 <- 0x3) ret=0") for i in range(2 * n)]
+
+
+def nested() -> tuple[Aggregate, list[CompletedPair]]:
+    agg = make(NESTED)
+    spans: list[CompletedPair] = []
+    agg.set_sink("f", AllSpans(), spans.append)
+    return agg, spans
+
+
+def pairs_of(spans: list[CompletedPair]) -> list[tuple[int, int, int, str]]:
+    """(tid, start µs, end µs, the entry's n) of each span, in the order the exits came."""
+    return [(p.tid, p.start_ns // 1000, p.end_ns // 1000, dict(p.args)["n"]) for p in spans]
+
+
+@pytest.mark.parametrize("filler", [0, 200])  # the per-line loop, and whole-array pairing
+def test_nested_calls_pair_lifo_per_thread(filler: int) -> None:
+    agg, spans = nested()
+    lines = [*other_thread_calls(filler, 1_000_000),
         line("a", 1, 1_000_000, "f: (0x1) n=1"),
         line("b", 2, 1_000_001, "f: (0x1) n=9"),
         line("a", 1, 1_000_010, "f: (0x1) n=2"),
         line("a", 1, 1_000_012, "f_ret: (0x2 <- 0x1) ret=0"),
         line("b", 2, 1_000_500, "f_ret: (0x2 <- 0x1) ret=0"),
         line("a", 1, 1_001_000, "f_ret: (0x2 <- 0x1) ret=0"),
-    )
+    ]
+    feed(agg, *lines)
     st = agg.snapshot().pairs["f"]
     assert (st.count, st.pending, st.unmatched) == (3, 0, 0)
     assert st.sum_ns == (2 + 499 + 1000) * 1000  # inner 2 µs, thread b 499 µs, outer 1000 µs
+    # the inner call closes first: 2 µs (<= 5 µs); b 499 µs (<= 500 µs); the outer 1000 µs (<= 5 ms).
+    # FIFO pairing would make them 12 µs, 499 µs, 990 µs.
+    assert st.buckets == [1, 0, 1, 1, 0]
+    assert pairs_of(spans) == [(1, 1_000_010, 1_000_012, "2"), (2, 1_000_001, 1_000_500, "9"),
+                               (1, 1_000_000, 1_001_000, "1")]
+
+
+@pytest.mark.parametrize("filler", list(itertools.product([0, 200], repeat=3)))
+def test_a_stack_carried_over_chunk_boundaries_keeps_its_order(filler: tuple[int, int, int]) -> None:
+    """Two nested calls open at the end of one chunk, a third opens in the next, and all close in a
+    third chunk (with a fourth opened and closed in between): the innermost closes first, whichever
+    way each chunk is paired (`filler`: other calls that make a chunk take the whole-array path)."""
+    agg, spans = nested()
+    feed(agg, *other_thread_calls(filler[0], 1_000_000), line("a", 1, 1_000_000, "f: (0x1) n=1"),
+         line("a", 1, 1_000_010, "f: (0x1) n=2"))
+    feed(agg, *other_thread_calls(filler[1], 1_000_010), line("a", 1, 1_000_012, "f: (0x1) n=3"))
+    assert agg.snapshot().pairs["f"].pending == 3
+    feed(agg, *other_thread_calls(filler[2], 1_000_012),
+         line("a", 1, 1_000_013, "f_ret: (0x2 <- 0x1) ret=0"),
+         line("a", 1, 1_000_020, "f: (0x1) n=4"),
+         line("a", 1, 1_000_025, "f_ret: (0x2 <- 0x1) ret=0"),
+         line("a", 1, 1_000_050, "f_ret: (0x2 <- 0x1) ret=0"),
+         line("a", 1, 1_000_400, "f_ret: (0x2 <- 0x1) ret=0"))
+    st = agg.snapshot().pairs["f"]
+    assert (st.count, st.pending, st.unmatched) == (4, 0, 0)
+    assert pairs_of(spans) == [(1, 1_000_012, 1_000_013, "3"), (1, 1_000_020, 1_000_025, "4"),
+                               (1, 1_000_010, 1_000_050, "2"), (1, 1_000_000, 1_000_400, "1")]
+    assert st.buckets == [2, 1, 1, 0, 0]  # 1 µs and 5 µs; 40 µs; 400 µs
+
+
+@pytest.mark.parametrize("filler", [0, 200])
+def test_stacks_of_several_threads_carried_over_together_stay_apart(filler: int) -> None:
+    agg, spans = nested()
+    feed(agg, *other_thread_calls(filler, 1_000_000), line("a", 1, 1_000_000, "f: (0x1) n=1"),
+         line("b", 2, 1_000_001, "f: (0x1) n=5"),
+         line("a", 1, 1_000_002, "f: (0x1) n=2"), line("b", 2, 1_000_003, "f: (0x1) n=6"))
+    feed(agg, *other_thread_calls(filler, 1_000_003),
+         line("b", 2, 1_000_004, "f_ret: (0x2 <- 0x1) ret=0"),
+         line("a", 1, 1_000_030, "f_ret: (0x2 <- 0x1) ret=0"),
+         line("b", 2, 1_000_301, "f_ret: (0x2 <- 0x1) ret=0"),
+         line("a", 1, 1_003_000, "f_ret: (0x2 <- 0x1) ret=0"))
+    assert pairs_of(spans) == [(2, 1_000_003, 1_000_004, "6"), (1, 1_000_002, 1_000_030, "2"),
+                               (2, 1_000_001, 1_000_301, "5"), (1, 1_000_000, 1_003_000, "1")]
+    assert agg.snapshot().pairs["f"].buckets == [1, 1, 1, 1, 0]
+
+
+@pytest.mark.parametrize("filler", [0, 200])
+def test_a_line_without_its_newline_at_the_end_of_the_text_still_counts(filler: int) -> None:
+    """The reader hands on a line longer than its buffer in pieces, the last without a newline, and
+    each piece is a line read; so is the last line of text that ends without one."""
+    agg, spans = nested()
+    text = b"\n".join([*other_thread_calls(filler, 1_000_000), line("a", 1, 1_000_000, "f: (0x1) n=1"),
+                       line("a", 1, 1_000_040, "f_ret: (0x2 <- 0x1) ret=0")])
+    feed_text(agg, text)
+    snap = agg.snapshot()
+    assert snap.lines_read == 2 + 2 * filler
+    assert (snap.pairs["f"].count, snap.pairs["f"].pending, snap.pairs["f"].unmatched) == (1, 0, 0)
+    assert pairs_of(spans) == [(1, 1_000_000, 1_000_040, "1")]
+
+
+def test_a_duration_equal_to_a_bound_falls_in_that_bound_s_bucket() -> None:
+    """Prometheus buckets are `le`: a call of exactly 5 µs counts in the 5 µs bucket, one of 6 µs not."""
+    for filler in (0, 200):
+        agg, _ = nested()
+        feed(agg, line("a", 1, 1_000_000, "f: (0x1) n=1"), line("a", 1, 1_000_005, "f_ret: (0x2 <- 0x1) ret=0"),
+             line("a", 1, 1_000_010, "f: (0x1) n=1"), line("a", 1, 1_000_060, "f_ret: (0x2 <- 0x1) ret=0"),
+             line("a", 1, 1_000_100, "f: (0x1) n=1"), line("a", 1, 1_000_106, "f_ret: (0x2 <- 0x1) ret=0"),
+             *other_thread_calls(filler, 1_000_106))
+        assert agg.snapshot().pairs["f"].buckets == [1, 2, 0, 0, 0], filler
 
 
 def test_exit_without_entry_is_unmatched() -> None:
@@ -141,6 +252,56 @@ def test_pending_is_bounded_by_count_and_age() -> None:
     assert agg.snapshot().pairs["f"].pending == 0
 
 
+@pytest.mark.parametrize("filler", [0, 200])
+def test_an_entry_exactly_max_age_old_stays_and_one_older_goes(filler: int) -> None:
+    """max_age is how long an entry may wait: at max_age it is still pending, a microsecond later not."""
+    agg2 = make(NESTED + "pending: {max_age: 2s}\n")
+    feed(agg2, *other_thread_calls(filler, 10_000_000), line("a", 1, 10_000_000, "f: (0x1) n=1"),
+         line("b", 2, 10_000_001, "f: (0x1) n=2"), line("b", 2, 10_000_003, "f: (0x1) n=3"))
+    # a sweep driven by the agent's idle loop, at 2 s after b's first entry
+    agg2.sweep((10_000_001 + 2_000_000) * 1000)
+    st = agg2.snapshot().pairs["f"]
+    assert (st.evicted["age"], st.pending) == (1, 2)  # a's 2.000001 s old entry went; b's stack stays whole
+    agg2.sweep((10_000_003 + 2_000_000) * 1000)
+    st = agg2.snapshot().pairs["f"]
+    assert (st.evicted["age"], st.pending) == (2, 1)  # b's older entry went, its newer one (exactly 2 s) stays
+    agg2.sweep((10_000_003 + 2_000_000) * 1000 + 1)
+    assert agg2.snapshot().pairs["f"].pending == 0
+    # the same, driven by a line of the trace (an unrelated thread's entry) at that moment
+    agg3 = make(NESTED + "pending: {max_age: 2s}\n")
+    feed(agg3, *other_thread_calls(filler, 10_000_000), line("a", 1, 10_000_000, "f: (0x1) n=1"),
+         line("b", 2, 10_000_001, "f: (0x1) n=2"), line("b", 2, 10_000_003, "f: (0x1) n=3"),
+         line("c", 3, 12_000_001, "f: (0x1) n=4"))
+    st = agg3.snapshot().pairs["f"]
+    assert (st.evicted["age"], st.pending) == (1, 3)
+
+
+def test_loss_in_the_per_cpu_stats_drops_what_is_pending() -> None:
+    """An exit may be among the events the stats say were lost: pending entries are dropped (evicted
+    as `lost`) when a CPU's loss grows, and only then."""
+    agg, _ = nested()
+    agg.set_stats_lost(0, 0)
+    agg.set_stats_lost(1, 0)  # the first reading: nothing lost
+    feed(agg, line("a", 1, 10, "f: (0x1) n=1"), line("b", 2, 11, "f: (0x1) n=2"))
+    agg.set_stats_lost(1, 0)  # unchanged
+    st = agg.snapshot().pairs["f"]
+    assert (st.pending, st.evicted["lost"]) == (2, 0)
+    agg.set_stats_lost(1, 4)  # four events lost on CPU 1
+    snap = agg.snapshot()
+    assert (snap.pairs["f"].pending, snap.pairs["f"].evicted["lost"], snap.lost) == (0, 2, {0: 0, 1: 4})
+    feed(agg, line("a", 1, 20, "f_ret: (0x2 <- 0x1) ret=0"), line("a", 1, 30, "f: (0x1) n=3"))
+    st = agg.snapshot().pairs["f"]
+    assert (st.count, st.unmatched, st.pending) == (0, 1, 1)  # its entry was dropped: the exit is unmatched
+    agg.set_stats_lost(1, 4)  # the same total again: nothing new lost
+    agg.set_stats_lost(1, 3)  # a smaller reading (the stats overlap LOST lines) is no new loss either
+    assert agg.snapshot().pairs["f"].pending == 1
+    agg.set_stats_lost(2, 0)  # a first reading of another CPU, with nothing lost
+    assert agg.snapshot().pairs["f"].pending == 1
+    agg.set_stats_lost(0, 1)
+    st = agg.snapshot().pairs["f"]
+    assert (st.pending, st.evicted["lost"]) == (0, 3)
+
+
 def test_lost_line_drops_pending_and_counts_loss() -> None:
     agg = make(UP)
     feed(
@@ -158,7 +319,7 @@ def test_lost_line_drops_pending_and_counts_loss() -> None:
 
 def test_overload_fixture_loss_and_pairs() -> None:
     agg = from_file(HERE / "configs" / "overload.yaml")
-    agg.feed((FIX / "linux-6.18" / "trace-pipe-overload.txt").read_bytes())
+    feed_text(agg, (FIX / "linux-6.18" / "trace-pipe-overload.txt").read_bytes())
     snap = agg.snapshot()
     assert snap.lost == {0: 1020 + 7480 + 6290}
     assert snap.events[("getppid", ())] == 2999

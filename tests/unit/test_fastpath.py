@@ -91,8 +91,9 @@ def head(layout: int, comm: bytes, tid: int, cpu: int, ts_us: int) -> bytes:
         return c + b"-%-7d [%03d] ..... %5d.%06d: " % (tid, cpu, sec, usec)
     if layout == 1:  # 6.x without irq-info (the agent's own)
         return c + b"-%-7d [%03d]  %5d.%06d: " % (tid, cpu, sec, usec)
-    if layout == 2:  # record-tgid
-        return c + b"-%-7d (%7d) [%03d] d.h1. %5d.%06d: " % (tid, tid - tid % 10, cpu, sec, usec)
+    if layout == 2:  # record-tgid; `(-------)` where the kernel's tgid table has no entry for the pid
+        tgid = b"%7d" % (tid - tid % 10) if tid % 3 else b"-------"
+        return c + b"-%-7d (%s) [%03d] d.h1. %5d.%06d: " % (tid, tgid, cpu, sec, usec)
     return c + b"-%-5d [%03d] d... %5d.%06d: " % (tid, cpu, sec, usec)  # 4.x
 
 
@@ -146,8 +147,9 @@ def compare(lines: list[bytes], cuts: list[int], min_columnar: int) -> None:
     assert got.lost == want.lost
     assert got.events == want.events
     assert got.label_overflow == want.label_overflow
+    assert got.pairs.keys() == want.pairs.keys()
     for name, w in want.pairs.items():
-        assert got.pairs[name] == w, name
+        assert vars(got.pairs[name]) == vars(w), name
     assert spans == ref_spans
 
 
@@ -209,6 +211,11 @@ def test_stable_order_equals_numpy_stable_argsort() -> None:
         assert (pairing.stable_order(key) == np.argsort(key, kind="stable")).all()
     big = np.array([2**61, 3, 2**61, 3], np.int64)  # too wide to pack: numpy's own stable sort
     assert pairing.stable_order(big).tolist() == [1, 3, 0, 2]
+    wide = rng.integers(0, 3, 2000).astype(np.int64) << 60  # many ties, too wide to pack: still stable
+    got = pairing.stable_order(wide)
+    assert got.dtype == np.int64 and (got == np.argsort(wide, kind="stable")).all()
+    none = pairing.stable_order(np.zeros(0, np.int64))
+    assert (none.dtype, none.shape) == (np.dtype(np.int64), (0,))
 
 
 def test_match_is_lifo_per_group_with_unmatched_exits() -> None:
@@ -219,6 +226,43 @@ def test_match_is_lifo_per_group_with_unmatched_exits() -> None:
     assert sorted(zip(m.entries.tolist(), m.exits.tolist(), strict=True)) == [(1, 4), (2, 3), (7, 8)]
     assert np.flatnonzero(m.unmatched).tolist() == [0, 5]
     assert m.open.tolist() == [6]
+
+
+def stack_match(group: list[int], sign: list[int]) -> tuple[list[tuple[int, int]], list[int], list[int], int]:
+    """pairing.match as a stack per group: (entry, exit) pairs, unmatched exits, entries left open, deepest."""
+    stacks: dict[int, list[int]] = {}
+    pairs, unmatched = [], []
+    deepest = 0
+    for i, (g, s) in enumerate(zip(group, sign, strict=True)):
+        if s > 0:
+            stacks.setdefault(g, []).append(i)
+            deepest = max(deepest, len(stacks[g]))
+        elif stacks.get(g):
+            pairs.append((stacks[g].pop(), i))
+        else:
+            unmatched.append(i)
+    return sorted(pairs), unmatched, [i for g in sorted(stacks) for i in stacks[g]], deepest
+
+
+def test_match_equals_a_stack_per_group_on_random_sequences() -> None:
+    rng = np.random.default_rng(5)
+    for _ in range(3000):
+        n = int(rng.integers(1, 24))
+        group = np.sort(rng.integers(0, int(rng.integers(1, 5)), n)).astype(np.int64)
+        sign = np.where(rng.random(n) < rng.random(), 1, -1).astype(np.int64)
+        m = pairing.match(group, sign)
+        pairs, unmatched, still_open, deepest = stack_match(group.tolist(), sign.tolist())
+        got = sorted(zip(m.entries.tolist(), m.exits.tolist(), strict=True))
+        assert (got, np.flatnonzero(m.unmatched).tolist(), m.open.tolist()) == (pairs, unmatched, still_open), (
+            group.tolist(), sign.tolist())
+        assert m.depth_max == deepest
+
+
+def test_match_of_nothing_is_empty_arrays() -> None:
+    m = pairing.match(np.zeros(0, np.int64), np.zeros(0, np.int64))
+    assert [(a.dtype, a.shape) for a in (m.entries, m.exits, m.unmatched, m.open)] == [
+        (np.dtype(np.int64), (0,)), (np.dtype(np.int64), (0,)), (np.dtype(bool), (0,)), (np.dtype(np.int64), (0,))]
+    assert m.depth_max == 0
 
 
 def test_a_chunk_bigger_than_a_piece_is_cut_at_lines() -> None:

@@ -160,6 +160,79 @@ def test_bad_lines_raise_parse_error_with_reason(bad: bytes) -> None:
     assert e.value.reason in parser.REASONS
 
 
+def test_head_limits_are_exact() -> None:
+    """Where a head stops being one, and with which reason: 30 bytes is the least the parser looks at
+    (shorter is a bad head, 30 with a bad stamp a bad timestamp); pid, CPU and seconds take 1 to 9
+    digits (10 would not fit the int64 keys); `(-------)` is the kernel's tgid column for a pid it has
+    no tgid for."""
+    comm = b"a" * 16
+
+    def reason(line: bytes) -> str | None:
+        try:
+            parser.parse_head(line)
+        except parser.ParseError as e:
+            return e.reason
+        return None
+
+    assert [reason(comm + b"-1 [0] 1.5: ab"), reason(comm + b"-1 [0] 1.5: a")] == ["bad_timestamp", "bad_head"]
+    assert parser.parse_head(comm + b"-123456789 [123456789] 123456789.000001: e") == (
+        123456789, -1, 123456789, 123456789_000_001_000, 57)
+    assert reason(comm + b"-1234567890 [0] 1.000001: e") == "bad_head"
+    assert reason(comm + b"-1 [1234567890] 1.000001: e") == "bad_head"
+    assert reason(comm + b"-1 [0] 1234567890.000001: e") == "bad_timestamp"
+    assert reason(comm + b"-1 [0] 1.00001: e") == "bad_timestamp"
+    assert reason(comm + b"-1 [0] 1.0000001: e") == "bad_timestamp"
+    assert reason(comm + b"-1 [0] .000001: e") == "bad_timestamp"
+    assert reason(comm + b"-1 [0] 1.000001 e") == "bad_head"  # no `: ` after the stamp
+    t = parser.parse_line(b"        a: b [1]-7       [001] d..1.   1.000002: e: x")  # `: ` and `]` in the comm
+    assert (t.comm, t.tid, t.cpu, t.ts_ns, t.token) == (b"a: b [1]", 7, 1, 1_000_002_000, b"e:")
+    assert parser.parse_line(comm + b"-7       (-------) [001] d..1.   1.000002: e: x").tgid == -1
+    assert parser.parse_line(comm + b"-7       (1234567) [001] d..1.   1.000002: e: x").tgid == 1234567
+    # no tgid column: parentheses in the comm or the body are not one
+    assert parser.parse_line(b"       (123) app-7       [001] d..1.   1.000002: e: (5)").tgid == -1
+    assert parser.parse_line(comm + b"-7       (    123) [001] d..1.   1.000002: e: x").tgid == 123
+
+
+def test_replay_counts_a_last_line_without_its_newline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kprobe_exporter import cli
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("probes:\n  - name: f\n    uprobe: /bin/x:0x10\n    latency: true\n")
+    trace = tmp_path / "t.trace"
+    head = b"             app-7       [000] .....  1234.%06d: "
+    trace.write_bytes(head % 10 + b"f: (0x1)\n" + head % 30 + b"f_ret: (0x2 <- 0x1) ret=0x0")
+    assert cli.main(["replay", "--config", str(cfg), str(trace)]) == 0
+    out = capsys.readouterr().out
+    assert _sample(out, 'kprobe_latency_seconds_count{probe="f"}') == 1
+    assert _sample(out, "kprobe_exporter_lines_read_total") == 2
+
+
+def test_event_token_lost_line_and_return_values() -> None:
+    assert parser.event_token(b" f: (0x1)", 0) == b""  # up to the first space, wherever it is
+    assert parser.event_token(b"xx sys_x(a: 1)", 3) == b"sys_x(a:"
+    assert parser.event_token(b"xx sys_x", 3) == b"sys_x"
+    assert [parser.dispatch_key(t) for t in (b"sys_x(a:", b"sys_x()", b"sys_x(a:(b", b"(a:", b"f:")] == [
+        b"sys_x(", b"sys_x(", b"sys_x(", b"(", b"f:"]
+    assert parser.parse_lost(b"CPU:3 [LOST 120 EVENTS]") == (3, 120)
+    with pytest.raises(parser.ParseError) as e:
+        parser.parse_lost(b"CPU:3 [LOST many EVENTS]")
+    assert e.value.reason == parser.BAD_LOST
+    exit_tp = EventSpec("o_ret", "tracepoint", "syscalls", "syscalls/sys_exit_openat", "openat", None)
+    assert parser.retval_of(exit_tp, b"sys_openat -> 0xfffffffffffffffe ") == b"0xfffffffffffffffe"
+    assert parser.retval_of(exit_tp, b" -> 0x3") == b"0x3"
+    assert parser.retval_of(exit_tp, b"sys_openat(dfd: 3)") is None
+
+    def uret(*names: str) -> EventSpec:
+        args = tuple(ArgSpec(n, "$retval", False) for n in names)
+        return EventSpec("f_ret", "uretprobe", "g", "/x:0x1", "f", "r", args)
+
+    body = b"f_ret: (0x55e0 <- 0x55d0) a=0x7 ret=0x3 arg1=0x9"
+    assert parser.retval_of(uret("a", "ret", "arg1"), body) == b"0x3"  # `ret`, wherever it is
+    assert parser.retval_of(uret("a", "arg1"), b"f_ret: (0x55e0 <- 0x55d0) a=0x7 arg1=0x9") == b"0x9"
+    assert parser.retval_of(uret("a"), b"f_ret: (0x55e0 <- 0x55d0) a=0x7") == b"0x7"  # else the first value
+    assert parser.retval_of(uret(), b"f_ret: (0x55e0 <- 0x55d0)") is None
+
+
 comm_st = st.binary(min_size=1, max_size=15).filter(lambda b: b"\n" not in b and b.strip() == b and b"\0" not in b)
 name_st = st.from_regex(r"\A[a-z_][a-z0-9_]{0,20}\Z", fullmatch=True)
 val_st = st.binary(max_size=40).filter(lambda b: b"\n" not in b)

@@ -9,6 +9,9 @@ from contextlib import contextmanager
 
 import pytest
 
+from feeding import feed_text
+from kprobe_exporter import config, probes
+from kprobe_exporter.aggregate import Aggregate
 from kprobe_exporter.reader import MIN_FREE, ReaderError, TracePipeReader
 
 
@@ -34,6 +37,28 @@ def test_hands_on_complete_lines_and_keeps_the_partial_one() -> None:
         assert reader.read_chunk(0) == b""
         os.write(w, b"ee\nfour")
         assert reader.read_chunk(0) == b"three\n"
+
+
+def test_a_read_that_ends_mid_line_counts_that_line_once_when_it_is_complete() -> None:
+    """trace_pipe may hand over part of a line: the part is not counted (its head could even parse and
+    its event be paired), and once the rest arrives the whole line counts, once."""
+    cfg = config.load_text("probes:\n  - name: f\n    uprobe: /bin/x:0x10\n    args: {n: \"%di:s32\"}\n"
+                           "    labels: [n]\n    latency: true\n")
+    agg = Aggregate(probes.build_probe_set(cfg, resolve=None), cfg.buckets)
+    head = b"             app-7       [000] .....  1234.%06d: "
+    entry = head % 100 + b"f: (0x1) n=123456"
+    exit_ = head % 150 + b"f_ret: (0x2 <- 0x1) ret=0"
+    with pipe_reader(batch_s=0) as (reader, w):
+        os.write(w, entry + b"\n" + exit_[:60])  # the exit's head and name, not its end
+        feed_text(agg, reader.read_chunk(0))
+        snap = agg.snapshot()
+        assert (snap.lines_read, snap.pairs["f"].count, snap.pairs["f"].pending) == (1, 0, 1)
+        os.write(w, exit_[60:] + b"\n" + entry[:40])
+        feed_text(agg, reader.read_chunk(0))
+        snap = agg.snapshot()
+        assert (snap.lines_read, snap.pairs["f"].count, snap.pairs["f"].pending) == (2, 1, 0)
+        assert snap.pairs["f"].sum_ns == 50_000 and sum(snap.parse_errors.values()) == 0
+        assert snap.events == {("f", (("n", "123456"),)): 1}
 
 
 def test_one_chunk_holds_many_reads() -> None:
