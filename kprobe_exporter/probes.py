@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kprobe_exporter import symbols
 from kprobe_exporter.config import (
@@ -33,6 +33,9 @@ _TRACEPOINT_RE = re.compile(r"^([A-Za-z0-9_]+)/([A-Za-z0-9_]+)$")
 _KSYM_RE = re.compile(r"^([A-Za-z_.][A-Za-z0-9_.$]*)(?:\+(0x[0-9a-fA-F]+|\d+))?$")
 _PID_LABEL_RE = re.compile(r"(?:^|_)(?:pid|tid|tgid)$", re.IGNORECASE)
 _RAW_RE = re.compile(r"^\s*([pr])(\d*)(?::(?:([^/\s]+)/)?([^\s/]+))?\s+(\S+)\s*(.*?)\s*$")
+# The task's name, recorded with the event where a `comm` label or spans need it: the trace text names a
+# task from the kernel's bounded comm cache when it is read, by then `<...>` for one that has exited.
+COMM_ARG = "__comm"
 
 
 class ProbeError(Exception):
@@ -387,4 +390,14 @@ def _build(config: Config, resolve: Resolver | None) -> ProbeSet:
                 raise ProbeError(f"pair {pr.name!r}", "entry",
                                  f"event {ev_name!r} is already in pair {used[ev_name]!r}; an event is in one pair")
             used[ev_name] = pr.name
+    span_entries = {pr.entry for pr in pairs if pr.spans is not None}
+    events = [_with_comm(ev) if "comm" in ev.labels or ev.name in span_entries else ev for ev in events]
     return ProbeSet(group, tuple(events), tuple(pairs), tuple(names))
+
+
+def _with_comm(ev: EventSpec) -> EventSpec:
+    """A dynamic probe that also records `$comm` as COMM_ARG (tracepoints carry what they carry)."""
+    if not ev.dynamic or len(ev.args) >= MAX_ARGS or any(a.name == COMM_ARG for a in ev.args):
+        return ev
+    return replace(ev, args=(*ev.args, ArgSpec(COMM_ARG, "$comm", True)),
+                   definition=f"{ev.definition} {COMM_ARG}=$comm")
