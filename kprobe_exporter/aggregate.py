@@ -27,7 +27,7 @@ import numpy.typing as npt
 
 from kprobe_exporter import fastparse, pairing, parser, ringbuf
 from kprobe_exporter.config import OVERFLOW_VALUE
-from kprobe_exporter.probes import EventSpec, ProbeSet
+from kprobe_exporter.probes import COMM_ARG, EventSpec, ProbeSet
 from kprobe_exporter.tasks import UNKNOWN_COMM, Tasks
 
 _UNKNOWN = UNKNOWN_COMM.encode()
@@ -89,7 +89,7 @@ class Snapshot:
 class _Event:
     """Per-event dispatch record: what the aggregate does for one event."""
 
-    __slots__ = ("count_idx", "ev", "idx", "labels", "pair", "pick", "role")
+    __slots__ = ("comm_of", "count_idx", "ev", "idx", "labels", "pair", "pick", "role")
 
     def __init__(self, ev: EventSpec, idx: int) -> None:
         self.ev = ev
@@ -99,6 +99,9 @@ class _Event:
         self.pair: _Pair | None = None
         self.role = 0  # 1 entry, 2 exit
         self.pick = parser.arg_picker(ev, tuple(x for x in self.labels if x != "comm"))
+        # a `comm` label takes the comm the probe recorded with the event (COMM_ARG) where a line has it
+        recorded = "comm" in self.labels and any(a.name == COMM_ARG for a in ev.args)
+        self.comm_of = parser.arg_picker(ev, (COMM_ARG,)) if recorded else None
 
 
 class _Pair:
@@ -384,6 +387,9 @@ class Aggregate:
                 rows[pick(b)] += n
         else:
             comms = [buf[starts[i] : starts[i] + 16].lstrip() for i in idx]
+            if rec.comm_of is not None:
+                recorded = {b: rec.comm_of(b)[0] for b in set(bodies)}
+                comms = [recorded[b] or cm for b, cm in zip(bodies, comms, strict=True)]
             if self.tasks is not None and _UNKNOWN in comms:
                 comms = self._name_unknown(c, idx, comms, self.tasks)
             for (comm, b), n in Counter(zip(comms, bodies, strict=True)).items():
@@ -517,9 +523,10 @@ class Aggregate:
             return
         ent = pair.entry
         raw_args = parser.arg_reader(ent)(entry_line[entry_start:]) if ent.args else {}
+        recorded = raw_args.pop(COMM_ARG, None)  # the comm at the event, where the probe records it
         args = tuple((k, v.decode("utf-8", "backslashreplace")) for k, v in raw_args.items())
         ret = parser.retval_of(pair.exit, exit_line[exit_start:])
-        comm = parser.comm_of(entry_line).decode("utf-8", "backslashreplace")
+        comm = (recorded or parser.comm_of(entry_line)).decode("utf-8", "backslashreplace")
         if self.tasks is not None:
             if comm == UNKNOWN_COMM:
                 comm = self.tasks.comm(tid)

@@ -32,6 +32,9 @@ _STRING_TYPES = ("string", "ustring", "symstr")
 _TRACEPOINT_RE = re.compile(r"^([A-Za-z0-9_]+)/([A-Za-z0-9_]+)$")
 _KSYM_RE = re.compile(r"^([A-Za-z_.][A-Za-z0-9_.$]*)(?:\+(0x[0-9a-fA-F]+|\d+))?$")
 _PID_LABEL_RE = re.compile(r"(?:^|_)(?:pid|tid|tgid)$", re.IGNORECASE)
+# The task's name, recorded with the event where a `comm` label or spans need it: the trace text names a
+# task from the kernel's bounded comm cache when it is read, by then `<...>` for one that has exited.
+COMM_ARG = "__comm"
 
 
 def probe_error(label: str, fld: str, message: str) -> UserError:
@@ -387,4 +390,14 @@ def _build(config: Config, resolve: Resolver | None) -> ProbeSet:
                 raise probe_error(f"pair {pr.name!r}", "entry",
                                  f"event {ev_name!r} is already in pair {used[ev_name]!r}; an event is in one pair")
             used[ev_name] = pr.name
+    span_entries = {pr.entry for pr in pairs if pr.spans is not None}
+    events = [_with_comm(ev) if "comm" in ev.labels or ev.name in span_entries else ev for ev in events]
     return ProbeSet(group, tuple(events), tuple(pairs))
+
+
+def _with_comm(ev: EventSpec) -> EventSpec:
+    """A dynamic probe that also records `$comm` as COMM_ARG (tracepoints carry what they carry)."""
+    if not ev.dynamic or len(ev.args) >= MAX_ARGS or any(a.name == COMM_ARG for a in ev.args):
+        return ev
+    return replace(ev, args=(*ev.args, ArgSpec(COMM_ARG, "$comm", True)),
+                   definition=f"{ev.definition} {COMM_ARG}=$comm")

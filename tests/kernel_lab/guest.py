@@ -13,7 +13,8 @@ that holds this checkout's kprobe_exporter/ package, the script and the input fi
 The script runs as root under bash, stdin from /dev/null, HOME=/tmp, loopback up (127.0.0.1, ::1), no
 other network. Its output goes to the serial console, which comes back as GuestResult.stdout. The script
 gets `timeout` minus 30 s inside the guest (then it is killed and its exit status is 124, and whatever
-it wrote to /out still comes back); the whole boot is killed at `timeout` (GuestTimeout).
+it wrote to /out still comes back); the whole boot is killed at `timeout`, or once the console has been
+silent for SILENT_LIMIT_S (the init prints a heartbeat every 30 s): GuestTimeout.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ __all__ = [
 MEMORY_MB = 1024
 OUT_SPACE_MB = 256  # free space on the job disk for the script's results (sparse on the host)
 SCRIPT_MARGIN_S = 30.0  # boot + power-off allowance taken from `timeout` for the script's own limit
+SILENT_LIMIT_S = 180.0  # a console silent this long (the init's heartbeat prints every 30 s): frozen
 START_MARKER = "===== kernel-lab: script start ====="
 END_MARKER = "===== kernel-lab: script end"
 
@@ -199,8 +201,11 @@ def boot(image: GuestImage, disk: Path, tmp: Path, timeout: float) -> tuple[str,
     started = time.monotonic()
     script_started: list[float] = []
 
+    heard = [started]
+
     def read_console(stream: IO[bytes]) -> None:
         for line in stream:
+            heard[0] = time.monotonic()
             if not script_started and START_MARKER.encode() in line:
                 script_started.append(time.monotonic())
             lines.append(line)
@@ -213,15 +218,13 @@ def boot(image: GuestImage, disk: Path, tmp: Path, timeout: float) -> tuple[str,
         assert proc.stdout is not None
         reader = threading.Thread(target=read_console, args=(proc.stdout,), daemon=True)
         reader.start()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
+        while (stuck := stalled(proc, started, timeout, heard[0])) is None:
+            pass
+        if stuck:
             proc.kill()
             proc.wait()
             reader.join(5)
-            raise GuestTimeout(
-                f"the guest did not finish within {timeout} s; console tail:\n{tail(decode(lines))}"
-            ) from None
+            raise GuestTimeout(f"the guest {stuck}; console tail:\n{tail(decode(lines))}") from None
         reader.join(5)
         proc.stdout.close()
         seconds = time.monotonic() - started
@@ -232,6 +235,20 @@ def boot(image: GuestImage, disk: Path, tmp: Path, timeout: float) -> tuple[str,
             raise LabError(f"qemu exited {proc.returncode}: {qemu_err}\nconsole tail:\n{tail(console)}")
     boot_seconds = script_started[0] - started if script_started else seconds
     return console, boot_seconds, seconds
+
+
+def stalled(proc: subprocess.Popen[bytes], started: float, timeout: float, heard: float) -> str | None:
+    """After a wait of up to 5 s: "" once qemu has exited, why to kill it, or None to wait on."""
+    try:
+        proc.wait(5)
+        return ""
+    except subprocess.TimeoutExpired:
+        now = time.monotonic()
+    if now - started > timeout:
+        return f"did not finish within {timeout} s"
+    if now - heard > SILENT_LIMIT_S:
+        return f"printed nothing for {SILENT_LIMIT_S} s (its heartbeat comes every 30 s): frozen"
+    return None
 
 
 def read_results(disk: Path, dest: Path) -> tuple[int | None, dict[str, bytes]]:

@@ -3,8 +3,9 @@
     python3 otlp_sink.py PROTOCOL WANT NAME
 
 PROTOCOL is grpc or http/protobuf. Writes NAME.env (the OTEL_* exports that point an exporter at it)
-as soon as it listens, waits until WANT spans arrived (at most 60 s) and a second more, writes them to
-NAME.json and exits.
+as soon as it listens, waits until WANT spans arrived (at most 180 s) and a second more, writes them to
+NAME.json and exits. Both times are an unloaded host's, scaled by $LAB_SLOW_PCT (labkit calibrate): the
+agent's start alone takes over a minute in a guest on a loaded host.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ def main(protocol: str, want: int, name: str) -> None:
         with open(f"{name}.env.tmp", "w") as f:
             f.write("".join(f"export {k}={v}\n" for k, v in receiver.env().items()))
         os.rename(f"{name}.env.tmp", f"{name}.env")
-        receiver.wait_for(want, timeout=60)
-        time.sleep(1.0)  # anything beyond `want` (a bug) gets time to arrive
+        slow = max(100, int(os.environ.get("LAB_SLOW_PCT", "100"))) / 100
+        receiver.wait_for(want, timeout=180 * slow)
+        time.sleep(1.0 * slow)  # anything beyond `want` (a bug) gets time to arrive
         spans = [asdict(s) for s in receiver.spans]
     with open(f"{name}.json", "w") as f:
         json.dump(spans, f, default=repr)

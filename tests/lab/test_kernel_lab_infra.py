@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from kernel_lab.guest import GuestImage, require_guest, run_in_guest
+from kernel_lab.labkit import MAX_SLOW_PCT
 
 pytestmark = pytest.mark.kernel_lab
+
+LABKIT = Path(__file__).resolve().parents[1] / "kernel_lab" / "labkit.py"
+BOOT_MARGIN_S = 120.0  # booting and powering off, under load (a frozen guest is caught by its silence)
 
 PROBE_PY = b"""
 import os, time, urllib.request
@@ -47,21 +53,24 @@ with open(f"{out}/trace.txt", "w") as f:
 with open(f"{out}/kprobe_events_after.txt", "w") as f:
     f.write(left)
 
-# An HTTP server inside the guest, scraped from inside it over loopback.
-for _ in range(100):
+# An HTTP server inside the guest, scraped from inside it over loopback; its start is given 20 s at an
+# unloaded host's speed, scaled by the guest's measured slowness.
+deadline = time.monotonic() + 20 * int(os.environ["LAB_SLOW_PCT"]) / 100
+while True:
     try:
         body = urllib.request.urlopen("http://127.0.0.1:8123/hello.txt", timeout=2).read()
         break
     except OSError:
+        if time.monotonic() > deadline:
+            raise SystemExit("no answer from the loopback HTTP server") from None
         time.sleep(0.1)
-else:
-    raise SystemExit("no answer from the loopback HTTP server")
 with open(f"{out}/http.txt", "wb") as f:
     f.write(body)
 """
 
 SCRIPT = """
 set -euo pipefail
+export LAB_SLOW_PCT=$(python3 labkit.py calibrate)
 uname -r > "$LAB_OUT/uname.txt"
 python3 -m http.server 8123 --bind 127.0.0.1 --directory "$LAB_IN" >/dev/null 2>&1 &
 python3 probe.py
@@ -77,7 +86,8 @@ def guest() -> GuestImage:
 
 
 def test_guest_runs_real_kprobes_and_the_project(guest: GuestImage) -> None:
-    result = run_in_guest(SCRIPT, files={"probe.py": PROBE_PY, "hello.txt": b"hello from the host\n"})
+    files = {"probe.py": PROBE_PY, "hello.txt": b"hello from the host\n", "labkit.py": LABKIT.read_bytes()}
+    result = run_in_guest(SCRIPT, files=files, timeout=BOOT_MARGIN_S + 30 * MAX_SLOW_PCT / 100)
     assert result.returncode == 0, result.stdout
     assert "smoke script done" in result.stdout
     assert result.files["uname.txt"].decode().strip() == guest.kernel_release
@@ -92,7 +102,7 @@ def test_guest_runs_real_kprobes_and_the_project(guest: GuestImage) -> None:
 
 
 def test_exit_status_and_console_come_back(guest: GuestImage) -> None:
-    result = run_in_guest("echo to-stderr >&2; echo to-stdout; exit 7", timeout=60)
+    result = run_in_guest("echo to-stderr >&2; echo to-stdout; exit 7", timeout=BOOT_MARGIN_S)
     assert result.returncode == 7
     assert "to-stderr" in result.stdout and "to-stdout" in result.stdout
     assert result.files == {}

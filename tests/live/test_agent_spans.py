@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -65,6 +66,43 @@ def test_every_pair_is_one_span_matching_the_histogram(tracefs: Path, progs: dic
         args_a = sorted(int(s.attributes["kprobe.arg.a"]) for s in spans)
         assert args_a == list(range(-5, n - 5))  # fxgen compute passes i-5
         assert len({s.trace_id for s in spans}) == n
+
+
+@pytest.mark.parametrize("reader", ["text", "raw"])
+def test_spans_and_comm_labels_name_a_program_that_exited_before_its_events_were_read(
+        tracefs: Path, progs: dict[str, Path], write_config, reader: str) -> None:
+    """The kernel names a task in trace text from its bounded comm cache (saved_cmdlines) when the text
+    is read: a program that has exited by then, and that the cache lost, prints as `<...>` and is gone
+    from /proc. The agent is stopped while fxgen runs and is reaped and the cache is emptied, as a busy
+    host's other tasks would evict it; every span and the comm label must still name fxgen."""
+    n = 25
+    cfg = spans_config(progs, f"kpe_t_gone_{reader}") + f"""
+  - name: compute_by_comm
+    uprobe: {progs['pie']}:compute
+    labels: [comm]
+"""
+    with GrpcReceiver() as rx:
+        with running_agent(write_config(cfg), extra=["--reader", reader], env=rx.env()) as agent:
+            os.kill(agent.proc.pid, signal.SIGSTOP)
+            try:
+                proc = subprocess.Popen([progs["pie"], "compute", str(n)])
+                proc.wait()  # it has exited, and is reaped, before the agent reads a line
+                size = tracefs / "saved_cmdlines_size"
+                size.write_text(size.read_text())  # the same size: the kernel reallocates the cache, empty
+            finally:
+                os.kill(agent.proc.pid, signal.SIGCONT)
+            assert proc.returncode == 0
+            assert not Path(f"/proc/{proc.pid}").exists()
+            assert agent.wait_value("kprobe_latency_seconds_count", n, probe="compute") == n
+            assert rx.wait_for(n, timeout=20)
+            text = agent.scrape()
+        names = [s.attributes["process.executable.name"] for s in rx.spans]
+        assert names == ["fxgen"] * n
+        assert {s.attributes["process.pid"] for s in rx.spans} == {proc.pid}
+        assert not any(k.startswith("kprobe.arg.__") for s in rx.spans for k in s.attributes)  # the recorded comm
+        by_comm = {dict(lbls)["comm"]: v for (name, lbls), v in samples(text).items()
+                   if name == "kprobe_events_total" and ("probe", "compute_by_comm") in lbls}
+        assert by_comm == {"fxgen": n}
 
 
 def proc_pid_of(spans: list) -> int:  # type: ignore[type-arg]

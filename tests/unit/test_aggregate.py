@@ -371,6 +371,35 @@ def test_span_sink_gets_sampled_pairs_with_args_and_retval() -> None:
     )
 
 
+@pytest.mark.parametrize("repeat", [1, 100])  # the per-line path and the columnar one (>= 128 lines)
+def test_the_comm_recorded_with_the_event_names_labels_and_spans(repeat: int) -> None:
+    """A probe whose comm is used records `$comm` (probes.COMM_ARG): it wins over the `<...>` (or the
+    stale name) the line's head took from the kernel's cache at read time; a line without it (text
+    recorded before) keeps the head's."""
+    from kprobe_exporter.probes import COMM_ARG
+
+    got: list[CompletedPair] = []
+
+    class Sampling:
+        sample_ratio = 1.0
+        min_duration_ns = 0
+
+    agg = make(COMM_LABEL.replace("labels: [comm]", "labels: [comm]\n    latency: true\n    spans: {}"))
+    agg.set_sink("f", Sampling(), got.append)
+    feed(agg, *repeat * [
+        line("<...>", 21, 10, f'f: (0x1) n=1 {COMM_ARG}="gone worker"'),
+        line("<...>", 21, 11, "f_ret: (0x2 <- 0x1) ret=0x0"),
+        line("reused", 22, 12, f'f: (0x1) n=2 {COMM_ARG}="old"'),  # the id's next holder's name
+        line("reused", 22, 13, "f_ret: (0x2 <- 0x1) ret=0x0"),
+        line("before", 23, 14, "f: (0x1) n=3"),
+        line("before", 23, 15, "f_ret: (0x2 <- 0x1) ret=0x0"),
+    ])
+    counts = {dict(lbls)["comm"]: v for (_, lbls), v in agg.snapshot().events.items()}
+    assert counts == {"gone worker": repeat, "old": repeat, "before": repeat}
+    assert [(p.comm, p.args) for p in got] == repeat * [
+        ("gone worker", (("n", "1"),)), ("old", (("n", "2"),)), ("before", (("n", "3"),))]
+
+
 def test_stats_make_every_cpu_series_exist_at_zero() -> None:
     agg = make(UP)
     agg.set_stats_lost(0, 0)

@@ -138,3 +138,26 @@ def test_return_suffix_makes_a_return_probe_that_takes_retval() -> None:
         build("probes:\n  - {raw: 'p:v vfs_read%return', latency: true}\n")
     with pytest.raises(UserError, match=r"field 'args.ret': \$retval is only available on return probes"):
         build("probes:\n  - raw: 'p:v vfs_read ret=$retval'\n")  # no suffix: an entry probe still
+
+
+def test_comm_is_recorded_with_the_event_where_a_comm_label_or_spans_need_it() -> None:
+    """The text names a task from the kernel's comm cache at read time (`<...>` once it lost an exited
+    task): probes whose comm is used record `$comm` with the event; tracepoints carry what they carry."""
+    ps = build("""
+probes:
+  - {name: by_comm, kprobe: vfs_read, args: {n: "%dx:u64"}, labels: [comm]}
+  - {name: spanned, uprobe: "/bin/x:0x10", latency: true, spans: {}}
+  - {name: plain, kprobe: vfs_write, latency: true}
+  - {raw: "r:raw_by_comm vfs_read $retval", labels: [comm]}
+  - {name: tp, tracepoint: sched/sched_process_exec, labels: [comm]}
+""")
+    assert defs(ps) == [
+        "p:kprobe_exporter/by_comm vfs_read n=%dx:u64 __comm=$comm",
+        "p:kprobe_exporter/spanned /bin/x:0x10 __comm=$comm",
+        "r:kprobe_exporter/spanned_ret /bin/x:0x10 ret=$retval",  # the entry's comm names the span
+        "p:kprobe_exporter/plain vfs_write",
+        "r:kprobe_exporter/plain_ret vfs_write ret=$retval",
+        "r:kprobe_exporter/raw_by_comm vfs_read arg1=$retval __comm=$comm",
+        None,
+    ]
+    assert ps.event("by_comm").args[-1] == probes.ArgSpec(probes.COMM_ARG, "$comm", True)
