@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from agent_proc import running_agent, value
+from feeding import feed_raw, feed_text
 from kprobe_exporter import config, probes, ringbuf
 from kprobe_exporter.aggregate import Aggregate, CompletedPair
 from kprobe_exporter.reader import TracePipeReader
@@ -100,15 +101,15 @@ class Pipeline:
         while not self.stop.is_set():
             chunk = self.reader.read_chunk(0.05)
             if isinstance(chunk, ringbuf.Batch):
-                self.agg.feed_events(chunk)
+                feed_raw(self.agg, chunk)
             elif chunk:
-                self.agg.feed(chunk)
+                feed_text(self.agg, chunk)
 
     def close(self) -> None:
         self.stop.set()
         self.thread.join()
         if isinstance(self.reader, ringbuf.RawReader):
-            self.agg.feed_events(self.reader.flush())
+            feed_raw(self.agg, self.reader.flush())
         self.reader.close()
         for cpu, total in self.tfs.cpu_stats().items():
             self.agg.set_stats_lost(cpu, total)
@@ -207,12 +208,12 @@ def test_one_buffer_as_text_and_as_pages_agrees_to_the_microsecond(tracefs: Path
         for k, agg in aggs.items():
             for p in ps.pairs:
                 agg.set_sink(p.name, Sampling(), spans[k].append)
-        aggs["text"].feed(text)
+        feed_text(aggs["text"], text)
         while True:
             batch = reader.flush()
             if not len(batch):
                 break
-            aggs["raw"].feed_events(batch)
+            feed_raw(aggs["raw"], batch)
         reader.close()
     finally:
         tfs.remove()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from feeding import feed_text
 from kprobe_exporter import config, probes
 from kprobe_exporter.aggregate import Aggregate, CompletedPair
 
@@ -39,7 +40,7 @@ probes:
 
 
 def feed(agg: Aggregate, *lines: bytes) -> None:
-    agg.feed(b"\n".join(lines) + b"\n")
+    feed_text(agg, b"\n".join(lines) + b"\n")
 
 
 def reference_pairs(path: Path, entry: bytes, exit_: bytes) -> tuple[int, int, int]:
@@ -71,7 +72,7 @@ def test_fixture_618_counts_and_pairs_match_an_independent_reference() -> None:
     ):
         agg = from_file(HERE / "configs" / "fixture-6.18.yaml")
         trace = FIX / "linux-6.18" / name
-        agg.feed(trace.read_bytes())
+        feed_text(agg, trace.read_bytes())
         snap = agg.snapshot()
         assert snap.lines_read == 278 and sum(snap.parse_errors.values()) == 0
         for pair, (entry, exit_) in {
@@ -91,7 +92,7 @@ def test_fixture_618_counts_and_pairs_match_an_independent_reference() -> None:
 def test_fixture_61_two_kretprobes_on_one_function_still_pair() -> None:
     agg = from_file(HERE / "configs" / "fixture-6.1.yaml")
     trace = FIX / "linux-6.1-debian" / "kprobes-kretprobes-eprobe.trace"
-    agg.feed(trace.read_bytes())
+    feed_text(agg, trace.read_bytes())
     snap = agg.snapshot()
     assert sum(snap.parse_errors.values()) == 0
     assert (snap.pairs["openat2"].count, snap.pairs["openat2"].unmatched) == reference_pairs(
@@ -158,7 +159,7 @@ def test_lost_line_drops_pending_and_counts_loss() -> None:
 
 def test_overload_fixture_loss_and_pairs() -> None:
     agg = from_file(HERE / "configs" / "overload.yaml")
-    agg.feed((FIX / "linux-6.18" / "trace-pipe-overload.txt").read_bytes())
+    feed_text(agg, (FIX / "linux-6.18" / "trace-pipe-overload.txt").read_bytes())
     snap = agg.snapshot()
     assert snap.lost == {0: 1020 + 7480 + 6290}
     assert snap.events[("getppid", ())] == 2999

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from feeding import feed_raw, feed_text
 from kprobe_exporter import config, probes, ringbuf
 from kprobe_exporter.aggregate import Aggregate, CompletedPair, Snapshot
 from kprobe_exporter.probes import ProbeSet
@@ -85,9 +86,9 @@ def run_both(path: Path, tmp: Path) -> tuple[Snapshot, Snapshot, list[CompletedP
         for p in ps.pairs:
             agg.set_sink(p.name, Sampling(), out[kind].append)
         if kind == "text":
-            agg.feed(text)
+            feed_text(agg, text)
         else:
-            agg.feed_events(batch)
+            feed_raw(agg, batch)
         aggs[kind] = agg
     return aggs["text"].snapshot(), aggs["raw"].snapshot(), out["text"], out["raw"], aggs["raw"]
 
@@ -134,15 +135,15 @@ def test_missed_events_count_as_lost_and_drop_pending(tmp_path: Path) -> None:
     marker = ringbuf.Batch(np.array([ringbuf.EV_LOST], np.int32), np.zeros(1, np.int32), b.ts[cut - 1:cut],
                            np.ones(1, np.int32), np.zeros(1, np.int64), np.array([7], np.int32), b"")
     agg2 = Aggregate(fx.probes, config.default_buckets())
-    agg2.feed_events(ringbuf._slice(b, 0, cut))
+    feed_raw(agg2, ringbuf._slice(b, 0, cut))
     assert agg2.snapshot().pairs == {}  # no pairs declared in the plain set
     agg3 = Aggregate(labelled_probe_set(K618 / "uprobes-syscalls"), config.default_buckets())
     first = ringbuf._slice(b, 0, cut)
     first.events = b.events
-    agg3.feed_events(first)
+    feed_raw(agg3, first)
     pending = agg3.snapshot().pairs["p_open_path"].pending
     assert pending == 1
-    agg3.feed_events(ringbuf._merge(marker, ringbuf.empty_batch()))
+    feed_raw(agg3, ringbuf._merge(marker, ringbuf.empty_batch()))
     s = agg3.snapshot()
     assert s.pairs["p_open_path"].pending == 0 and s.pairs["p_open_path"].evicted["lost"] == 1
     assert s.lost == {1: 7}
