@@ -39,8 +39,10 @@ def single(inst: Path, stop: threading.Event, out: list[int]) -> None:
     r = ringbuf.RawReader(inst, raw_events(inst), tracefs_root=inst.parent.parent)
     n = 0
     while not stop.is_set():
-        n += int(np.count_nonzero(r.read_batch(0.1).ev >= 0))
-    n += int(np.count_nonzero(r.flush().ev >= 0))
+        b = r.read(0.1)
+        n += int(np.count_nonzero(b.ev >= 0)) if b is not None else 0
+    while (b := r.flush()) is not None:
+        n += int(np.count_nonzero(b.ev >= 0))
     r.close()
     out.append(n)
 

@@ -25,7 +25,7 @@ from kprobe_exporter.config import Config, ConfigError, split_host_port
 from kprobe_exporter.metrics import Sources, SpanCounts, make_registry
 from kprobe_exporter.notify import SystemdNotifier
 from kprobe_exporter.probes import EventSpec, ProbeSet
-from kprobe_exporter.reader import ReaderError, TracePipeReader
+from kprobe_exporter.reader import ReaderError, TextReader
 from kprobe_exporter.spans import SpanPolicy, SpanShipper
 from kprobe_exporter.tasks import Tasks
 from kprobe_exporter.tracefs import InstanceLock, Tracefs, TracefsError
@@ -36,15 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kprobe_exporter")
 
-Reader = TracePipeReader | ringbuf.RawReader
-
-
-def feed(agg: Aggregate, chunk: bytes | ringbuf.Batch) -> None:
-    """Text lines from trace_pipe, or decoded events from the per-CPU ring buffers."""
-    if isinstance(chunk, ringbuf.Batch):
-        agg.feed_events(chunk)
-    else:
-        agg.feed(chunk)
+Reader = TextReader | ringbuf.RawReader  # the same methods: read, flush, set_events, check, close
 
 HOUSEKEEPING_S = 1.0
 
@@ -163,8 +155,6 @@ class Agent:
             root = tfs_mod.find_tracefs()
             tfs = self.tracefs = Tracefs(root, self.config.instance, pin=True)
             tfs.check_kinds(self.probes.events)
-            # live: a `<...>` the kernel printed can still be named, from /proc (its tables had no entry)
-            self.aggregate.tasks = Tasks()
             # A killed predecessor of this instance left its group behind: ours to remove.
             for problem in tfs_mod.cleanup(root, self.config.instance):
                 log.warning("cleanup of a previous run: %s", problem)
@@ -238,30 +228,28 @@ class Agent:
         reader, with the reason logged (no numbers at all beat wrong ones, and text is never wrong)."""
         if self.config.reader == "raw":
             try:
-                ringbuf.check_byteorder()
-                ringbuf.check_probes(self.probes, tfs.root, spans=self.shipper is not None)
-                events = ringbuf.RawEvents.load([tfs.event_dir(ev) for ev in self.probes.events], self.probes)
-                events.require_renderers(ringbuf.args_needed(self.probes, spans=self.shipper is not None))
-                raw = ringbuf.RawReader(tfs.inst, events, tracefs_root=tfs.root)
+                raw = ringbuf.RawReader.open(tfs.inst, tfs.root, self.probes, tfs.event_dir,
+                                             spans=self.shipper is not None)
                 log.info("reader: raw (per-CPU trace_pipe_raw, %d-byte pages, nanosecond timestamps)",
                          raw.layout.page_size)
                 return raw
             except ringbuf.RawUnsupported as e:
                 log.warning("reader: the raw reader cannot serve this config here (%s); reading trace_pipe text", e)
-        return TracePipeReader(str(tfs.inst / "trace_pipe"))
+        # live: a `<...>` the kernel printed can still be named, from /proc (its tables had no entry)
+        return TextReader(str(tfs.inst / "trace_pipe"), self.probes, Tasks())
 
     def _loop(self, reader: Reader, tfs: Tracefs) -> None:
         agg = self.aggregate
         next_housekeeping = 0.0
         while not self.stop_event.is_set():
             try:
-                chunk = reader.read_chunk(0.1)
+                batch = reader.read(0.1)
             except ReaderError as e:
                 self.fatal = str(e)
                 log.error("%s; stopping and removing what is left", e)
                 return
-            if chunk:
-                feed(agg, chunk)
+            if batch is not None:
+                agg.feed(batch)
             if self.reload_requested:
                 try:
                     self._reload(reader, tfs)
@@ -316,12 +304,10 @@ class Agent:
                 log.info("reload: the config is unchanged")
                 return
             tfs.check_kinds(plan.add)
-            if isinstance(reader, ringbuf.RawReader):
-                try:
-                    spans = any(p.spans is not None for p in new_probes.pairs)
-                    ringbuf.check_probes(new_probes, tfs.root, spans=spans)
-                except ringbuf.RawUnsupported as e:
-                    raise ConfigError(f"the raw reader: {e}; such probes need `reader: text` (a restart)") from None
+            try:
+                reader.check(new_probes, spans=any(p.spans is not None for p in new_probes.pairs))
+            except ringbuf.RawUnsupported as e:
+                raise ConfigError(f"the raw reader: {e}; such probes need `reader: text` (a restart)") from None
             self._trial(tfs, plan.add)
         except (ConfigError, TracefsError) as e:
             where = f"probe {e.probe!r}, field {e.field!r}: " if isinstance(e, TracefsError) and e.probe else ""
@@ -338,7 +324,6 @@ class Agent:
         base = reload_mod.carry(self.base, self.aggregate.snapshot(), new_cfg.label_limit, plan.keep,
                                 plan.keep_pairs)
         agg = make_aggregate(new_cfg, new_probes)
-        agg.tasks = self.aggregate.tasks
         self._attach_spans(agg, new_probes)
         self._stats_offset = dict(self._stats_seen)
         self.config, self.probes, self.aggregate, self.base = new_cfg, new_probes, agg, base
@@ -352,14 +337,12 @@ class Agent:
         except TracefsError as e:  # the trial passed a moment ago: a race with someone else's change
             log.error("reload: the new probes could not be installed (%s); the kept ones run on, "
                       "kprobe_exporter_probe_installed shows which are missing", e.message)
-        if isinstance(reader, ringbuf.RawReader):  # the new set's event ids (a redefined probe gets a new one)
-            try:
-                reader.set_events(ringbuf.RawEvents.load([tfs.event_dir(ev) for ev in new_probes.events], new_probes,
-                                                         strict=False))
-            except ringbuf.RawUnsupported as e:
-                self.fatal = f"reload: the raw reader cannot decode the new events: {e}"
-                log.error("%s; stopping and removing what is left", self.fatal)
-                self.stop_event.set()
+        try:  # the new set's events (a redefined probe gets a new id)
+            reader.set_events(new_probes)
+        except ringbuf.RawUnsupported as e:
+            self.fatal = f"reload: the raw reader cannot decode the new events: {e}"
+            log.error("%s; stopping and removing what is left", self.fatal)
+            self.stop_event.set()
         added = {ev.name for ev in plan.add}
         self._binaries = {ev.name: reload_mod.file_identity(ev) if ev.name in added else self._binaries.get(ev.name)
                           for ev in new_probes.events}
@@ -383,10 +366,10 @@ class Agent:
 
     def _drain(self, reader: Reader) -> None:
         for _ in range(10000):
-            chunk = reader.read_chunk(0) if isinstance(reader, TracePipeReader) else reader.flush()
-            if not chunk:
+            batch = reader.flush()
+            if batch is None:
                 return
-            feed(self.aggregate, chunk)
+            self.aggregate.feed(batch)
 
 
 def install_signal_handlers(agent: Agent) -> None:

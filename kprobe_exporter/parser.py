@@ -10,17 +10,14 @@ import re
 from collections.abc import Callable
 from typing import NamedTuple
 
+from kprobe_exporter.events import BAD_HEAD, BAD_LOST, BAD_TIMESTAMP
+from kprobe_exporter.events import REASONS as REASONS
+from kprobe_exporter.events import UNKNOWN_EVENT as UNKNOWN_EVENT
 from kprobe_exporter.probes import EventSpec
 
 LOST_PREFIX = b"CPU:"
 _LOST_RE = re.compile(rb"CPU:(\d+) \[LOST (\d+) EVENTS\]")
 
-# Parse error reasons (the `reason` label of kprobe_exporter_parse_errors_total).
-BAD_HEAD = "bad_head"
-BAD_TIMESTAMP = "bad_timestamp"
-UNKNOWN_EVENT = "unknown_event"
-BAD_LOST = "bad_lost_line"
-REASONS = (BAD_HEAD, BAD_TIMESTAMP, UNKNOWN_EVENT, BAD_LOST)
 
 
 class ParseError(Exception):

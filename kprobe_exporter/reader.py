@@ -15,6 +15,12 @@ from __future__ import annotations
 import os
 import select
 import time
+from typing import Any
+
+from kprobe_exporter.events import EventBatch
+from kprobe_exporter.probes import ProbeSet
+from kprobe_exporter.tasks import Tasks
+from kprobe_exporter.text import TextSource
 
 MIN_FREE = 16 << 10  # stop filling when less than this is free: a read takes up to ~8 KB
 
@@ -101,3 +107,29 @@ class TracePipeReader:
                 pass
             os.close(self.fd)
             self.fd = -1
+
+
+class TextReader:
+    """trace_pipe's lines as event batches: the reader protocol the agent drives (read, flush,
+    set_events, check, close), the same as the raw reader's."""
+
+    def __init__(self, path: str, probes: ProbeSet, tasks: Tasks | None = None, **pipe: Any) -> None:
+        self.pipe = TracePipeReader(path, **pipe)
+        self.source = TextSource(probes, tasks)
+
+    def read(self, timeout_s: float = 0.1) -> EventBatch | None:
+        """The complete lines read now, or None after waiting up to timeout_s for any."""
+        chunk = self.pipe.read_chunk(timeout_s)
+        return self.source.batch(chunk) if chunk else None
+
+    def flush(self) -> EventBatch | None:
+        return self.read(0)
+
+    def set_events(self, probes: ProbeSet) -> None:
+        self.source = TextSource(probes, self.source.tasks)
+
+    def check(self, probes: ProbeSet, spans: bool) -> None:
+        """Text serves every probe set."""
+
+    def close(self) -> None:
+        self.pipe.close()

@@ -44,6 +44,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from kprobe_exporter import labels
+from kprobe_exporter.events import EventBatch
 from kprobe_exporter.probes import EventSpec, ProbeSet
 from kprobe_exporter.reader import ReaderError
 from kprobe_exporter.tasks import Tasks
@@ -425,6 +427,7 @@ def decode_page_python(page: bytes, layout: PageLayout) -> list[tuple[str, int, 
 # --- rendering a record as the kernel's text ---------------------------------------------------
 
 Renderer = Callable[[bytes], bytes]
+ArgDecoder = Callable[[bytes], dict[str, bytes]]  # a record's args, each as the text prints it
 
 
 def _int_at(rec: bytes, off: int, size: int, signed: bool) -> int:
@@ -462,11 +465,11 @@ def _probe_value(conv: str, f: Field, rec: bytes, off: int, size: int) -> bytes:
     return b"%d" % v
 
 
-def probe_renderer(ev: EventSpec, fmt: EventFormat) -> Renderer:
-    """The text of a kprobe/uprobe record: `name: (ip) a=1 s="x"` or `name: (ret <- func) ret=3`.
+_ProbePart = tuple[bytes, str, Field]  # (` name=`, conversion kind, field)
 
-    The ip prints as hex, where a kprobe's text has `sym+off/size`: the arg readers skip it.
-    """
+
+def _probe_parts(ev: EventSpec, fmt: EventFormat) -> tuple[bytes, list[tuple[int, int]], list[_ProbePart]]:
+    """A kprobe/uprobe format's head, ip fields (offset, size) and args, or FormatError."""
     pf = fmt.print_fmt
     m = re.match(r'^"\((%lx|%lx <- %lx)\)(?P<rest>.*)",', pf)
     if not m:
@@ -498,7 +501,36 @@ def probe_renderer(ev: EventSpec, fmt: EventFormat) -> Renderer:
         else:
             raise FormatError(f"{fmt.name}: arg {f.name!r} prints as {conv!r} (a symbol?), not rendered here")
         parts.append((b" " + f.name.encode() + b"=", kind, f))
-    ip_offs = [(f.offset, f.size) for f in ips if f is not None]
+    return head, [(f.offset, f.size) for f in ips if f is not None], parts
+
+
+def _probe_arg(kind: str, f: Field, rec: bytes) -> bytes:
+    if kind[0] == "[":
+        es = f.elem_size
+        return b"{" + b",".join(_probe_value(kind[1], f, rec, f.offset + i * es, es) for i in range(f.count)) + b"}"
+    if kind == "s":  # the value a string arg has in the text, without the quotes it prints in
+        s = _data_loc(rec, f.offset)
+        return _cstr(s) if s else b"(fault)"
+    return _probe_value(kind, f, rec, f.offset, f.size)
+
+
+def probe_decoder(ev: EventSpec, fmt: EventFormat) -> ArgDecoder:
+    """The args of a kprobe/uprobe record, each as its text prints it."""
+    _, _, parts = _probe_parts(ev, fmt)
+    named = [(label[1:-1].decode(), kind, f) for label, kind, f in parts]
+
+    def decode(rec: bytes) -> dict[str, bytes]:
+        return {name: _probe_arg(kind, f, rec) for name, kind, f in named}
+
+    return decode
+
+
+def probe_renderer(ev: EventSpec, fmt: EventFormat) -> Renderer:
+    """The text of a kprobe/uprobe record: `name: (ip) a=1 s="x"` or `name: (ret <- func) ret=3`.
+
+    The ip prints as hex, where a kprobe's text has `sym+off/size`: the arg readers skip it.
+    """
+    head, ip_offs, parts = _probe_parts(ev, fmt)
 
     def render(rec: bytes) -> bytes:
         ipt = b" <- ".join(b"0x%x" % _int_at(rec, o, s, False) for o, s in ip_offs)
@@ -516,8 +548,9 @@ def probe_renderer(ev: EventSpec, fmt: EventFormat) -> Renderer:
     return render
 
 
-def syscall_renderer(ev: EventSpec, fmt: EventFormat, kernel: tuple[int, int]) -> Renderer:
-    """`sys_x(a: 0x1, b: 2)` / `sys_x -> 0x3` as print_syscall_enter/exit print them.
+def syscall_decoder(ev: EventSpec, fmt: EventFormat, kernel: tuple[int, int]) -> ArgDecoder:
+    """The args of `sys_x(a: 0x1, b: 2)` / `sys_x -> 0x3` as print_syscall_enter/exit print them
+    (an exit's one value is `ret`, as the text's arg reader names it).
 
     6.18 prints values below 10 in decimal and the rest as 0x%lx; before it, every value as %lx.
     """
@@ -525,28 +558,31 @@ def syscall_renderer(ev: EventSpec, fmt: EventFormat, kernel: tuple[int, int]) -
     own = [f for f in fmt.own_fields if f.name != "__syscall_nr"]
     if any(f.size != 8 or f.data_loc or f.count != 1 for f in own):
         raise FormatError(f"{fmt.name}: syscall fields other than unsigned longs (user strings?) not rendered here")
-    new_style = kernel >= (6, 18)
     if name.startswith("sys_exit_"):
         if len(own) != 1:
             raise FormatError(f"{fmt.name}: a syscall exit with {len(own)} fields")
-        head = b"sys_" + name[len("sys_exit_"):].encode() + b" -> "
         off = own[0].offset
+        return lambda rec: {"ret": b"0x%x" % _int_at(rec, off, 8, False)}
+    names = [(f.name, f.offset) for f in own]
+    if kernel >= (6, 18):
+        def value(v: int) -> bytes:
+            return b"%d" % v if v < 10 else b"0x%x" % v
+    else:
+        def value(v: int) -> bytes:
+            return b"%x" % v
 
-        def render_exit(rec: bytes) -> bytes:
-            return head + b"0x%x" % _int_at(rec, off, 8, False)
+    return lambda rec: {n: value(_int_at(rec, off, 8, False)) for n, off in names}
 
-        return render_exit
+
+def syscall_renderer(ev: EventSpec, fmt: EventFormat, kernel: tuple[int, int]) -> Renderer:
+    """`sys_x(a: 0x1, b: 2)` / `sys_x -> 0x3`, the text of a syscall record."""
+    name = ev.target.partition("/")[2]
+    decode = syscall_decoder(ev, fmt, kernel)
+    if name.startswith("sys_exit_"):
+        head = b"sys_" + name[len("sys_exit_"):].encode() + b" -> "
+        return lambda rec: head + decode(rec)["ret"]
     head = b"sys_" + name[len("sys_enter_"):].encode() + b"("
-    names = [(f.name.encode() + b": ", f.offset) for f in own]
-
-    def render_enter(rec: bytes) -> bytes:
-        vals = []
-        for label, off in names:
-            v = _int_at(rec, off, 8, False)
-            vals.append(label + (b"%d" % v if v < 10 else b"0x%x" % v) if new_style else label + b"%x" % v)
-        return head + b", ".join(vals) + b")"
-
-    return render_enter
+    return lambda rec: head + b", ".join(k.encode() + b": " + v for k, v in decode(rec).items()) + b")"
 
 
 _CONV_RE = re.compile(rb"%(?P<flags>[-+ #0]*)(?P<width>\d*)(?:\.(?P<prec>\d+))?(?P<len>hh|h|ll|l|L|z)?"
@@ -737,10 +773,39 @@ def make_renderer(ev: EventSpec, fmt: EventFormat, kernel: tuple[int, int]) -> R
     """The kernel's text for one record of `ev`, or FormatError saying why it cannot be made."""
     if ev.kind != "tracepoint":
         return probe_renderer(ev, fmt)
-    event = ev.target.partition("/")[2]
-    if event.startswith(("sys_enter_", "sys_exit_")) and ev.group == "syscalls":
+    if _is_syscall(ev):
         return syscall_renderer(ev, fmt, kernel)
     return printf_renderer(ev, fmt)
+
+
+def _is_syscall(ev: EventSpec) -> bool:
+    return ev.group == "syscalls" and ev.target.partition("/")[2].startswith(("sys_enter_", "sys_exit_"))
+
+
+def printf_decoder(ev: EventSpec, fmt: EventFormat) -> ArgDecoder:
+    """The `f=v` args of a tracepoint whose print fmt is a plain printf over its fields: its print fmt
+    applied to the record's fields, read as the text's arg reader reads `f=v f2=v2`."""
+    render = printf_renderer(ev, fmt)
+    skip = len(fmt.name) + 2  # `name: `
+
+    def decode(rec: bytes) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        for part in render(rec)[skip:].split(b" "):
+            k, sep, v = part.partition(b"=")
+            if sep:
+                out[k.decode("ascii", "replace")] = v
+        return out
+
+    return decode
+
+
+def make_decoder(ev: EventSpec, fmt: EventFormat, kernel: tuple[int, int]) -> ArgDecoder:
+    """A record's args of `ev` as its text prints them, or FormatError saying why they cannot be read."""
+    if ev.kind != "tracepoint":
+        return probe_decoder(ev, fmt)
+    if _is_syscall(ev):
+        return syscall_decoder(ev, fmt, kernel)
+    return printf_decoder(ev, fmt)
 
 
 def kernel_version(release: str | None = None) -> tuple[int, int]:
@@ -752,35 +817,37 @@ def kernel_version(release: str | None = None) -> tuple[int, int]:
 
 
 class RawEvents:
-    """Event ids to probe-set indices, and a renderer per event where one can be made."""
+    """Event ids to probe-set indices, and an arg decoder per event where one can be made."""
 
     def __init__(self, probes: ProbeSet, formats: Sequence[EventFormat | None], kernel: tuple[int, int]) -> None:
         self.probes = probes
         self.formats = list(formats)
+        self.kernel = kernel
         self.lut = np.full(65536, EV_UNKNOWN, np.int32)
-        self.renderers: list[Renderer | None] = []
-        self.render_errors: dict[str, str] = {}
+        self.decoders: list[ArgDecoder | None] = []
+        self.decode_errors: dict[str, str] = {}
         for i, (ev, fmt) in enumerate(zip(probes.events, formats, strict=True)):
             if fmt is None:  # not installed (a reload that lost a race): none of its events can come
-                self.renderers.append(None)
-                self.render_errors[ev.name] = "not installed"
+                self.decoders.append(None)
+                self.decode_errors[ev.name] = "not installed"
                 continue
             if self.lut[fmt.id] != EV_UNKNOWN:
                 raise FormatError(f"events {ev.name} and {probes.events[self.lut[fmt.id]].name} share id {fmt.id}")
             self.lut[fmt.id] = i
             try:
-                self.renderers.append(make_renderer(ev, fmt, kernel))
+                self.decoders.append(make_decoder(ev, fmt, kernel))
             except FormatError as e:
-                self.renderers.append(None)
-                self.render_errors[ev.name] = str(e)
+                self.decoders.append(None)
+                self.decode_errors[ev.name] = str(e)
 
-    def render(self, ev: int, rec: bytes) -> bytes | None:
-        r = self.renderers[ev]
-        return r(rec) if r is not None else None
+    def args(self, ev: int, rec: bytes) -> dict[str, bytes]:
+        """The args of record `rec` of event index `ev` ({} where they cannot be decoded)."""
+        d = self.decoders[ev]
+        return d(rec) if d is not None else {}
 
-    def require_renderers(self, names: Sequence[str]) -> None:
-        """RawUnsupported when an event whose args are needed (labels, spans) cannot be rendered."""
-        bad = [f"{n}: {self.render_errors[n]}" for n in names if n in self.render_errors]
+    def require_decoders(self, names: Sequence[str]) -> None:
+        """RawUnsupported when an event whose args are needed (labels, spans) cannot be decoded."""
+        bad = [f"{n}: {self.decode_errors[n]}" for n in names if n in self.decode_errors]
         if bad:
             raise RawUnsupported("args needed for labels or spans cannot be decoded: " + "; ".join(bad))
 
@@ -817,7 +884,7 @@ def check_probes(probes: ProbeSet, tracefs_root: Path, spans: bool, kernel: tupl
             continue
         try:
             fmt = parse_format((tracefs_root / "events" / ev.target / "format").read_text())
-            make_renderer(ev, fmt, kernel or kernel_version())
+            make_decoder(ev, fmt, kernel or kernel_version())
         except OSError as e:
             bad.append(f"{name}: {e.strerror}")
         except FormatError as e:
@@ -828,7 +895,7 @@ def check_probes(probes: ProbeSet, tracefs_root: Path, spans: bool, kernel: tupl
 
 def args_needed(probes: ProbeSet, spans: bool) -> list[str]:
     """Events whose args the aggregate will read: labelled counted events, and pairs' ends when spans are on."""
-    names = [ev.name for ev in probes.events if ev.counted and any(lb != "comm" for lb in ev.labels)]
+    names = [ev.name for ev in probes.events if ev.counted and labels.arg_labels(ev)]
     if spans:
         for p in probes.pairs:
             if p.spans is not None:
@@ -841,7 +908,7 @@ def args_needed(probes: ProbeSet, spans: bool) -> list[str]:
 
 @dataclass
 class Batch:
-    """Decoded events of all CPUs merged in timestamp order, as the aggregate takes them."""
+    """Decoded events of all CPUs merged in timestamp order, with their records (what the reader holds)."""
 
     ev: I32  # index into ProbeSet.events, or EV_UNKNOWN / EV_LOST
     tid: I32  # common_pid
@@ -850,8 +917,6 @@ class Batch:
     rec: I64  # offset of the record in `data`
     rlen: I32  # record length; for EV_LOST the lost count (0: not stored)
     data: bytes
-    events: RawEvents | None = None
-    tasks: Tasks | None = None
 
     def __len__(self) -> int:
         return len(self.ev)
@@ -860,76 +925,95 @@ class Batch:
         o = int(self.rec[i])
         return self.data[o:o + int(self.rlen[i])]
 
-    def body(self, i: int) -> bytes | None:
-        """The text the kernel would print for event i from its name on (what the arg readers take)."""
-        if self.events is None:
-            return None
-        return self.events.render(int(self.ev[i]), self.record(i))
 
-    def comm(self, i: int) -> str:
-        return self.tasks.comm(int(self.tid[i])) if self.tasks is not None else "<...>"
+class RawRecord:
+    """One record, kept for a span: its args decoded through its format's fields when asked."""
 
-    def tgid(self, i: int) -> int:
-        return self.tasks.tgid(int(self.tid[i])) if self.tasks is not None else -1
+    __slots__ = ("ev", "events", "rec", "tasks", "tid")
 
+    def __init__(self, events: RawEvents, ev: int, rec: bytes, tid: int, tasks: Tasks) -> None:
+        self.events, self.ev, self.rec, self.tid, self.tasks = events, ev, rec, tid, tasks
 
-    def text(self, want: Bool, tgid: bool = False) -> tuple[bytes, I64, I64, int, dict[int, int]]:
-        """Trace-text lines, in the kernel's layout, for the events where `want`; empty lines elsewhere.
+    def comm(self) -> str:
+        return _comm(self.tasks, self.tid).decode("utf-8", "backslashreplace")
 
-        For the aggregate's slow paths (labels, spans), which read args, comm and tgid from text:
-        `COMM-TID (TGID) [CPU] SECONDS.USECS: BODY`, each body rendered once per distinct record (the
-        common fields never print, so records equal past them print the same). Returns the buffer,
-        each event's line start and end in it, the body column, and the lines whose body starts
-        elsewhere (a head wider than usual).
-        """
-        n = len(self)
-        starts = np.zeros(n, np.int64)
-        ends = np.zeros(n, np.int64)
-        idx = np.flatnonzero(want)
-        slow: dict[int, int] = {}
-        if not len(idx) or self.events is None:
-            return b"", starts, ends, _HEAD_LEN, slow
-        render = self.events.render
-        data = self.data
-        evs, tids, cpus = self.ev[idx].tolist(), self.tid[idx].tolist(), self.cpu[idx].tolist()
-        offs, lens, tss = self.rec[idx].tolist(), self.rlen[idx].tolist(), self.ts[idx].tolist()
-        tasks = self.tasks or Tasks()
-        bodies: dict[tuple[int, bytes], bytes] = {}
-        heads: dict[int, bytes] = {}
-        parts = []
-        pos = 0
-        st, en = [], []
-        for i, e, t, c, o, ln, ts in zip(idx.tolist(), evs, tids, cpus, offs, lens, tss, strict=True):
-            key = (e, data[o + 8:o + ln])
-            body = bodies.get(key)
-            if body is None:
-                body = bodies[key] = render(e, data[o:o + ln]) or b""
-            who = heads.get(t)
-            if who is None:
-                comm = tasks.comm(t).encode("utf-8", "backslashreplace")[-16:]
-                tg = tasks.tgid(t) if tgid else -1
-                who = heads[t] = b"%16s-%-7d (%7s) " % (comm, t, b"%d" % tg if tg >= 0 else b"-------")
-            us = (ts + 500) // 1000
-            line = b"%s[%03d] %10d.%06d: %s" % (who, c, us // 1_000_000, us % 1_000_000, body)
-            hl = len(line) - len(body)
-            if hl != _HEAD_LEN:
-                slow[i] = hl
-            parts.append(line)
-            st.append(pos)
-            pos += len(line)
-            en.append(pos)
-            pos += 1
-        starts[idx] = st
-        ends[idx] = en
-        return b"\n".join(parts), starts, ends, _HEAD_LEN, slow
+    def tgid(self) -> int:
+        return self.tasks.tgid(self.tid)
+
+    def args(self) -> tuple[tuple[str, str], ...]:
+        values = self.events.args(self.ev, self.rec)
+        spec = self.events.probes.events[self.ev]
+        names = [a.name for a in spec.args] if spec.dynamic else list(values)
+        return tuple((n, values[n].decode("utf-8", "backslashreplace")) for n in names if n in values)
+
+    def retval(self) -> str | None:
+        """What the text's return-value reader takes: a probe's `ret` (else `arg1`, else its first arg), a
+        syscall exit's value."""
+        spec = self.events.probes.events[self.ev]
+        values = self.events.args(self.ev, self.rec)
+        if spec.kind == "tracepoint":
+            ret = values.get("ret") if spec.target.partition("/")[2].startswith("sys_exit_") else None
+        else:
+            ret = next((values[n] for n in ("ret", "arg1") if n in values), next(iter(values.values()), None))
+        return ret.decode("ascii", "replace") if ret is not None else None
 
 
-_HEAD_LEN = len(b"%16s-%-7d (%7s) [%03d] %10d.%06d: " % (b"", 0, b"", 0, 0, 0))
+def _comm(tasks: Tasks, tid: int) -> bytes:
+    """A thread's comm as the text's 16 columns show it."""
+    return tasks.comm(tid).encode("utf-8", "backslashreplace")[-16:].lstrip()
 
 
-def empty_batch(events: RawEvents | None = None, tasks: Tasks | None = None) -> Batch:
+class RawRecords:
+    """A batch's records behind an event batch: args from the record through its format's fields,
+    comm and tgid from the live threads and the kernel's tables (records carry neither)."""
+
+    def __init__(self, b: Batch, events: RawEvents, tasks: Tasks) -> None:
+        self.b, self.events, self.tasks = b, events, tasks
+
+    def payloads(self, rows: Sequence[int]) -> list[bytes]:
+        # the common fields never print, so records equal past them have equal args
+        data, recs, lens = self.b.data, self.b.rec, self.b.rlen
+        offs, ns = recs[rows].tolist(), lens[rows].tolist()
+        return [data[o + 8:o + n] for o, n in zip(offs, ns, strict=True)]
+
+    def picker(self, ev: int, names: tuple[str, ...]) -> Callable[[bytes], tuple[bytes, ...]]:
+        args, pad = self.events.args, bytes(8)
+        return lambda payload: tuple(args(ev, pad + payload).get(n, b"") for n in names)
+
+    def comms(self, rows: Sequence[int]) -> list[bytes]:
+        tasks, seen = self.tasks, dict[int, bytes]()
+        out = []
+        for t in self.b.tid[rows].tolist():
+            c = seen.get(t)
+            if c is None:
+                c = seen[t] = _comm(tasks, t)
+            out.append(c)
+        return out
+
+    def column(self, name: str) -> I64:
+        if name != "tgid":
+            raise KeyError(name)
+        tids = self.b.tid.astype(np.int64)
+        uniq, inv = np.unique(tids, return_inverse=True)
+        tg = np.array([self.tasks.tgid(t) for t in uniq.tolist()], np.int64)
+        return np.where(self.b.ev != EV_LOST, tg[inv], -1).astype(np.int64)
+
+    def detach(self, row: int) -> RawRecord:
+        return RawRecord(self.events, int(self.b.ev[row]), self.b.record(row), int(self.b.tid[row]), self.tasks)
+
+
+def event_batch(b: Batch, events: RawEvents, tasks: Tasks) -> EventBatch:
+    """The aggregate's view of a batch: its columns, its loss markers, its records behind them."""
+    ev = b.ev.astype(np.int64)
+    at = np.flatnonzero(ev == EV_LOST)
+    lost = list(zip(at.tolist(), b.cpu[at].tolist(), b.rlen[at].tolist(), strict=True))
+    return EventBatch(ev, b.tid.astype(np.int64), b.ts.astype(np.int64), RawRecords(b, events, tasks), lost,
+                      len(ev) - len(at), cpu=b.cpu.astype(np.int64))
+
+
+def empty_batch() -> Batch:
     return Batch(np.empty(0, np.int32), np.empty(0, np.int32), np.empty(0, np.int64), np.empty(0, np.int32),
-                 np.empty(0, np.int64), np.empty(0, np.int32), b"", events, tasks)
+                 np.empty(0, np.int64), np.empty(0, np.int32), b"")
 
 
 def batch_from_pages(buf: bytes, cpus: Sequence[tuple[int, int, int]], layout: PageLayout,
@@ -972,14 +1056,6 @@ def batch_from_pages(buf: bytes, cpus: Sequence[tuple[int, int, int]], layout: P
 # --- the reader ---------------------------------------------------------------------------------
 
 
-@dataclass
-class ReaderStats:
-    pages: int = 0
-    reads: int = 0
-    events: int = 0
-    held: int = 0
-
-
 class RawReader:
     """Drains `per_cpu/cpuN/trace_pipe_raw` of an instance, one page per read, all CPUs from one thread.
 
@@ -1000,9 +1076,13 @@ class RawReader:
     SHORT_PAGES = 16
 
     def __init__(self, inst: Path, events: RawEvents, *, tracefs_root: Path | None = None,
-                 max_pages_per_cpu: int = 256, layout: PageLayout | None = None, buffer_percent: int = 25) -> None:
+                 event_dir: Callable[[EventSpec], Path] | None = None, max_pages_per_cpu: int = 256,
+                 layout: PageLayout | None = None, buffer_percent: int = 25) -> None:
         self.inst = inst
         self.events = events
+        self.root = tracefs_root
+        self.event_dir = event_dir or (lambda ev: inst / "events" / (ev.target if not ev.dynamic else
+                                                                    f"{ev.group}/{ev.name}"))
         self.tasks = Tasks(tracefs_root)
         self.layout = layout or load_layout(inst, tracefs_root)
         self.clock = read_clock(inst)
@@ -1035,10 +1115,24 @@ class RawReader:
         view = memoryview(self.buf)
         self.pages = [view[i * ps:(i + 1) * ps] for i in range(max_pages_per_cpu * len(self.fds))]
         self.held = empty_batch()
-        self.stats = ReaderStats()
         self._short = False
 
-    def read_batch(self, timeout_s: float = 0.1) -> Batch:
+    @classmethod
+    def open(cls, inst: Path, root: Path, probes: ProbeSet, event_dir: Callable[[EventSpec], Path],
+             spans: bool) -> RawReader:
+        """The raw reader of an installed probe set, or RawUnsupported saying why it cannot serve it."""
+        check_byteorder()
+        check_probes(probes, root, spans=spans)
+        events = RawEvents.load([event_dir(ev) for ev in probes.events], probes)
+        events.require_decoders(args_needed(probes, spans=spans))
+        return cls(inst, events, tracefs_root=root, event_dir=event_dir)
+
+    def check(self, probes: ProbeSet, spans: bool) -> None:
+        """RawUnsupported when a new probe set's args could not be decoded (judged before a reload)."""
+        if self.root is not None:
+            check_probes(probes, self.root, spans=spans)
+
+    def read(self, timeout_s: float = 0.1) -> EventBatch | None:
         """Every event up to the watermark.
 
         After a short drain (under SHORT_PAGES pages) it first lets events gather: poll() until the
@@ -1051,21 +1145,24 @@ class RawReader:
                 self.poll.poll(int(timeout_s * 1000))
             except InterruptedError:
                 pass
-        return self._read(flush=False)
+        return self._events(self._read(flush=False))
 
-    read_chunk = read_batch  # the text reader's name, for the agent's loop
+    def _events(self, b: Batch) -> EventBatch | None:
+        return event_batch(b, self.events, self.tasks) if len(b) else None
 
-    def set_events(self, events: RawEvents) -> None:
-        """A new probe set's ids (after a reload); events held over are re-dispatched by their ids."""
+    def set_events(self, probes: ProbeSet) -> None:
+        """A new probe set's ids (after a reload); events held over are re-dispatched by their ids.
+        RawUnsupported when the new events cannot be decoded."""
+        events = RawEvents.load([self.event_dir(ev) for ev in probes.events], probes, strict=False)
         if len(self.held):
             types = np.array([int.from_bytes(self.held.record(i)[:2], "little") if self.held.ev[i] != EV_LOST
                               else 0 for i in range(len(self.held))], np.int64)
             self.held.ev = np.where(self.held.ev == EV_LOST, EV_LOST, events.lut[types]).astype(np.int32)
         self.events = events
 
-    def flush(self) -> Batch:
-        """Everything buffered, held events included (at stop, or before a reload)."""
-        return self._read(flush=True)
+    def flush(self) -> EventBatch | None:
+        """Everything buffered, held events included (at stop, or before a reload); None when nothing is."""
+        return self._events(self._read(flush=True))
 
     def _read(self, flush: bool) -> Batch:
         ps = self.layout.page_size
@@ -1088,7 +1185,6 @@ class RawReader:
                         continue
                     raise ReaderError(f"reading {self.inst}/per_cpu/cpu{cpu}/trace_pipe_raw failed: "
                                       f"{os.strerror(e.errno or 0)}") from None
-                self.stats.reads += 1
                 if n == 0:
                     drained = True
                     break
@@ -1098,12 +1194,10 @@ class RawReader:
                 slot += 1
             runs.append((cpu, first * ps, slot - first))
             marks.append((cpu, drained, t0))
-        self.stats.pages += slot
         self.tasks.batch_read()  # every event below was written before now: older table reads may be stale
         self._short = slot < self.SHORT_PAGES
         new = batch_from_pages(bytes(memoryview(self.buf)[:slot * ps]), runs, self.layout, self.events.lut)
         merged = _merge(self.held, new)
-        self.stats.events += int(np.count_nonzero(new.ev != EV_LOST))
         if flush:
             self.held = empty_batch()
             out = merged
@@ -1119,8 +1213,6 @@ class RawReader:
             cut = int(np.searchsorted(merged.ts, water, side="right")) if water is not None else len(merged)
             out = _slice(merged, 0, cut)
             self.held = _compact(_slice(merged, cut, len(merged)))
-            self.stats.held = len(self.held)
-        out.events, out.tasks = self.events, self.tasks
         return out
 
     def close(self) -> None:

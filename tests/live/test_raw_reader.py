@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 
 from agent_proc import running_agent, value
-from feeding import feed_raw, feed_text
+from feeding import feed_events, feed_text
 from kprobe_exporter import config, probes, ringbuf
 from kprobe_exporter.aggregate import Aggregate, CompletedPair
-from kprobe_exporter.reader import TracePipeReader
+from kprobe_exporter.reader import TextReader
 from kprobe_exporter.tasks import UNKNOWN_COMM, Tasks
 from kprobe_exporter.tracefs import Tracefs
 
@@ -83,33 +83,26 @@ class Pipeline:
         # no own pids excluded: with event-fork on, the workload (our child) would be excluded too
         self.tfs.install(self.probes, 4096, record_tgid=True, own_tids=[])
         self.agg = Aggregate(self.probes, cfg.buckets)
-        self.agg.tasks = Tasks()  # as the agent has it: a `<...>` is named while it can be
         self.spans: list[CompletedPair] = []
         for p in self.probes.pairs:
             self.agg.set_sink(p.name, Sampling(), self.spans.append)
-        self.reader: TracePipeReader | ringbuf.RawReader
+        self.reader: TextReader | ringbuf.RawReader
         if raw:
-            events = ringbuf.RawEvents.load([self.tfs.event_dir(ev) for ev in self.probes.events], self.probes)
-            self.reader = ringbuf.RawReader(self.tfs.inst, events, tracefs_root=root)
-        else:
-            self.reader = TracePipeReader(str(self.tfs.inst / "trace_pipe"))
+            self.reader = ringbuf.RawReader.open(self.tfs.inst, root, self.probes, self.tfs.event_dir, spans=True)
+        else:  # as the agent has it: a `<...>` is named while it can be
+            self.reader = TextReader(str(self.tfs.inst / "trace_pipe"), self.probes, Tasks())
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run)
         self.thread.start()
 
     def _run(self) -> None:
         while not self.stop.is_set():
-            chunk = self.reader.read_chunk(0.05)
-            if isinstance(chunk, ringbuf.Batch):
-                feed_raw(self.agg, chunk)
-            elif chunk:
-                feed_text(self.agg, chunk)
+            feed_events(self.agg, self.reader.read(0.05))
 
     def close(self) -> None:
         self.stop.set()
         self.thread.join()
-        if isinstance(self.reader, ringbuf.RawReader):
-            feed_raw(self.agg, self.reader.flush())
+        feed_events(self.agg, self.reader.flush())
         self.reader.close()
         for cpu, total in self.tfs.cpu_stats().items():
             self.agg.set_stats_lost(cpu, total)
@@ -209,11 +202,8 @@ def test_one_buffer_as_text_and_as_pages_agrees_to_the_microsecond(tracefs: Path
             for p in ps.pairs:
                 agg.set_sink(p.name, Sampling(), spans[k].append)
         feed_text(aggs["text"], text)
-        while True:
-            batch = reader.flush()
-            if not len(batch):
-                break
-            feed_raw(aggs["raw"], batch)
+        while (batch := reader.flush()) is not None:
+            feed_events(aggs["raw"], batch)
         reader.close()
     finally:
         tfs.remove()

@@ -226,7 +226,7 @@ def test_a_chunk_bigger_than_a_piece_is_cut_at_lines() -> None:
     bodies = (b'f: (0x1) s="a" n=1', b"f_ret: (0x2 <- 0x1) ret=0x0")
     lines = [head(1, b"t", 7, 0, 1_000_000 + i) + bodies[i % 2] for i in range(20000)]
     agg, _ = build(Aggregate)
-    import kprobe_exporter.aggregate as am
+    import kprobe_exporter.text as am
     old = am.PIECE
     am.PIECE = 4096
     try:

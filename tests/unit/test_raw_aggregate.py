@@ -1,4 +1,4 @@
-"""Aggregate.feed_events (the raw reader's way in) against Aggregate.feed (text) on the same events.
+"""The raw reader's event batches against the text source's, on the same events, through one aggregate.
 
 Every raw fixture has the kernel's text of the events its pages hold: fed through the two entries
 of one probe set, with labels (args and comm) and spans on every pair, they must count the same,
@@ -18,6 +18,7 @@ from feeding import feed_raw, feed_text
 from kprobe_exporter import config, probes, ringbuf
 from kprobe_exporter.aggregate import Aggregate, CompletedPair, Snapshot
 from kprobe_exporter.probes import ProbeSet
+from kprobe_exporter.tasks import Tasks
 from unit.test_ringbuf import ALL, K618, load, usec
 
 
@@ -77,7 +78,7 @@ def run_both(path: Path, tmp: Path) -> tuple[Snapshot, Snapshot, list[CompletedP
     assert [e.name for e in ps.events] == [e.name for e in fx.probes.events]
     events = ringbuf.RawEvents(ps, formats, ringbuf.kernel_version(str(fx.meta["release"])))
     batch = fx.batch
-    batch.events, batch.tasks = events, ringbuf.Tasks(tmp)
+    tasks = Tasks(tmp)
 
     out: dict[str, list[CompletedPair]] = {"text": [], "raw": []}
     aggs = {}
@@ -88,7 +89,7 @@ def run_both(path: Path, tmp: Path) -> tuple[Snapshot, Snapshot, list[CompletedP
         if kind == "text":
             feed_text(agg, text)
         else:
-            feed_raw(agg, batch)
+            feed_raw(agg, batch, events, tasks)
         aggs[kind] = agg
     return aggs["text"].snapshot(), aggs["raw"].snapshot(), out["text"], out["raw"], aggs["raw"]
 
@@ -135,15 +136,13 @@ def test_missed_events_count_as_lost_and_drop_pending(tmp_path: Path) -> None:
     marker = ringbuf.Batch(np.array([ringbuf.EV_LOST], np.int32), np.zeros(1, np.int32), b.ts[cut - 1:cut],
                            np.ones(1, np.int32), np.zeros(1, np.int64), np.array([7], np.int32), b"")
     agg2 = Aggregate(fx.probes, config.default_buckets())
-    feed_raw(agg2, ringbuf._slice(b, 0, cut))
+    feed_raw(agg2, ringbuf._slice(b, 0, cut), fx.events)
     assert agg2.snapshot().pairs == {}  # no pairs declared in the plain set
     agg3 = Aggregate(labelled_probe_set(K618 / "uprobes-syscalls"), config.default_buckets())
-    first = ringbuf._slice(b, 0, cut)
-    first.events = b.events
-    feed_raw(agg3, first)
+    feed_raw(agg3, ringbuf._slice(b, 0, cut), fx.events)
     pending = agg3.snapshot().pairs["p_open_path"].pending
     assert pending == 1
-    feed_raw(agg3, ringbuf._merge(marker, ringbuf.empty_batch()))
+    feed_raw(agg3, ringbuf._merge(marker, ringbuf.empty_batch()), fx.events)
     s = agg3.snapshot()
     assert s.pairs["p_open_path"].pending == 0 and s.pairs["p_open_path"].evicted["lost"] == 1
     assert s.lost == {1: 7}

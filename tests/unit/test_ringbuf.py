@@ -35,6 +35,13 @@ class Fixture:
     pages: dict[int, bytes]  # per CPU, its pages concatenated
     batch: ringbuf.Batch
 
+    def body(self, i: int) -> bytes:
+        """The kernel's text of event i from its name on, rendered from its record."""
+        e = int(self.batch.ev[i])
+        fmt = self.events.formats[e]
+        assert fmt is not None
+        return ringbuf.make_renderer(self.probes.events[e], fmt, self.events.kernel)(self.batch.record(i))
+
     def stats(self, cpu: int) -> dict[str, str]:
         text = (self.path / f"cpu{cpu}.stats").read_text()
         return {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in text.splitlines())}
@@ -70,7 +77,6 @@ def load(path: Path) -> Fixture:
         runs.append((cpu, off, len(data) // layout.page_size))
         off += len(data)
     batch = ringbuf.batch_from_pages(b"".join(pages.values()), runs, layout, events.lut)
-    batch.events = events
     return Fixture(path, meta, ps, layout, events, pages, batch)
 
 
@@ -102,8 +108,7 @@ def test_decoded_events_are_the_kernels_text_of_the_same_events(path: Path) -> N
     assert not np.any(b.ev == ringbuf.EV_UNKNOWN)
     for i, t in zip(idx.tolist(), text, strict=True):
         ev = fx.probes.events[b.ev[i]]
-        body = b.body(i)
-        assert body is not None
+        body = fx.body(i)
         assert (int(b.tid[i]), int(b.cpu[i]), usec(int(b.ts[i])) * 1000) == (t.tid, t.cpu, t.ts_ns), t
         if ev.kind in ("kprobe", "kretprobe"):
             assert body[:body.find(b"(")] == t.body[:t.body.find(b"(")]
@@ -112,6 +117,8 @@ def test_decoded_events_are_the_kernels_text_of_the_same_events(path: Path) -> N
             assert body == t.body
         # and so the text path's own readers take the same args from both
         assert parser.arg_reader(ev)(body) == parser.arg_reader(ev)(t.body)
+        # which are the args the raw path decodes from the record's fields, without any text
+        assert fx.events.args(int(b.ev[i]), b.record(i)) == parser.arg_reader(ev)(t.body)
         if ev.is_return:
             assert parser.retval_of(ev, body) == parser.retval_of(ev, t.body)
 
@@ -147,16 +154,16 @@ def test_618_uprobe_and_syscall_pairs_decode_exactly() -> None:
     # the capture script's own shell opened the `tracing_on` file: an enter whose exit came after the stop
     assert (counts["sys_enter_openat"], counts["sys_exit_openat"]) == (41, 40)
     first = names.index("compute")
-    assert b.body(first) == (b"compute: (0x%x) a=-5 b=12345 big=12345 sb=-5 hx=0x3039"
+    assert fx.body(first) == (b"compute: (0x%x) a=-5 b=12345 big=12345 sb=-5 hx=0x3039"
                              % struct.unpack_from("<Q", b.record(first), 8)[0])
     o = names.index("open_path")
-    args = parser.arg_reader(fx.probes.events[b.ev[o]])(b.body(o) or b"")
+    args = parser.arg_reader(fx.probes.events[b.ev[o]])(fx.body(o))
     assert args == {"path": b"/etc/hostname", "flags": b"0x0", "arr": b"{47,101,116,99}", "c": b"'/'"}
     failed = [i for i, n in enumerate(names) if n == "open_path_ret"
-              and (b.body(i) or b"").endswith(b"ret=-1")]
+              and fx.body(i).endswith(b"ret=-1")]
     assert len(failed) == 2
-    assert b.body(names.index("sys_exit_openat")) == b"sys_openat -> 0x3"
-    enter = b.body(names.index("sys_enter_openat")) or b""
+    assert fx.body(names.index("sys_exit_openat")) == b"sys_openat -> 0x3"
+    enter = fx.body(names.index("sys_enter_openat"))
     assert enter.startswith(b"sys_openat(dfd: 0xffffff9c, filename: 0x")  # 6.18: 0x, and values < 10 in decimal
     assert enter.endswith(b", flags: 0x80201, mode: 0)")  # the shell opening tracing_on: O_WRONLY|O_TRUNC|O_CLOEXEC
     # nanosecond timestamps, not multiples of 1000
@@ -198,7 +205,7 @@ def test_618_eight_kib_subbuffers_and_long_records() -> None:
     long_recs = d.rlen > 4 * ringbuf.TYPE_DATA_MAX  # past type_len: length in array[0]
     assert int(long_recs.sum()) == 60
     i = int(np.flatnonzero(fx.batch.ev == 0)[0])
-    path = parser.arg_reader(fx.probes.events[0])(fx.batch.body(i) or b"")["path"]
+    path = parser.arg_reader(fx.probes.events[0])(fx.body(i))["path"]
     assert path == b"/tmp/" + b"long-path-" * 20 + b"x"
 
 
@@ -208,15 +215,15 @@ def test_61_kprobes_kretprobes_and_syscalls_decode_exactly() -> None:
     b = fx.batch
     names = [fx.probes.events[e].name for e in b.ev.tolist()]
     i = names.index("open")
-    body = b.body(i) or b""
+    body = fx.body(i)
     args = parser.arg_reader(fx.probes.events[b.ev[i]])(body)
     assert args["dfd"] == b"-100" and args["how"].startswith(b"0x")
-    ret = [parser.retval_of(fx.probes.events[b.ev[j]], b.body(j) or b"") for j, n in enumerate(names)
+    ret = [parser.retval_of(fx.probes.events[b.ev[j]], fx.body(j)) for j, n in enumerate(names)
            if n == "open_ret"]
     assert b"-2" in ret and b"3" in ret  # ENOENT from the failing opens
-    enter = b.body(names.index("sys_enter_openat")) or b""
+    enter = fx.body(names.index("sys_enter_openat"))
     assert enter.startswith(b"sys_openat(dfd: ffffff9c, filename: ")  # 6.1 prints %lx, no 0x
-    assert b.body(names.index("sys_exit_openat")) == b"sys_openat -> 0x3"
+    assert fx.body(names.index("sys_exit_openat")) == b"sys_openat -> 0x3"
     assert int(np.count_nonzero(b.rlen > 4 * ringbuf.TYPE_DATA_MAX)) >= 1
 
 
@@ -340,7 +347,7 @@ print fmt: "comm=%s prio=%d addr=0x%08lx neg=%u pct=100%%", __get_str(comm), REC
         ringbuf.make_renderer(ev, ringbuf.parse_format(odd), (6, 18))
 
 
-def test_args_needed_and_require_renderers() -> None:
+def test_args_needed_and_require_decoders() -> None:
     ps = probes.build_probe_set(config.load_text(
         "probes:\n  - name: s\n    kprobe: f\n    args: {p: '$arg1:symbol'}\n    labels: [p]\n"
         "  - name: t\n    kprobe: g\n    latency: true\n"), resolve=None)
@@ -364,10 +371,10 @@ def test_args_needed_and_require_renderers() -> None:
         "\tfield:u64 ret;\toffset:24;\tsize:8;\tsigned:0;\n\n"
         'print fmt: "(%lx <- %lx) ret=0x%Lx", REC->__probe_func, REC->__probe_ret_ip, REC->ret\n')
     events = ringbuf.RawEvents(ps, [fmt_s, fmt_t, fmt_r], (6, 1))
-    assert "s" in events.render_errors
-    events.require_renderers(["t", "t_ret"])
+    assert "s" in events.decode_errors
+    events.require_decoders(["t", "t_ret"])
     with pytest.raises(ringbuf.RawUnsupported, match="s:"):
-        events.require_renderers(ringbuf.args_needed(ps, spans=False))
+        events.require_decoders(ringbuf.args_needed(ps, spans=False))
     assert events.lut[9] == 2 and events.lut[10] == ringbuf.EV_UNKNOWN
 
 
