@@ -520,8 +520,8 @@ def _pipeline_latencies(exe: Path, calls: int, n: int, raw: bool) -> list[int]:
 
     from kprobe_exporter import config as config_mod
     from kprobe_exporter import probes as probes_mod
-    from kprobe_exporter import ringbuf
     from kprobe_exporter.aggregate import Aggregate
+    from kprobe_exporter.raw import reader as raw_reader
     from kprobe_exporter.reader import TextReader
     from kprobe_exporter.tracefs import Tracefs
 
@@ -541,7 +541,7 @@ def _pipeline_latencies(exe: Path, calls: int, n: int, raw: bool) -> list[int]:
     try:
         reader: Any
         if raw:
-            reader = ringbuf.RawReader.open(tfs.inst, tfs.root, ps, tfs.event_dir, spans=True)
+            reader = raw_reader.RawReader.open(tfs.inst, tfs.root, ps, tfs.event_dir, spans=True)
         else:
             reader = TextReader(str(tfs.inst / "trace_pipe"), ps)
         stop = threading.Event()

@@ -17,15 +17,15 @@ from typing import TYPE_CHECKING
 
 from prometheus_client.registry import CollectorRegistry
 
+from kprobe_exporter import raw
 from kprobe_exporter import reload as reload_mod
-from kprobe_exporter import ringbuf
 from kprobe_exporter import tracefs as tfs_mod
 from kprobe_exporter.aggregate import Aggregate, Snapshot
 from kprobe_exporter.config import Config, ConfigError, split_host_port
 from kprobe_exporter.metrics import Sources, SpanCounts, make_registry
 from kprobe_exporter.notify import SystemdNotifier
 from kprobe_exporter.probes import EventSpec, ProbeSet
-from kprobe_exporter.reader import ReaderError, TextReader
+from kprobe_exporter.reader import EventReader, ReaderError, TextReader
 from kprobe_exporter.spans import SpanPolicy, SpanShipper
 from kprobe_exporter.tasks import Tasks
 from kprobe_exporter.tracefs import InstanceLock, Tracefs, TracefsError
@@ -35,8 +35,6 @@ if TYPE_CHECKING:
     from kprobe_exporter.otlp_metrics import OtlpMetricsPush
 
 log = logging.getLogger("kprobe_exporter")
-
-Reader = TextReader | ringbuf.RawReader  # the same methods: read, flush, set_events, check, close
 
 HOUSEKEEPING_S = 1.0
 
@@ -223,22 +221,22 @@ class Agent:
         sources.extra.append(push.families)
         return push
 
-    def _open_reader(self, tfs: Tracefs) -> Reader:
+    def _open_reader(self, tfs: Tracefs) -> EventReader:
         """`reader: raw` reads the per-CPU ring buffers; where they cannot be read or decoded, the text
         reader, with the reason logged (no numbers at all beat wrong ones, and text is never wrong)."""
         if self.config.reader == "raw":
             try:
-                raw = ringbuf.RawReader.open(tfs.inst, tfs.root, self.probes, tfs.event_dir,
+                reader = raw.RawReader.open(tfs.inst, tfs.root, self.probes, tfs.event_dir,
                                              spans=self.shipper is not None)
                 log.info("reader: raw (per-CPU trace_pipe_raw, %d-byte pages, nanosecond timestamps)",
-                         raw.layout.page_size)
-                return raw
-            except ringbuf.RawUnsupported as e:
+                         reader.layout.page_size)
+                return reader
+            except raw.RawUnsupported as e:
                 log.warning("reader: the raw reader cannot serve this config here (%s); reading trace_pipe text", e)
         # live: a `<...>` the kernel printed can still be named, from /proc (its tables had no entry)
         return TextReader(str(tfs.inst / "trace_pipe"), self.probes, Tasks())
 
-    def _loop(self, reader: Reader, tfs: Tracefs) -> None:
+    def _loop(self, reader: EventReader, tfs: Tracefs) -> None:
         agg = self.aggregate
         next_housekeeping = 0.0
         while not self.stop_event.is_set():
@@ -284,7 +282,7 @@ class Agent:
         self.aggregate.sweep(time.clock_gettime_ns(time.CLOCK_MONOTONIC))
 
     # --- hot reload (SIGHUP) ----------------------------------------------------------------
-    def _reload(self, reader: Reader, tfs: Tracefs) -> None:
+    def _reload(self, reader: EventReader, tfs: Tracefs) -> None:
         """Apply the config file's new version: only the probes that changed go and come.
 
         Everything that can fail is tried before anything changes: the file, the probe set, the
@@ -306,7 +304,7 @@ class Agent:
             tfs.check_kinds(plan.add)
             try:
                 reader.check(new_probes, spans=any(p.spans is not None for p in new_probes.pairs))
-            except ringbuf.RawUnsupported as e:
+            except raw.RawUnsupported as e:
                 raise ConfigError(f"the raw reader: {e}; such probes need `reader: text` (a restart)") from None
             self._trial(tfs, plan.add)
         except (ConfigError, TracefsError) as e:
@@ -339,7 +337,7 @@ class Agent:
                       "kprobe_exporter_probe_installed shows which are missing", e.message)
         try:  # the new set's events (a redefined probe gets a new id)
             reader.set_events(new_probes)
-        except ringbuf.RawUnsupported as e:
+        except raw.RawUnsupported as e:
             self.fatal = f"reload: the raw reader cannot decode the new events: {e}"
             log.error("%s; stopping and removing what is left", self.fatal)
             self.stop_event.set()
@@ -364,7 +362,7 @@ class Agent:
         if problems:
             log.warning("reload: removing the trial: %s", "; ".join(problems))
 
-    def _drain(self, reader: Reader) -> None:
+    def _drain(self, reader: EventReader) -> None:
         for _ in range(10000):
             batch = reader.flush()
             if batch is None:

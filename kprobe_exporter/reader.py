@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import select
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from kprobe_exporter.events import EventBatch
 from kprobe_exporter.probes import ProbeSet
@@ -107,6 +107,28 @@ class TracePipeReader:
                 pass
             os.close(self.fd)
             self.fd = -1
+
+
+class EventReader(Protocol):
+    """What the agent drives, whichever reader it is (TextReader here, raw.RawReader)."""
+
+    def read(self, timeout_s: float = 0.1) -> EventBatch | None:
+        """The events read now, or None after waiting up to timeout_s for any."""
+        ...
+
+    def flush(self) -> EventBatch | None:
+        """What is buffered, without waiting (at a reload or a stop); None when nothing is."""
+        ...
+
+    def set_events(self, probes: ProbeSet) -> None:
+        """Read for a new probe set from here on (after a reload)."""
+        ...
+
+    def check(self, probes: ProbeSet, spans: bool) -> None:
+        """Raise if this reader could not serve `probes` (judged before a reload changes anything)."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class TextReader:

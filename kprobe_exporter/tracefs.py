@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kprobe_exporter.probes import EventSpec, ProbeSet
+from kprobe_exporter.raw.formats import field_names
 
 CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 # (type, (major, minor) kernels, what was seen): types a kernel accepts but that break it once the probe
@@ -352,8 +353,7 @@ class Tracefs:
     def check_labels(self, ev: EventSpec) -> None:
         if ev.kind != "tracepoint":
             return
-        fmt = read_text(self.event_dir(ev) / "format")
-        fields = set(re.findall(r"field:[^;]*?(\w+)(?:\[\d*\])?;", fmt))
+        fields = set(field_names(read_text(self.event_dir(ev) / "format")))
         for label in ev.labels:
             if label != "comm" and label not in fields:
                 raise TracefsError(f"label {label!r} is not a field of {ev.target} "

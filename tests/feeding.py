@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from weakref import WeakKeyDictionary
 
-from kprobe_exporter import ringbuf
 from kprobe_exporter.aggregate import Aggregate
 from kprobe_exporter.events import EventBatch
+from kprobe_exporter.raw import args as raw_args
+from kprobe_exporter.raw import pages as raw_pages
+from kprobe_exporter.raw import reader as raw_reader
 from kprobe_exporter.tasks import Tasks
 from kprobe_exporter.text import TextSource
 
@@ -40,7 +42,7 @@ def feed_events(agg: Aggregate, batch: EventBatch | None) -> None:
         agg.feed(batch)
 
 
-def feed_raw(agg: Aggregate, batch: ringbuf.Batch, events: ringbuf.RawEvents, tasks: Tasks | None = None) -> None:
+def feed_raw(agg: Aggregate, batch: raw_pages.Batch, events: raw_args.RawEvents, tasks: Tasks | None = None) -> None:
     """A raw batch (decoded pages, records and all) with the events it was decoded for."""
     if len(batch):
-        agg.feed(ringbuf.event_batch(batch, events, tasks or Tasks()))
+        agg.feed(raw_reader.event_batch(batch, events, tasks or Tasks()))

@@ -22,8 +22,11 @@ import pytest
 
 from agent_proc import running_agent, value
 from feeding import feed_events, feed_text
-from kprobe_exporter import config, probes, ringbuf
+from kprobe_exporter import config, probes
 from kprobe_exporter.aggregate import Aggregate, CompletedPair
+from kprobe_exporter.raw import args as raw_args
+from kprobe_exporter.raw import formats as raw_formats
+from kprobe_exporter.raw import reader as raw_reader
 from kprobe_exporter.reader import TextReader
 from kprobe_exporter.tasks import UNKNOWN_COMM, Tasks
 from kprobe_exporter.tracefs import Tracefs
@@ -86,9 +89,9 @@ class Pipeline:
         self.spans: list[CompletedPair] = []
         for p in self.probes.pairs:
             self.agg.set_sink(p.name, Sampling(), self.spans.append)
-        self.reader: TextReader | ringbuf.RawReader
+        self.reader: TextReader | raw_reader.RawReader
         if raw:
-            self.reader = ringbuf.RawReader.open(self.tfs.inst, root, self.probes, self.tfs.event_dir, spans=True)
+            self.reader = raw_reader.RawReader.open(self.tfs.inst, root, self.probes, self.tfs.event_dir, spans=True)
         else:  # as the agent has it: a `<...>` is named while it can be
             self.reader = TextReader(str(self.tfs.inst / "trace_pipe"), self.probes, Tasks())
         self.stop = threading.Event()
@@ -141,7 +144,7 @@ def test_both_readers_agree_on_the_same_events(tracefs: Path, exe: Path) -> None
         text.close()
     t, r = text.agg.snapshot(), raw.agg.snapshot()
     # each batch dates the comm/tgid tables: one read before its events may name a reused tid's past
-    assert isinstance(raw.reader, ringbuf.RawReader) and raw.reader.tasks._batch_at > 0
+    assert isinstance(raw.reader, raw_reader.RawReader) and raw.reader.tasks._batch_at > 0
     assert t.lost == r.lost == {} or (not any(t.lost.values()) and not any(r.lost.values()))
     # The kernel names threads from a 128-entry cache: a short-lived thread evicted before its line was
     # formatted and gone from /proc by the time either reader asked is `<...>` there, and the two readers
@@ -194,8 +197,8 @@ def test_one_buffer_as_text_and_as_pages_agrees_to_the_microsecond(tracefs: Path
         subprocess.run([str(exe), "compute", "300"], check=True)
         (tfs.inst / "tracing_on").write_text("0")
         text = (tfs.inst / "trace").read_bytes()
-        events = ringbuf.RawEvents.load([tfs.event_dir(ev) for ev in ps.events], ps)
-        reader = ringbuf.RawReader(tfs.inst, events, tracefs_root=tracefs)
+        events = raw_args.RawEvents.load([tfs.event_dir(ev) for ev in ps.events], ps)
+        reader = raw_reader.RawReader(tfs.inst, events, tracefs_root=tracefs)
         spans: dict[str, list[CompletedPair]] = {"text": [], "raw": []}
         aggs = {k: Aggregate(ps, cfg.buckets) for k in spans}
         for k, agg in aggs.items():
@@ -269,12 +272,12 @@ def test_raw_reader_refuses_an_instance_without_per_cpu_files(tmp_path: Path) ->
     (inst / "trace_clock").write_text("local global counter uptime perf [mono] mono_raw boot\n")
     ps = probes.build_probe_set(config.load_text("probes:\n  - tracepoint: syscalls/sys_enter_getppid\n"),
                                 resolve=None)
-    events = ringbuf.RawEvents(ps, [None], (6, 18))
-    with pytest.raises(ringbuf.RawUnsupported, match="per_cpu"):
-        ringbuf.RawReader(inst, events)
+    events = raw_args.RawEvents(ps, [None], (6, 18))
+    with pytest.raises(raw_formats.RawUnsupported, match="per_cpu"):
+        raw_reader.RawReader(inst, events)
     (inst / "trace_clock").write_text("[local] global\n")
-    with pytest.raises(ringbuf.RawUnsupported, match="clock 'local'"):
-        ringbuf.RawReader(inst, events)
+    with pytest.raises(raw_formats.RawUnsupported, match="clock 'local'"):
+        raw_reader.RawReader(inst, events)
 
 
 def test_reload_under_the_raw_reader_maps_the_new_event_ids(tracefs: Path, exe: Path, tmp_path: Path) -> None:

@@ -16,8 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kprobe_exporter import config, parser, probes, ringbuf
+import raw_reference
+from kprobe_exporter import config, parser, probes
 from kprobe_exporter.probes import ProbeSet
+from kprobe_exporter.raw import args as raw_args
+from kprobe_exporter.raw import formats as raw_formats
+from kprobe_exporter.raw import pages as raw_pages
 
 RAW = Path(__file__).resolve().parents[1] / "fixtures" / "raw"
 K618 = RAW / "linux-6.18"
@@ -30,17 +34,17 @@ class Fixture:
     path: Path
     meta: dict[str, object]
     probes: ProbeSet
-    layout: ringbuf.PageLayout
-    events: ringbuf.RawEvents
+    layout: raw_formats.PageLayout
+    events: raw_args.RawEvents
     pages: dict[int, bytes]  # per CPU, its pages concatenated
-    batch: ringbuf.Batch
+    batch: raw_pages.Batch
 
     def body(self, i: int) -> bytes:
         """The kernel's text of event i from its name on, rendered from its record."""
         e = int(self.batch.ev[i])
         fmt = self.events.formats[e]
         assert fmt is not None
-        return ringbuf.make_renderer(self.probes.events[e], fmt, self.events.kernel)(self.batch.record(i))
+        return raw_reference.make_renderer(self.probes.events[e], fmt, self.events.kernel)(self.batch.record(i))
 
     def stats(self, cpu: int) -> dict[str, str]:
         text = (self.path / f"cpu{cpu}.stats").read_text()
@@ -64,19 +68,19 @@ def probe_set(sc: dict[str, object]) -> ProbeSet:
 def load(path: Path) -> Fixture:
     meta = json.loads((path / "meta.json").read_text())
     ps = probe_set(meta["scenario"])
-    layout = ringbuf.parse_header_page((path / "header_page").read_text())
-    ringbuf.check_header_event((path / "header_event").read_text())
+    layout = raw_formats.parse_header_page((path / "header_page").read_text())
+    raw_formats.check_header_event((path / "header_event").read_text())
     formats = []
     for ev in ps.events:
         group, name = (ev.group, ev.name) if ev.dynamic else ev.target.split("/")
-        formats.append(ringbuf.parse_format((path / "events" / group / name / "format").read_text()))
-    events = ringbuf.RawEvents(ps, formats, ringbuf.kernel_version(meta["release"]))
+        formats.append(raw_formats.parse_format((path / "events" / group / name / "format").read_text()))
+    events = raw_args.RawEvents(ps, formats, raw_formats.kernel_version(meta["release"]))
     pages = {int(f.stem[3:]): f.read_bytes() for f in sorted(path.glob("cpu*.raw"))}
     runs, off = [], 0
     for cpu, data in pages.items():
         runs.append((cpu, off, len(data) // layout.page_size))
         off += len(data)
-    batch = ringbuf.batch_from_pages(b"".join(pages.values()), runs, layout, events.lut)
+    batch = raw_pages.batch_from_pages(b"".join(pages.values()), runs, layout, events.lut)
     return Fixture(path, meta, ps, layout, events, pages, batch)
 
 
@@ -105,7 +109,7 @@ def test_decoded_events_are_the_kernels_text_of_the_same_events(path: Path) -> N
     idx = np.flatnonzero(b.ev >= 0)
     text = text_lines(path)
     assert len(idx) == len(text) > 0
-    assert not np.any(b.ev == ringbuf.EV_UNKNOWN)
+    assert not np.any(b.ev == raw_pages.EV_UNKNOWN)
     for i, t in zip(idx.tolist(), text, strict=True):
         ev = fx.probes.events[b.ev[i]]
         body = fx.body(i)
@@ -130,11 +134,11 @@ def test_vectorised_decode_equals_the_event_by_event_reference(path: Path) -> No
         n = len(data) // fx.layout.page_size
         if not n:
             continue
-        d = ringbuf.decode_pages(data, n, fx.layout)
+        d = raw_pages.decode_pages(data, n, fx.layout)
         ref = []
         for p in range(n):
             page = data[p * fx.layout.page_size:(p + 1) * fx.layout.page_size]
-            ref += [(ts, rec) for kind, ts, rec in ringbuf.decode_page_python(page, fx.layout) if kind == "data"]
+            ref += [(ts, rec) for kind, ts, rec in raw_reference.decode_page_python(page, fx.layout) if kind == "data"]
         got = [(int(d.ts[i]), data[int(d.rec[i]):int(d.rec[i]) + int(d.rlen[i])]) for i in range(len(d.ts))]
         assert got == ref
         assert all(struct.unpack_from("<H", rec)[0] == t for (_, rec), t in zip(ref, d.etype.tolist(), strict=True))
@@ -173,7 +177,7 @@ def test_618_uprobe_and_syscall_pairs_decode_exactly() -> None:
 
 def test_618_time_extend_carries_a_200ms_delta() -> None:
     fx = load(K618 / "time-extend")
-    d = ringbuf.decode_pages(fx.pages[0], 1, fx.layout)
+    d = raw_pages.decode_pages(fx.pages[0], 1, fx.layout)
     assert d.extends == 3  # one per 200 ms sleep: the return comes 2^27 ns (134 ms) past its entry
     b = fx.batch
     names = [fx.probes.events[e].name for e in b.ev.tolist()]
@@ -188,12 +192,12 @@ def test_618_time_extend_carries_a_200ms_delta() -> None:
 
 def test_618_missed_events_are_counted_from_the_page_header() -> None:
     fx = load(K618 / "missed-events")
-    d = ringbuf.decode_pages(fx.pages[1], len(fx.pages[1]) // 4096, fx.layout)
+    d = raw_pages.decode_pages(fx.pages[1], len(fx.pages[1]) // 4096, fx.layout)
     overrun = int(fx.stats(1)["overrun"])
     assert overrun > 0
     assert d.missed.tolist() == [overrun, -1, -1]  # RB_MISSED_EVENTS|RB_MISSED_STORED, count after the data
     b = fx.batch
-    assert int(b.ev[0]) == ringbuf.EV_LOST and int(b.cpu[0]) == 1 and int(b.rlen[0]) == overrun
+    assert int(b.ev[0]) == raw_pages.EV_LOST and int(b.cpu[0]) == 1 and int(b.rlen[0]) == overrun
     assert int(b.ts[0]) <= int(b.ts[1])
     assert len(b) == 1 + int(fx.stats(1)["entries"])
 
@@ -201,8 +205,8 @@ def test_618_missed_events_are_counted_from_the_page_header() -> None:
 def test_618_eight_kib_subbuffers_and_long_records() -> None:
     fx = load(K618 / "subbuf8k-long-records")
     assert fx.layout.page_size == 8192 and fx.meta["subbuf_kb"] == "8"
-    d = ringbuf.decode_pages(fx.pages[0], 2, fx.layout)
-    long_recs = d.rlen > 4 * ringbuf.TYPE_DATA_MAX  # past type_len: length in array[0]
+    d = raw_pages.decode_pages(fx.pages[0], 2, fx.layout)
+    long_recs = d.rlen > 4 * raw_pages.TYPE_DATA_MAX  # past type_len: length in array[0]
     assert int(long_recs.sum()) == 60
     i = int(np.flatnonzero(fx.batch.ev == 0)[0])
     path = parser.arg_reader(fx.probes.events[0])(fx.body(i))["path"]
@@ -224,14 +228,14 @@ def test_61_kprobes_kretprobes_and_syscalls_decode_exactly() -> None:
     enter = fx.body(names.index("sys_enter_openat"))
     assert enter.startswith(b"sys_openat(dfd: ffffff9c, filename: ")  # 6.1 prints %lx, no 0x
     assert fx.body(names.index("sys_exit_openat")) == b"sys_openat -> 0x3"
-    assert int(np.count_nonzero(b.rlen > 4 * ringbuf.TYPE_DATA_MAX)) >= 1
+    assert int(np.count_nonzero(b.rlen > 4 * raw_pages.TYPE_DATA_MAX)) >= 1
 
 
 def test_61_time_extend_and_missed_events() -> None:
     fx = load(K61 / "time-extend")
-    assert ringbuf.decode_pages(fx.pages[0], 1, fx.layout).extends == 3
+    assert raw_pages.decode_pages(fx.pages[0], 1, fx.layout).extends == 3
     fx = load(K61 / "missed-events")
-    d = ringbuf.decode_pages(fx.pages[1], len(fx.pages[1]) // 4096, fx.layout)
+    d = raw_pages.decode_pages(fx.pages[1], len(fx.pages[1]) // 4096, fx.layout)
     assert d.missed[0] == int(fx.stats(1)["overrun"]) > 0
     assert (d.missed[1:] == -1).all()
 
@@ -239,9 +243,9 @@ def test_61_time_extend_and_missed_events() -> None:
 # --- event types no capture produced: made from a real page ----------------------------------------
 
 
-def _page(events: list[bytes], ts: int, commit_flags: int = 0, layout: ringbuf.PageLayout | None = None,
+def _page(events: list[bytes], ts: int, commit_flags: int = 0, layout: raw_formats.PageLayout | None = None,
           tail: bytes = b"") -> bytes:
-    layout = layout or ringbuf.PageLayout()
+    layout = layout or raw_formats.PageLayout()
     data = b"".join(events)
     hdr = struct.pack("<QQ", ts, len(data) | commit_flags)
     return (hdr + data + tail).ljust(layout.page_size, b"\0")
@@ -257,68 +261,69 @@ def test_absolute_timestamp_padding_and_empty_padding() -> None:
     assert len(rec) == 48
     events = [
         _hdr(12, 100) + rec,  # ts + 100
-        _hdr(ringbuf.TYPE_PADDING, 1) + struct.pack("<I", 16) + b"\0" * 12,  # discarded: array[0] + 4 bytes
-        _hdr(ringbuf.TYPE_TIME_STAMP, 5) + struct.pack("<I", 3),  # absolute: 3 << 27 | 5
+        _hdr(raw_pages.TYPE_PADDING, 1) + struct.pack("<I", 16) + b"\0" * 12,  # discarded: array[0] + 4 bytes
+        _hdr(raw_pages.TYPE_TIME_STAMP, 5) + struct.pack("<I", 3),  # absolute: 3 << 27 | 5
         _hdr(12, 7) + rec,
-        _hdr(ringbuf.TYPE_TIME_EXTEND, 1) + struct.pack("<I", 2),  # + (2 << 27 | 1)
+        _hdr(raw_pages.TYPE_TIME_EXTEND, 1) + struct.pack("<I", 2),  # + (2 << 27 | 1)
         _hdr(0, 0) + struct.pack("<I", 52) + rec,  # a long-form header: array[0] = 48 + 4
-        _hdr(ringbuf.TYPE_PADDING, 0),  # empty padding: the rest of the page is nothing
+        _hdr(raw_pages.TYPE_PADDING, 0),  # empty padding: the rest of the page is nothing
         _hdr(12, 9) + rec,  # never read
     ]
     page = _page(events, 1_000_000)
-    d = ringbuf.decode_pages(page, 1, ringbuf.PageLayout())
+    d = raw_pages.decode_pages(page, 1, raw_formats.PageLayout())
     t2 = (3 << 27) + 5 + 7
     assert d.ts.tolist() == [1_000_100, t2, t2 + (2 << 27) + 1]
     assert d.rlen.tolist() == [48, 48, 48] and d.stamps == 1 and d.extends == 1 and d.paddings == 2
-    ref = ringbuf.decode_page_python(page, ringbuf.PageLayout())
+    ref = raw_reference.decode_page_python(page, raw_formats.PageLayout())
     assert [(ts, r) for k, ts, r in ref if k == "data"] == [(int(t), rec) for t in d.ts]
 
 
 def test_missed_flag_without_a_stored_count() -> None:
     rec = load(K618 / "uprobes-syscalls").batch.record(0)
-    page = _page([_hdr(12, 1) + rec], 50, ringbuf.RB_MISSED_EVENTS)
-    d = ringbuf.decode_pages(page, 1, ringbuf.PageLayout())
+    page = _page([_hdr(12, 1) + rec], 50, raw_pages.RB_MISSED_EVENTS)
+    d = raw_pages.decode_pages(page, 1, raw_formats.PageLayout())
     assert d.missed.tolist() == [0] and d.ts.tolist() == [51]
-    stored = _page([_hdr(12, 1) + rec], 50, ringbuf.RB_MISSED_EVENTS | ringbuf.RB_MISSED_STORED,
+    stored = _page([_hdr(12, 1) + rec], 50, raw_pages.RB_MISSED_EVENTS | raw_pages.RB_MISSED_STORED,
                    tail=struct.pack("<Q", 1234))
-    assert ringbuf.decode_pages(stored, 1, ringbuf.PageLayout()).missed.tolist() == [1234]
+    assert raw_pages.decode_pages(stored, 1, raw_formats.PageLayout()).missed.tolist() == [1234]
 
 
 def test_a_commit_beyond_the_page_is_a_format_error() -> None:
     page = struct.pack("<QQ", 1, 5000).ljust(4096, b"\0")
-    with pytest.raises(ringbuf.FormatError):
-        ringbuf.decode_pages(page, 1, ringbuf.PageLayout())
+    with pytest.raises(raw_formats.FormatError):
+        raw_pages.decode_pages(page, 1, raw_formats.PageLayout())
 
 
 # --- formats ----------------------------------------------------------------------------------------
 
 
 def test_header_page_layouts() -> None:
-    assert ringbuf.parse_header_page((K618 / "uprobes-syscalls" / "header_page").read_text()) == ringbuf.PageLayout()
-    assert ringbuf.parse_header_page((K61 / "missed-events" / "header_page").read_text()) == ringbuf.PageLayout()
-    big = ringbuf.parse_header_page((K618 / "subbuf8k-long-records" / "header_page").read_text())
+    usual = raw_formats.PageLayout()
+    assert raw_formats.parse_header_page((K618 / "uprobes-syscalls" / "header_page").read_text()) == usual
+    assert raw_formats.parse_header_page((K61 / "missed-events" / "header_page").read_text()) == usual
+    big = raw_formats.parse_header_page((K618 / "subbuf8k-long-records" / "header_page").read_text())
     assert (big.data_off, big.data_size, big.page_size) == (16, 8176, 8192)
-    with pytest.raises(ringbuf.FormatError):
-        ringbuf.parse_header_page("\tfield: u64 timestamp;\toffset:0;\tsize:8;\tsigned:0;\n")
+    with pytest.raises(raw_formats.FormatError):
+        raw_formats.parse_header_page("\tfield: u64 timestamp;\toffset:0;\tsize:8;\tsigned:0;\n")
 
 
 def test_header_event_must_be_the_known_encoding() -> None:
-    ringbuf.check_header_event((K61 / "missed-events" / "header_event").read_text())
+    raw_formats.check_header_event((K61 / "missed-events" / "header_event").read_text())
     text = (K618 / "missed-events" / "header_event").read_text()
-    with pytest.raises(ringbuf.FormatError, match="type_len"):
-        ringbuf.check_header_event(text.replace("5 bits", "6 bits"))
+    with pytest.raises(raw_formats.FormatError, match="type_len"):
+        raw_formats.check_header_event(text.replace("5 bits", "6 bits"))
 
 
 def test_format_fields_data_loc_and_arrays() -> None:
     text = (K618 / "uprobes-syscalls" / "events" / "kpe_rawcap" / "open_path" / "format").read_text()
-    fmt = ringbuf.parse_format(text)
+    fmt = raw_formats.parse_format(text)
     path, arr, c = fmt.field("path"), fmt.field("arr"), fmt.field("c")
     assert path is not None and path.data_loc and path.size == 4
     assert arr is not None and (arr.count, arr.elem_size, arr.offset) == (4, 1, 24)
     assert c is not None and (c.size, c.signed) == (1, False)
     assert [f.name for f in fmt.own_fields] == ["__probe_ip", "path", "flags", "arr", "c"]
-    with pytest.raises(ringbuf.FormatError):
-        ringbuf.parse_format("name: x\nID: 5\nformat:\n\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;\n")
+    with pytest.raises(raw_formats.FormatError):
+        raw_formats.parse_format("name: x\nID: 5\nformat:\n\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;\n")
 
 
 def test_printf_renderer_for_a_plain_tracepoint() -> None:
@@ -337,45 +342,45 @@ format:
 print fmt: "comm=%s prio=%d addr=0x%08lx neg=%u pct=100%%", __get_str(comm), REC->prio, REC->addr, \
 ((unsigned int)(REC->prio))
 """
-    fmt = ringbuf.parse_format(text)
+    fmt = raw_formats.parse_format(text)
     ev = probes.EventSpec("demo", "tracepoint", "g", "g/demo", "demo", None, key=b"demo:")
-    render = ringbuf.make_renderer(ev, fmt, (6, 18))
+    render = raw_reference.make_renderer(ev, fmt, (6, 18))
     rec = struct.pack("<HBBiIiQ", 900, 0, 0, 42, (6 << 16) | 24, -3, 0xBEEF) + b"hello\0"
     assert render(rec) == b"demo: comm=hello prio=-3 addr=0x0000beef neg=4294967293 pct=100%"
     odd = text.replace('"comm=%s', '"f=%pS comm=%s').replace("__get_str(comm)", "REC->addr, __get_str(comm)")
-    with pytest.raises(ringbuf.FormatError):
-        ringbuf.make_renderer(ev, ringbuf.parse_format(odd), (6, 18))
+    with pytest.raises(raw_formats.FormatError):
+        raw_reference.make_renderer(ev, raw_formats.parse_format(odd), (6, 18))
 
 
 def test_args_needed_and_require_decoders() -> None:
     ps = probes.build_probe_set(config.load_text(
         "probes:\n  - name: s\n    kprobe: f\n    args: {p: '$arg1:symbol'}\n    labels: [p]\n"
         "  - name: t\n    kprobe: g\n    latency: true\n"), resolve=None)
-    assert ringbuf.args_needed(ps, spans=False) == ["s"]
-    fmt_s = ringbuf.parse_format(
+    assert raw_args.args_needed(ps, spans=False) == ["s"]
+    fmt_s = raw_formats.parse_format(
         "name: s\nID: 7\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n"
         "\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;\n"
         "\tfield:unsigned long __probe_ip;\toffset:8;\tsize:8;\tsigned:0;\n"
         "\tfield:u64 p;\toffset:16;\tsize:8;\tsigned:0;\n\n"
         'print fmt: "(%lx) p=%pS", REC->__probe_ip, REC->p\n')
-    fmt_t = ringbuf.parse_format(
+    fmt_t = raw_formats.parse_format(
         "name: t\nID: 8\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n"
         "\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;\n"
         "\tfield:unsigned long __probe_ip;\toffset:8;\tsize:8;\tsigned:0;\n\n"
         'print fmt: "(%lx)", REC->__probe_ip\n')
-    fmt_r = ringbuf.parse_format(
+    fmt_r = raw_formats.parse_format(
         "name: t_ret\nID: 9\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n"
         "\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;\n"
         "\tfield:unsigned long __probe_func;\toffset:8;\tsize:8;\tsigned:0;\n"
         "\tfield:unsigned long __probe_ret_ip;\toffset:16;\tsize:8;\tsigned:0;\n"
         "\tfield:u64 ret;\toffset:24;\tsize:8;\tsigned:0;\n\n"
         'print fmt: "(%lx <- %lx) ret=0x%Lx", REC->__probe_func, REC->__probe_ret_ip, REC->ret\n')
-    events = ringbuf.RawEvents(ps, [fmt_s, fmt_t, fmt_r], (6, 1))
+    events = raw_args.RawEvents(ps, [fmt_s, fmt_t, fmt_r], (6, 1))
     assert "s" in events.decode_errors
     events.require_decoders(["t", "t_ret"])
-    with pytest.raises(ringbuf.RawUnsupported, match="s:"):
-        events.require_decoders(ringbuf.args_needed(ps, spans=False))
-    assert events.lut[9] == 2 and events.lut[10] == ringbuf.EV_UNKNOWN
+    with pytest.raises(raw_formats.RawUnsupported, match="s:"):
+        events.require_decoders(raw_args.args_needed(ps, spans=False))
+    assert events.lut[9] == 2 and events.lut[10] == raw_pages.EV_UNKNOWN
 
 
 # --- merging CPUs and holding events back -----------------------------------------------------------
@@ -387,13 +392,13 @@ def test_cpus_merge_in_time_order_and_held_events_keep_their_records() -> None:
     assert set(b.cpu.tolist()) == {0, 1}
     assert np.all(np.diff(b.ts) >= 0)
     cut = len(b) // 2
-    head = ringbuf._slice(b, 0, cut)
-    held = ringbuf._compact(ringbuf._slice(b, cut, len(b)))
+    head = raw_pages.slice_batch(b, 0, cut)
+    held = raw_pages.compact_batch(raw_pages.slice_batch(b, cut, len(b)))
     assert len(held.data) == int(b.rlen[cut:].sum()) < len(b.data)
-    again = ringbuf._merge(held, ringbuf.empty_batch())
+    again = raw_pages.merge_batches(held, raw_pages.empty_batch())
     for i in range(len(held)):
         assert again.record(i) == b.record(cut + i)
-    merged = ringbuf._merge(held, head)
+    merged = raw_pages.merge_batches(held, head)
     assert merged.ts.tolist() == b.ts.tolist()
     assert [merged.record(i) for i in range(len(merged))] == [b.record(i) for i in range(len(b))]
 
@@ -404,10 +409,10 @@ def test_load_layout_follows_the_instances_subbuffers(tmp_path: Path) -> None:
         (d / "events").mkdir(parents=True)
         for f in ("header_page", "header_event"):
             (d / "events" / f).write_text((K618 / fx / f).read_text())
-    assert ringbuf.load_layout(inst, root).page_size == 8192
+    assert raw_formats.load_layout(inst, root).page_size == 8192
     (inst / "events" / "header_page").unlink()
     (inst / "buffer_subbuf_size_kb").write_text("8\n")
-    with pytest.raises(ringbuf.FormatError, match="8 KiB"):
-        ringbuf.load_layout(inst, root)  # the root's 4 KiB pages would misread 8 KiB sub-buffers
+    with pytest.raises(raw_formats.FormatError, match="8 KiB"):
+        raw_formats.load_layout(inst, root)  # the root's 4 KiB pages would misread 8 KiB sub-buffers
     (inst / "buffer_subbuf_size_kb").write_text("4\n")
-    assert ringbuf.load_layout(inst, root).page_size == 4096
+    assert raw_formats.load_layout(inst, root).page_size == 4096
