@@ -3,7 +3,7 @@
 The hot path. Event batches go in (from either reader: events.EventBatch); plain ints, lists and dicts
 come out, under one lock per batch (never per event). No prometheus_client, no logging here.
 
-A batch is digested in whole-array passes (bench/README.md has the figures). Counting is one
+A batch is digested in whole-array passes. Counting is one
 bincount; labels come from label sources (labels.py), one value lookup per distinct key. Pairing is
 bracket matching per (pair, thread) (pairing.match), run over segments of the batch cut where the
 per-event semantics need an order: a loss marker drops every pending entry, an age sweep runs once
@@ -110,8 +110,8 @@ class _Pair:
 
 
 class Aggregate:
-    # Below this many events a segment's pairs take the per-event loop: the columnar passes cost
-    # ~0.2 ms a batch whatever its size, the loop ~1.5 µs an event.
+    # Below this many events a segment's pairs take the per-event loop: the columnar passes have a
+    # fixed cost per batch that the loop undercuts on small ones (bench/README.md).
     min_columnar = 128
 
     def __init__(self, probes: ProbeSet, bounds_s: list[float], label_limit: int = 100,

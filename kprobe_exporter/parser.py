@@ -148,8 +148,8 @@ ArgPicker = Callable[[bytes], tuple[bytes, ...]]
 def arg_picker(ev: EventSpec, names: tuple[str, ...]) -> ArgPicker:
     """The values of `names` (b"" where absent) from an event body, exactly as arg_reader reads them.
 
-    For labels: arg_reader builds a dict of every arg (~1.5 µs a line); this walks the markers only
-    up to the last arg it needs and builds no dict (~0.4 µs for a first-arg label).
+    For labels: arg_reader builds a dict of every arg; this walks the markers only up to the last
+    arg it needs and builds no dict.
     """
     if ev.kind == "tracepoint":
         read = tracepoint_arg_reader(ev)

@@ -1,13 +1,11 @@
 """Reader: drain trace_pipe into a preallocated buffer; hand on complete lines only, in big chunks.
 
-A read() of trace_pipe returns at most two pages (~8 KB, ~130 lines): the kernel formats events
-into a page-sized buffer per call. The aggregate digests a chunk in whole-array passes whose fixed
-cost is ~0.2 ms, so one read per chunk would cost ~1.5 µs a line more than it needs. read_chunk
-therefore keeps reading until trace_pipe is empty or the buffer is nearly full, and when a drain
-came up short (a quiet moment), it lets events gather for `batch_s` before the next one: at 200k
-events/s that makes ~4000-line chunks instead of 130-line ones. Under overload every drain fills
-the buffer, so it never waits. (splice() into a pipe moves 0.5 MB a call but measured 620 ns of
-CPU a line against 330 for read(): it formats the same text and copies it twice.)
+A read() of trace_pipe returns at most two pages (~8 KB): the kernel formats events into a
+page-sized buffer per call. A chunk is digested in whole-array passes with a fixed cost per chunk,
+so read_chunk keeps reading until trace_pipe is empty or the buffer is nearly full, and when a
+drain came up short (a quiet moment), it lets events gather for `batch_s` before the next one.
+Under overload every drain fills the buffer, so it never waits. (splice() into a pipe was tried:
+it formats the same text and copies it twice; bench/README.md has the figures.)
 """
 
 from __future__ import annotations

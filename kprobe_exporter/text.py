@@ -1,6 +1,6 @@
 """Text source: chunks of trace text (trace_pipe, a saved `trace` file) to event batches.
 
-A chunk is parsed in whole-array passes (bench/README.md has the figures): fastparse turns every
+A chunk is parsed in whole-array passes: fastparse turns every
 line that has this kernel's fixed-width head into (event, tid, timestamp) columns; the rest take
 the per-line parser, which counts malformed lines by reason and finds the LOST lines. A line's comm
 and args stay in the text until a label or a span asks (TextRecords).
@@ -129,8 +129,8 @@ class TextRecords:
 class TextSource:
     """Parses chunks of complete lines for one probe set; keeps what it learnt of the layout and tokens."""
 
-    # Below this many lines a chunk takes the per-line parser: the columnar passes cost ~0.2 ms a
-    # chunk whatever its size, the per-line parser ~1.5 µs a line.
+    # Below this many lines a chunk takes the per-line parser: the columnar passes have a fixed
+    # cost per chunk that the per-line parser undercuts on small ones (bench/README.md).
     min_columnar = 128
 
     def __init__(self, probes: ProbeSet, tasks: Tasks | None = None) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from kprobe_exporter.labels import arg_labels
 from kprobe_exporter.probes import EventSpec, ProbeSet
 from kprobe_exporter.raw.formats import field_names
 
@@ -354,8 +355,8 @@ class Tracefs:
         if ev.kind != "tracepoint":
             return
         fields = set(field_names(read_text(self.event_dir(ev) / "format")))
-        for label in ev.labels:
-            if label != "comm" and label not in fields:
+        for label in arg_labels(ev):  # the others come from label sources, not the record
+            if label not in fields:
                 raise TracefsError(f"label {label!r} is not a field of {ev.target} "
                                    f"(fields: {', '.join(sorted(f for f in fields if not f.startswith('common_')))})",
                                    ev.name, "labels")

@@ -189,9 +189,8 @@ def _walk(w: U32, first: int, npages: int, pw: int, start: I64, end: I64) -> I64
     """Word positions of every event header in the pages, in order.
 
     An event's length is in its own header, so a page is a chain: all pages follow their chains in
-    lock step, one event of every page per step, ~8 numpy calls a step whatever the number of pages.
-    Measured on 256 full pages (43k events): 0.95 ms; with the step computed by comparisons instead of
-    the table 1.3 ms; with every word's next header precomputed first (then two calls a step) 1.9 ms.
+    lock step, one event of every page per step, ~8 numpy calls a step whatever the number of pages
+    (the alternatives measured slower: bench/README.md).
     """
     lo = first
     marks = np.zeros(npages * pw + 2, np.bool_)

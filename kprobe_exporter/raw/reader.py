@@ -2,7 +2,7 @@
 binary, yielding the same event batches as the text reader.
 
 The text path lets the kernel format every event inside our read() of `trace_pipe`; that caps even
-`cat` at about 1M lines/s here and keeps only microseconds. The raw pages carry the events as the
+`cat` (bench/README.md) and keeps only microseconds. The raw pages carry the events as the
 probes wrote them, with nanosecond timestamps, and cost the kernel one page swap per read. A
 record's args are decoded from its fields (raw.args) only where a label or a span asks; comm and
 tgid, which records do not carry, come from the live threads and the kernel's tables (tasks.py).
@@ -131,11 +131,10 @@ def event_batch(b: Batch, events: RawEvents, tasks: Tasks) -> EventBatch:
 class RawReader:
     """Drains `per_cpu/cpuN/trace_pipe_raw` of an instance, one page per read, all CPUs from one thread.
 
-    One thread polls every CPU's file. Measured against a reader thread per CPU handing pages to the
-    decoding thread (bench/raw_threads.py, same run): under overload the single thread delivered as
-    much or more (2.6 against 2.3 M events/s, the reads are short syscalls and decoding holds the
-    GIL); at 200k events/s the threads cost 0.09 against 0.12 us of CPU an event, but they leave the
-    CPUs unmerged, which is what that difference buys here.
+    One thread polls every CPU's file: against a reader thread per CPU handing pages to the decoding
+    thread it delivers as much or more under overload (the reads are short syscalls and decoding
+    holds the GIL), and the threads' small saving at moderate rates would leave the CPUs unmerged
+    (bench/raw_threads.py; figures in bench/README.md).
 
     Cross-CPU order: a batch is cut at a watermark, the earliest of each CPU's "nothing older can still
     come" time (when its file answered EAGAIN: the clock at the start of its drain, less a margin for
@@ -209,8 +208,8 @@ class RawReader:
 
         After a short drain (under SHORT_PAGES pages) it first lets events gather: poll() until the
         instance's buffer_percent of a CPU's buffer is filled, or up to timeout_s. Reading again at
-        once would hand over a few events at a time for the same fixed cost per batch (measured: 1.1
-        against 0.11 us of CPU per event at 200k events/s, bench/raw_threads.py).
+        once would hand over a few events at a time for the same fixed cost per batch (ten times the
+        CPU per event at moderate rates: bench/README.md).
         """
         if self._short and timeout_s > 0:
             try:
