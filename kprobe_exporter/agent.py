@@ -193,21 +193,24 @@ class Agent:
             try:
                 self._loop(reader, tfs)
             finally:
-                self.notifier.send("STOPPING=1")
-                reader.close()
-                problems = tfs.remove()
-                if self.shipper is not None:
-                    self.shipper.shutdown(timeout_s=5.0)  # flush what is queued, bounded
-                if push is not None:
-                    push.shutdown()  # the final counts, bounded by the exporter's timeout
-                for p in problems:
-                    log.error("removing probes: %s", p)
-                web.stop()
+                self._stop(reader, tfs, web, push)
             return 1 if self.fatal else 0
         finally:
             if self.tracefs is not None:
                 self.tracefs.close()
             lock.release()
+
+    def _stop(self, reader: EventReader, tfs: Tracefs, web: WebServer, push: OtlpMetricsPush | None) -> None:
+        self.notifier.send("STOPPING=1")
+        reader.close()
+        problems = tfs.remove()
+        if self.shipper is not None:
+            self.shipper.shutdown(timeout_s=5.0)  # flush what is queued, bounded
+        if push is not None:
+            push.shutdown()  # the final counts, bounded by the exporter's timeout
+        for p in problems:
+            log.error("removing probes: %s", p)
+        web.stop()
 
     def _metrics_push(self, registry: CollectorRegistry, sources: Sources) -> OtlpMetricsPush | None:
         if self.config.otlp_metrics is None:
@@ -335,16 +338,19 @@ class Agent:
         except TracefsError as e:  # the trial passed a moment ago: a race with someone else's change
             log.error("reload: the new probes could not be installed (%s); the kept ones run on, "
                       "kprobe_exporter_probe_installed shows which are missing", e.message)
-        try:  # the new set's events (a redefined probe gets a new id)
-            reader.set_events(new_probes)
-        except raw.RawUnsupported as e:
-            self.fatal = f"reload: the raw reader cannot decode the new events: {e}"
-            log.error("%s; stopping and removing what is left", self.fatal)
-            self.stop_event.set()
+        self._set_events(reader, new_probes)
         added = {ev.name for ev in plan.add}
         self._binaries = {ev.name: reload_mod.file_identity(ev) if ev.name in added else self._binaries.get(ev.name)
                           for ev in new_probes.events}
         log.info("reloaded: %s", plan.summary())
+
+    def _set_events(self, reader: EventReader, probes: ProbeSet) -> None:
+        try:  # the new set's events (a redefined probe gets a new id)
+            reader.set_events(probes)
+        except raw.RawUnsupported as e:
+            self.fatal = f"reload: the raw reader cannot decode the new events: {e}"
+            log.error("%s; stopping and removing what is left", self.fatal)
+            self.stop_event.set()
 
     def _trial(self, tfs: Tracefs, events: tuple[EventSpec, ...]) -> None:
         """Install events in a scratch instance and group and remove them: the kernel's verdict, no effect."""

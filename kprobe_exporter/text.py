@@ -108,7 +108,7 @@ class TextRecords:
         for i, cm in zip(rows, comms, strict=True):
             if cm == _UNKNOWN:
                 t = tids[i]
-                cm = known.get(t) or tasks.comm(t).encode("utf-8", "backslashreplace")[-16:]
+                cm = known.get(t) or tasks.comm16(t)
             out.append(cm)
         return out
 

@@ -52,7 +52,7 @@ class RawRecord:
         self.events, self.ev, self.rec, self.tid, self.tasks = events, ev, rec, tid, tasks
 
     def comm(self) -> str:
-        return _comm(self.tasks, self.tid).decode("utf-8", "backslashreplace")
+        return self.tasks.comm16(self.tid).decode("utf-8", "backslashreplace")
 
     def tgid(self) -> int:
         return self.tasks.tgid(self.tid)
@@ -73,11 +73,6 @@ class RawRecord:
         else:
             ret = next((values[n] for n in ("ret", "arg1") if n in values), next(iter(values.values()), None))
         return ret.decode("ascii", "replace") if ret is not None else None
-
-
-def _comm(tasks: Tasks, tid: int) -> bytes:
-    """A thread's comm as the text's 16 columns show it."""
-    return tasks.comm(tid).encode("utf-8", "backslashreplace")[-16:].lstrip()
 
 
 class RawRecords:
@@ -103,7 +98,7 @@ class RawRecords:
         for t in self.b.tid[rows].tolist():
             c = seen.get(t)
             if c is None:
-                c = seen[t] = _comm(tasks, t)
+                c = seen[t] = tasks.comm16(t)
             out.append(c)
         return out
 
