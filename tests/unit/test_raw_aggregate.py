@@ -22,7 +22,7 @@ from kprobe_exporter.raw import args as raw_args
 from kprobe_exporter.raw import formats as raw_formats
 from kprobe_exporter.raw import pages as raw_pages
 from kprobe_exporter.tasks import Tasks
-from unit.test_raw import ALL, K618, load, usec
+from raw_fixtures import ALL, K618, load, usec
 
 
 class Sampling:

@@ -8,96 +8,17 @@ timestamp to the microsecond the text shows, and the body the kernel printed).
 
 from __future__ import annotations
 
-import json
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import raw_reference
-from kprobe_exporter import config, parser, probes
-from kprobe_exporter.probes import ProbeSet
-from kprobe_exporter.raw import args as raw_args
+from kprobe_exporter import parser
 from kprobe_exporter.raw import formats as raw_formats
 from kprobe_exporter.raw import pages as raw_pages
-
-RAW = Path(__file__).resolve().parents[1] / "fixtures" / "raw"
-K618 = RAW / "linux-6.18"
-K61 = RAW / "linux-6.1-debian"
-ALL = sorted(p for p in RAW.glob("*/*") if (p / "meta.json").exists())
-
-
-@dataclass
-class Fixture:
-    path: Path
-    meta: dict[str, object]
-    probes: ProbeSet
-    layout: raw_formats.PageLayout
-    events: raw_args.RawEvents
-    pages: dict[int, bytes]  # per CPU, its pages concatenated
-    batch: raw_pages.Batch
-
-    def body(self, i: int) -> bytes:
-        """The kernel's text of event i from its name on, rendered from its record."""
-        e = int(self.batch.ev[i])
-        fmt = self.events.formats[e]
-        assert fmt is not None
-        return raw_reference.make_renderer(self.probes.events[e], fmt, self.events.kernel)(self.batch.record(i))
-
-    def stats(self, cpu: int) -> dict[str, str]:
-        text = (self.path / f"cpu{cpu}.stats").read_text()
-        return {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in text.splitlines())}
-
-
-def probe_set(sc: dict[str, object]) -> ProbeSet:
-    """The config that installs a scenario's events, as the agent would build it."""
-    lines = [f"instance: {sc['instance']}", "probes:"]
-    defs = {line.split()[0].split(":", 1)[1]: line for _, line in sc["definitions"]}  # type: ignore[attr-defined]
-    for ev in sc["events"]:  # type: ignore[attr-defined]
-        if ev in defs:
-            letter, rest = defs[ev].split(":", 1)
-            name_part, tail = rest.split(" ", 1)
-            lines.append(f"  - raw: '{letter}:{name_part.split('/')[1]} {tail}'")
-        else:
-            lines.append(f"  - tracepoint: {ev}")
-    return probes.build_probe_set(config.load_text("\n".join(lines) + "\n"), resolve=None)
-
-
-def load(path: Path) -> Fixture:
-    meta = json.loads((path / "meta.json").read_text())
-    ps = probe_set(meta["scenario"])
-    layout = raw_formats.parse_header_page((path / "header_page").read_text())
-    raw_formats.check_header_event((path / "header_event").read_text())
-    formats = []
-    for ev in ps.events:
-        group, name = (ev.group, ev.name) if ev.dynamic else ev.target.split("/")
-        formats.append(raw_formats.parse_format((path / "events" / group / name / "format").read_text()))
-    events = raw_args.RawEvents(ps, formats, raw_formats.kernel_version(meta["release"]))
-    pages = {int(f.stem[3:]): f.read_bytes() for f in sorted(path.glob("cpu*.raw"))}
-    runs, off = [], 0
-    for cpu, data in pages.items():
-        runs.append((cpu, off, len(data) // layout.page_size))
-        off += len(data)
-    batch = raw_pages.batch_from_pages(b"".join(pages.values()), runs, layout, events.lut)
-    return Fixture(path, meta, ps, layout, events, pages, batch)
-
-
-def text_lines(path: Path) -> list[parser.TraceLine]:
-    raw = (path / "trace.txt").read_bytes().split(b"\n")
-    return [parser.parse_line(x) for x in raw if x and not x.startswith(b"#")]
-
-
-def usec(ts_ns: int) -> int:
-    """The text's microseconds: the kernel rounds (ns2usecs adds 500 before dividing)."""
-    return (ts_ns + 500) // 1000
-
-
-def after_ip(body: bytes) -> bytes:
-    """A probe body from its args on: a kprobe's ip prints as `sym+off/size` in text, as hex here."""
-    return body[body.find(b")") + 1:]
-
+from raw_fixtures import ALL, K61, K618, after_ip, load, text_lines, usec
 
 # --- every fixture: the decode is the kernel's own text ----------------------------------------
 
@@ -294,95 +215,6 @@ def test_a_commit_beyond_the_page_is_a_format_error() -> None:
         raw_pages.decode_pages(page, 1, raw_formats.PageLayout())
 
 
-# --- formats ----------------------------------------------------------------------------------------
-
-
-def test_header_page_layouts() -> None:
-    usual = raw_formats.PageLayout()
-    assert raw_formats.parse_header_page((K618 / "uprobes-syscalls" / "header_page").read_text()) == usual
-    assert raw_formats.parse_header_page((K61 / "missed-events" / "header_page").read_text()) == usual
-    big = raw_formats.parse_header_page((K618 / "subbuf8k-long-records" / "header_page").read_text())
-    assert (big.data_off, big.data_size, big.page_size) == (16, 8176, 8192)
-    with pytest.raises(raw_formats.FormatError):
-        raw_formats.parse_header_page("\tfield: u64 timestamp;\toffset:0;\tsize:8;\tsigned:0;\n")
-
-
-def test_header_event_must_be_the_known_encoding() -> None:
-    raw_formats.check_header_event((K61 / "missed-events" / "header_event").read_text())
-    text = (K618 / "missed-events" / "header_event").read_text()
-    with pytest.raises(raw_formats.FormatError, match="type_len"):
-        raw_formats.check_header_event(text.replace("5 bits", "6 bits"))
-
-
-def test_format_fields_data_loc_and_arrays() -> None:
-    text = (K618 / "uprobes-syscalls" / "events" / "kpe_rawcap" / "open_path" / "format").read_text()
-    fmt = raw_formats.parse_format(text)
-    path, arr, c = fmt.field("path"), fmt.field("arr"), fmt.field("c")
-    assert path is not None and path.data_loc and path.size == 4
-    assert arr is not None and (arr.count, arr.elem_size, arr.offset) == (4, 1, 24)
-    assert c is not None and (c.size, c.signed) == (1, False)
-    assert [f.name for f in fmt.own_fields] == ["__probe_ip", "path", "flags", "arr", "c"]
-    with pytest.raises(raw_formats.FormatError):
-        raw_formats.parse_format("name: x\nID: 5\nformat:\n\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;\n")
-
-
-def test_printf_renderer_for_a_plain_tracepoint() -> None:
-    text = """name: demo
-ID: 900
-format:
-\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
-\tfield:unsigned char common_flags;\toffset:2;\tsize:1;\tsigned:0;
-\tfield:unsigned char common_preempt_count;\toffset:3;\tsize:1;\tsigned:0;
-\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
-
-\tfield:__data_loc char[] comm;\toffset:8;\tsize:4;\tsigned:0;
-\tfield:int prio;\toffset:12;\tsize:4;\tsigned:1;
-\tfield:unsigned long addr;\toffset:16;\tsize:8;\tsigned:0;
-
-print fmt: "comm=%s prio=%d addr=0x%08lx neg=%u pct=100%%", __get_str(comm), REC->prio, REC->addr, \
-((unsigned int)(REC->prio))
-"""
-    fmt = raw_formats.parse_format(text)
-    ev = probes.EventSpec("demo", "tracepoint", "g", "g/demo", "demo", None, key=b"demo:")
-    render = raw_reference.make_renderer(ev, fmt, (6, 18))
-    rec = struct.pack("<HBBiIiQ", 900, 0, 0, 42, (6 << 16) | 24, -3, 0xBEEF) + b"hello\0"
-    assert render(rec) == b"demo: comm=hello prio=-3 addr=0x0000beef neg=4294967293 pct=100%"
-    odd = text.replace('"comm=%s', '"f=%pS comm=%s').replace("__get_str(comm)", "REC->addr, __get_str(comm)")
-    with pytest.raises(raw_formats.FormatError):
-        raw_reference.make_renderer(ev, raw_formats.parse_format(odd), (6, 18))
-
-
-def test_args_needed_and_require_decoders() -> None:
-    ps = probes.build_probe_set(config.load_text(
-        "probes:\n  - name: s\n    kprobe: f\n    args: {p: '$arg1:symbol'}\n    labels: [p]\n"
-        "  - name: t\n    kprobe: g\n    latency: true\n"), resolve=None)
-    assert raw_args.args_needed(ps, spans=False) == ["s"]
-    fmt_s = raw_formats.parse_format(
-        "name: s\nID: 7\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n"
-        "\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;\n"
-        "\tfield:unsigned long __probe_ip;\toffset:8;\tsize:8;\tsigned:0;\n"
-        "\tfield:u64 p;\toffset:16;\tsize:8;\tsigned:0;\n\n"
-        'print fmt: "(%lx) p=%pS", REC->__probe_ip, REC->p\n')
-    fmt_t = raw_formats.parse_format(
-        "name: t\nID: 8\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n"
-        "\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;\n"
-        "\tfield:unsigned long __probe_ip;\toffset:8;\tsize:8;\tsigned:0;\n\n"
-        'print fmt: "(%lx)", REC->__probe_ip\n')
-    fmt_r = raw_formats.parse_format(
-        "name: t_ret\nID: 9\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n"
-        "\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;\n"
-        "\tfield:unsigned long __probe_func;\toffset:8;\tsize:8;\tsigned:0;\n"
-        "\tfield:unsigned long __probe_ret_ip;\toffset:16;\tsize:8;\tsigned:0;\n"
-        "\tfield:u64 ret;\toffset:24;\tsize:8;\tsigned:0;\n\n"
-        'print fmt: "(%lx <- %lx) ret=0x%Lx", REC->__probe_func, REC->__probe_ret_ip, REC->ret\n')
-    events = raw_args.RawEvents(ps, [fmt_s, fmt_t, fmt_r], (6, 1))
-    assert "s" in events.decode_errors
-    events.require_decoders(["t", "t_ret"])
-    with pytest.raises(raw_formats.RawUnsupported, match="s:"):
-        events.require_decoders(raw_args.args_needed(ps, spans=False))
-    assert events.lut[9] == 2 and events.lut[10] == raw_pages.EV_UNKNOWN
-
-
 # --- merging CPUs and holding events back -----------------------------------------------------------
 
 
@@ -401,18 +233,3 @@ def test_cpus_merge_in_time_order_and_held_events_keep_their_records() -> None:
     merged = raw_pages.merge_batches(held, head)
     assert merged.ts.tolist() == b.ts.tolist()
     assert [merged.record(i) for i in range(len(merged))] == [b.record(i) for i in range(len(b))]
-
-
-def test_load_layout_follows_the_instances_subbuffers(tmp_path: Path) -> None:
-    inst, root = tmp_path / "inst", tmp_path / "root"
-    for d, fx in ((inst, "subbuf8k-long-records"), (root, "uprobes-syscalls")):
-        (d / "events").mkdir(parents=True)
-        for f in ("header_page", "header_event"):
-            (d / "events" / f).write_text((K618 / fx / f).read_text())
-    assert raw_formats.load_layout(inst, root).page_size == 8192
-    (inst / "events" / "header_page").unlink()
-    (inst / "buffer_subbuf_size_kb").write_text("8\n")
-    with pytest.raises(raw_formats.FormatError, match="8 KiB"):
-        raw_formats.load_layout(inst, root)  # the root's 4 KiB pages would misread 8 KiB sub-buffers
-    (inst / "buffer_subbuf_size_kb").write_text("4\n")
-    assert raw_formats.load_layout(inst, root).page_size == 4096
