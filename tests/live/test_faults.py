@@ -471,7 +471,7 @@ def test_otlp_collector_down_or_hanging_does_not_stop_the_reader(tracefs: Path, 
                 assert value(agent.scrape(), "kprobe_exporter_spans_exported_total") == 0
                 t1 = time.monotonic()
             assert agent.proc.returncode == 0, agent.log()
-            assert time.monotonic() - t1 < 10  # stopping waits for the collector a bounded time
+            assert time.monotonic() - t1 < 30  # stopping waits for a collector that never answers a bounded time
             assert nothing_left(inst)
     finally:
         hang.close()

