@@ -1,6 +1,6 @@
 """Span export throughput: the straightforward OTel SDK path against SpanShipper, in the same run.
 
-    python bench/bench_spans.py [--count 500000] [--rate 50000] [--seconds 10] [--baseline-count 200000]
+    python bench/bench_spans.py [--count 200000] [--rate 50000] [--seconds 10] [--rounds 3]
                                 [--protocol grpc|http/protobuf]
 
 Both export OTLP (gRPC by default) to the same receiver (tests/otlp_receiver.py, count-only) in a
@@ -12,8 +12,11 @@ separate process, so its CPU does not take the GIL from the exporters. Phases:
             drops by reason, and whether every span arrived.
   encode    CPU cost of turning one pair into OTLP bytes: ReadableSpan + the SDK encoder vs ours.
 
-Baseline: tracer.start_span()/span.end() per pair, BatchSpanProcessor (SDK defaults) and the
-library's OTLPSpanExporter for the protocol. Ours: SpanShipper.sink() per pair, transport from the same env.
+Baseline: tracer.start_span()/span.end() per pair, BatchSpanProcessor and the library's
+OTLPSpanExporter for the protocol. Ours: SpanShipper.sink() per pair, transport from the same env.
+Both get the same queue (65,536), batch (4,096), export interval (1 s) and span count; each round
+runs both, in alternating order (an odd number of rounds), and the figures are the rounds' medians
+(the capacity ratio: the median of the ratios within rounds).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import multiprocessing as mp
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -99,7 +103,7 @@ class Receiver:
 class Baseline:
     name = "SDK: start_span/end + BatchSpanProcessor"
 
-    def __init__(self) -> None:
+    def __init__(self, max_queue: int, batch_size: int, interval_s: float) -> None:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as Grpc
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as Http
         from opentelemetry.sdk.resources import Resource
@@ -108,7 +112,9 @@ class Baseline:
         from opentelemetry.trace import Status, StatusCode
 
         self._provider = TracerProvider(resource=Resource.create(resource_attributes()))
-        self._bsp = BatchSpanProcessor(Grpc() if otlp_protocol() == "grpc" else Http())
+        self._bsp = BatchSpanProcessor(Grpc() if otlp_protocol() == "grpc" else Http(), max_queue_size=max_queue,
+                                       max_export_batch_size=batch_size,
+                                       schedule_delay_millis=interval_s * 1000)
         self._provider.add_span_processor(self._bsp)
         self._tracer = self._provider.get_tracer("kprobe_exporter")
         self._queue = self._bsp._batch_processor._queue  # for the bench's back-off only
@@ -149,8 +155,8 @@ class Baseline:
 class Ours:
     name = "SpanShipper: sink + wire encoder + OTLP"
 
-    def __init__(self) -> None:
-        self.shipper = SpanShipper()
+    def __init__(self, max_queue: int, batch_size: int, interval_s: float) -> None:
+        self.shipper = SpanShipper(max_queue=max_queue, batch_size=batch_size, interval_s=interval_s)
         self.shipper.start()
         self.sink = self.shipper.sink
         self.max_queue = self.shipper.max_queue
@@ -259,62 +265,76 @@ def encode_cost(n: int = 20_000) -> dict[str, float]:
         return encoder.encode(pairs, 0)
 
     def cost(fn: Callable[[], bytes]) -> float:
-        best = float("inf")
+        times = []
         for _ in range(3):
             t0 = time.perf_counter()
             fn()
-            best = min(best, time.perf_counter() - t0)
-        return best / n * 1e6
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) / n * 1e6
 
     return {"sdk": cost(sdk), "ours": cost(ours)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--count", type=int, default=500_000, help="spans in our capacity run")
-    ap.add_argument("--baseline-count", type=int, default=200_000, help="spans in the baseline capacity run")
+    ap.add_argument("--count", type=int, default=200_000, help="spans in each capacity run (both pipelines)")
     ap.add_argument("--rate", type=int, default=50_000, help="spans/s in the paced runs")
     ap.add_argument("--seconds", type=float, default=10.0, help="length of the paced runs")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds (odd), each running both in alternating order")
+    ap.add_argument("--queue", type=int, default=65536, help="queue of both pipelines")
+    ap.add_argument("--batch", type=int, default=4096, help="export batch of both pipelines")
     ap.add_argument("--protocol", choices=("grpc", "http/protobuf"), default="grpc")
     args = ap.parse_args()
+    if args.rounds < 1 or args.rounds % 2 == 0:
+        sys.exit("--rounds must be odd: the median is then one of the rounds")
 
     rx = Receiver(args.protocol)
     os.environ.update(
         {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": args.protocol, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": rx.endpoint}
     )
+    rounds: list[dict[str, dict[str, Any]]] = []
     try:
-        results: dict[str, dict[str, Any]] = {}
-        for cls, count in ((Baseline, args.baseline_count), (Ours, args.count)):
-            pipe = cls()
-            print(f"{cls.name}: capacity, {count} spans ...", flush=True)
-            cap = capacity(pipe, rx, count)
-            print(f"{cls.name}: paced, {args.rate}/s for {args.seconds:g} s ...", flush=True)
-            pace = paced(pipe, rx, args.rate, args.seconds)
-            pipe.shutdown()
-            results[cls.name] = {"capacity": cap, "paced": pace}
+        for r in range(args.rounds):
+            results: dict[str, dict[str, Any]] = {}
+            for cls in (Baseline, Ours) if r % 2 == 0 else (Ours, Baseline):
+                pipe = cls(args.queue, args.batch, 1.0)
+                print(f"round {r + 1}: {cls.name}: capacity, {args.count} spans ...", flush=True)
+                cap = capacity(pipe, rx, args.count)
+                print(f"round {r + 1}: {cls.name}: paced, {args.rate}/s for {args.seconds:g} s ...", flush=True)
+                pace = paced(pipe, rx, args.rate, args.seconds)
+                pipe.shutdown()
+                results[cls.name] = {"capacity": cap, "paced": pace}
+            rounds.append(results)
         enc = encode_cost()
     finally:
         rx.close()
 
-    base, ours = results[Baseline.name], results[Ours.name]
+    med = statistics.median
     print()
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
           f"load average {os.getloadavg()[0]:.2f} (a shared host: expect noise)")  # fmt: skip
-    print(f"receiver: OTLP {args.protocol} in a separate process, counting spans")
+    print(f"receiver: OTLP {args.protocol} in a separate process, counting spans; both pipelines: queue "
+          f"{args.queue}, batch {args.batch}, interval 1 s, {args.count} spans; {args.rounds} rounds, order "
+          f"alternated, medians")
     print()
-    print(f"{'':44} {'spans/s':>9} {'CPU µs/span':>12}   paced {args.rate}/s x {args.seconds:g} s")
-    for name, r in results.items():
-        c, p = r["capacity"], r["paced"]
-        print(
-            f"{name:44} {c['spans_s']:9.0f} {c['cpu_us']:12.1f}   received {p['received']}/{p['produced']}, "
-            f"dropped {p['dropped']}, produce {p['produce_s']:.1f} s + drain {p['drain_s']:.1f} s"
-        )
-    ratio = ours["capacity"]["spans_s"] / base["capacity"]["spans_s"]
-    print(f"{'ratio ours / baseline':44} {ratio:9.2f}x")
-    print(f"encode only (CPU µs/span): ReadableSpan + SDK encoder {enc['sdk']:.1f}, wire encoder {enc['ours']:.1f}")
-    p = ours["paced"]
-    ok = p["received"] == p["produced"] and not any(p["dropped"].values())
-    print(f"zero-drop check at {args.rate}/s: {'PASS' if ok else 'FAIL'}")
+    print(f"{'':44} {'spans/s min/median/max':>24} {'CPU µs/span':>12}   paced {args.rate}/s x {args.seconds:g} s")
+    for name in (Baseline.name, Ours.name):
+        caps = [x[name]["capacity"] for x in rounds]
+        rates = [c["spans_s"] for c in caps]
+        got = [x[name]["paced"]["received"] for x in rounds]
+        produced = rounds[0][name]["paced"]["produced"]
+        drops = [x[name]["paced"]["dropped"] for x in rounds]
+        spread = f"{min(rates):.0f}/{med(rates):.0f}/{max(rates):.0f}"
+        print(f"{name:44} {spread:>24} {med([c['cpu_us'] for c in caps]):12.1f}   received (median) "
+              f"{med(got):.0f}/{produced}, dropped {drops}")
+    ratios = [x[Ours.name]["capacity"]["spans_s"] / x[Baseline.name]["capacity"]["spans_s"] for x in rounds]
+    print(f"{'ratio ours / baseline (median of rounds)':44} {med(ratios):9.2f}x  rounds: "
+          + ", ".join(f"{x:.2f}" for x in ratios))
+    print(f"encode only (CPU µs/span, median of 3): ReadableSpan + SDK encoder {enc['sdk']:.1f}, "
+          f"wire encoder {enc['ours']:.1f}")
+    ok = all(x[Ours.name]["paced"]["received"] == x[Ours.name]["paced"]["produced"]
+             and not any(x[Ours.name]["paced"]["dropped"].values()) for x in rounds)
+    print(f"zero-drop check at {args.rate}/s, every round: {'PASS' if ok else 'FAIL'}")
 
 
 if __name__ == "__main__":

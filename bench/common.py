@@ -64,16 +64,53 @@ int main(int argc, char **argv) {
 }
 """
 
+# The raw reader's ceiling: every CPU's per_cpu/cpuN/trace_pipe_raw read a page at a time until it
+# would block, as ringbuf.RawReader reads (O_NONBLOCK; poll() after a short drain, buffer_percent 25),
+# the pages thrown away. rawpages INSTANCE_DIR; runs until killed.
+RAWPAGES_C = r"""
+#include <fcntl.h>
+#include <poll.h>
+#include <stdio.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    char path[4096], page[4096];
+    struct pollfd fds[256];
+    int n = 0;
+    if (argc < 2) return 2;
+    snprintf(path, sizeof path, "%s/buffer_percent", argv[1]);
+    int bp = open(path, O_WRONLY);
+    if (bp >= 0) { if (write(bp, "25", 2) < 0) return 1; close(bp); }
+    for (int cpu = 0; cpu < 256; cpu++) {
+        snprintf(path, sizeof path, "%s/per_cpu/cpu%d/trace_pipe_raw", argv[1], cpu);
+        int fd = open(path, O_RDONLY | O_NONBLOCK);
+        if (fd < 0) break;
+        fds[n].fd = fd;
+        fds[n++].events = POLLIN;
+    }
+    if (n == 0) return 1;
+    for (;;) {
+        long got = 0;
+        for (int i = 0; i < n; i++)
+            for (int p = 0; p < 256; p++) {
+                ssize_t r = read(fds[i].fd, page, sizeof page);
+                if (r <= 0) break;
+                got++;
+            }
+        if (got < 16) poll(fds, n, 100);
+    }
+}
+"""
+
 
 def build(name: str) -> Path:
-    """Compile one of the bench's C programs (or tests/progs/fxgen.c) into bench/out/."""
+    """Compile one of the bench's C programs (or one of tests/progs/) into bench/out/."""
     OUT.mkdir(exist_ok=True)
     exe = OUT / name
-    if name == "fxgen":
-        src = REPO / "tests" / "progs" / "fxgen.c"
+    if (REPO / "tests" / "progs" / f"{name}.c").exists():  # fxgen, escaper
+        src = REPO / "tests" / "progs" / f"{name}.c"
     else:
         src = OUT / f"{name}.c"
-        src.write_text({"loadgen": LOADGEN_C, "leakgen": LEAKGEN_C}[name])
+        src.write_text({"loadgen": LOADGEN_C, "leakgen": LEAKGEN_C, "rawpages": RAWPAGES_C}[name])
     if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
         # -O1 as the tests build it: -O2 clones fxgen's functions (open_path.constprop.0) past the probes
         subprocess.run(["gcc", "-O1", "-pthread", "-o", str(exe), str(src)], check=True)

@@ -1,13 +1,13 @@
 """The fast-path benchmarks (issue 7): five targets, each against a baseline measured in the same run.
 
-    python3 bench/run.py [--seconds 5] [--only replay,drain,cpu,memory,scrape]
+    python3 bench/run.py [--seconds 5] [--rounds 3] [--only replay,pending,livepending,drain,...]
 
 Needs root, gcc and tracefs (the tests' setup installs them). Prints the table and writes it, with
 the raw figures, to bench/out/results.md and bench/out/results.json.
 
   replay   lines/s of `kprobe-exporter replay` over >= 2M lines of real trace text (bench/capture.py)
            vs bench/reference.py (a regex per line, a counter per event, a stack per thread), each a
-           whole process, best of 3, interleaved; both must report the same counts and pairs.
+           whole process, median of the rounds, interleaved; both must report the same counts and pairs.
   drain    a getppid loop at one core's full rate (CPU 0) feeds two identical instances; the agent
            drains one and `cat trace_pipe > /dev/null` the other, both on CPU 1, at the same time.
            Events each delivered (the agent: what it counted; cat: the instance's `read events`), loss
@@ -19,9 +19,19 @@ the raw figures, to bench/out/results.md and bench/out/results.json.
   scrape   /metrics p99 while the agent drains at the cpu rate, with ~1k series (31 syscall pairs),
            against the same agent's p99 when idle.
 
+With unmatched entries pending (issue 14):
+  pending     replay of real uprobe text whose calls escape with longjmp (bench/escape_corpus.py): 50k
+              entries pending throughout, against the same lines without the escaped entries.
+  livepending the live agent on such calls after 50k escapes on the same thread, against after none:
+              its CPU per event.
+
+Every row with rounds (--rounds, odd, default 3) reports the median (statistics.median) of its rounds.
+
 The raw ring-buffer reader (issue 8, `reader: raw`):
-  rawdrain   the drain row's loop; cat, the text agent and the raw agent each alone on CPU 1, rounds in
-             rotating order; the raw agent's events/s against cat's and the text agent's, within rounds.
+  rawdrain   the drain row's loop; cat, the raw page reader (rawpages: trace_pipe_raw pages read and
+             discarded, the raw path's ceiling), the text agent and the raw agent, each alone on CPU 1,
+             rounds in rotating order; the raw agent's events/s against the ceiling's, cat's and the text
+             agent's, within rounds.
   rawcpu     the cpu row's load: the raw agent's user+sys per event against the text agent's.
   resolution a function with a ~300 ns body: p50 of entry-to-return under the raw reader against
              bpftrace's (uprobe/uretprobe, nsecs) and the text reader's, one after the other.
@@ -35,10 +45,12 @@ import os
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,7 +175,12 @@ def agent_events(text: str, names: list[str]) -> int:
 # --- 1. replay -------------------------------------------------------------------------------------
 
 
-def bench_replay(lines_wanted: int) -> list[Row]:
+def spread(xs: list[float]) -> str:
+    """min/median/max of the rounds."""
+    return f"{min(xs):.2f}/{statistics.median(xs):.2f}/{max(xs):.2f}"
+
+
+def bench_replay(lines_wanted: int, rounds: int) -> list[Row]:
     corpus, cfg = OUT / "corpus.trace", OUT / "corpus.yaml"
     n = 0
     if corpus.exists() and cfg.exists():
@@ -185,7 +202,7 @@ def bench_replay(lines_wanted: int) -> list[Row]:
     lab_cmd = [PY, "-m", "kprobe_exporter", "replay", "--config", str(cfg), str(corpus)]
     ref_t, ours_t, lab_t = [], [], []
     ref_out = ours_out = ""
-    for _ in range(3):
+    for _ in range(rounds):
         t, ref_out = timed(ref_cmd)
         ref_t.append(t)
         t, ours_out = timed(ours_cmd)
@@ -200,16 +217,127 @@ def bench_replay(lines_wanted: int) -> list[Row]:
         counted = metric(ours_out, "kprobe_events_total", probe=probe)
         if paired != ref["pairs"].get(ref_name, 0) or counted != ref["events"].get(ref_name, 0):
             same = False
-    rt, ot, lt = min(ref_t), min(ours_t), min(lab_t)
+    rt, ot, lt = statistics.median(ref_t), statistics.median(ours_t), statistics.median(lab_t)
     raw = {"lines": n, "reference_s": ref_t, "replay_s": ours_t, "replay_labels_s": lab_t, "same_counts": same}
     return [
         Row("1. replay throughput", ">= 3x reference", f"{n / ot / 1e6:.2f} M lines/s ({ot:.2f} s)",
             f"{n / rt / 1e6:.2f} M lines/s ({rt:.2f} s)", rt / ot, rt / ot >= 3 and same,
-            f"{n / 1e6:.2f}M lines, whole processes, best of 3; counts and pairs agree: {same}", raw),
+            f"{n / 1e6:.2f}M lines, whole processes, median of {rounds} interleaved rounds (s min/median/max: "
+            f"replay {spread(ours_t)}, reference {spread(ref_t)}); counts and pairs agree: {same}", raw),
         Row("   with a path label", "(info)", f"{n / lt / 1e6:.2f} M lines/s ({lt:.2f} s)",
             f"{n / rt / 1e6:.2f} M lines/s ({rt:.2f} s)", rt / lt, None,
             "the reference does no labels: this is more work than it does"),
     ]
+
+
+# --- 9-10. with 50k entries pending (issue 14) ------------------------------------------------------
+
+
+def bench_replay_pending(lines_wanted: int, rounds: int) -> list[Row]:
+    """Replay of real uprobe text where calls escape with longjmp (bench/escape_corpus.py): 50k entries
+    pending from the start, ~70k at the end, against the same lines without the escaped entries."""
+    from escape_corpus import build_corpus
+
+    escape, none, cfg, info = build_corpus(lines_wanted)
+
+    def timed(path: Path) -> tuple[float, str]:
+        t0 = time.perf_counter()
+        out = subprocess.run([PY, "-m", "kprobe_exporter", "replay", "--config", str(cfg), str(path)], cwd=REPO,
+                             check=True, capture_output=True, text=True).stdout
+        return time.perf_counter() - t0, out
+
+    rates: dict[str, list[float]] = {"escape": [], "none": []}
+    ratios = []
+    outs = {}
+    for r in range(rounds):
+        got = {}
+        for kind in (("escape", "none") if r % 2 == 0 else ("none", "escape")):
+            t, outs[kind] = timed(escape if kind == "escape" else none)
+            got[kind] = (info["lines"] if kind == "escape" else info["lines_none"]) / t
+            rates[kind].append(got[kind])
+        ratios.append(got["escape"] / got["none"])
+    pending = {k: metric(o, "kprobe_exporter_pairs_pending", probe="work") for k, o in outs.items()}
+    pairs = {k: metric(o, "kprobe_latency_seconds_count") for k, o in outs.items()}
+    same = pending == {"escape": info["pending_end"], "none": 0} and pairs["escape"] == pairs["none"]
+    ratio = statistics.median(ratios)
+    e, n = statistics.median(rates["escape"]), statistics.median(rates["none"])
+    e_s, n_s = spread([x / 1e6 for x in rates["escape"]]), spread([x / 1e6 for x in rates["none"]])
+    notes = (f"{info['lines'] / 1e6:.2f}M lines of real uprobe+uretprobe text (tests/progs/escaper.c: 4 threads, "
+             f"{info['pending_after_prefix']} escaped calls first, then 9 in 250 escape via longjmp; a "
+             f"{info['capture_lines'] / 1e3:.0f}k-line capture repeated with timestamps shifted, tids kept), "
+             f"pending {info['pending_after_prefix']} -> {pending['escape']:.0f}; baseline: the same lines without "
+             f"the {info['pending_end']} escaped entries; whole processes, {rounds} rounds in alternating order, "
+             f"median of the ratios within rounds (M lines/s min/median/max: {e_s} vs {n_s}); "
+             f"pairs equal and pending as built: {same}")
+    return [Row("9. replay, 50k entries pending", ">= 0.8x the same without them",
+                f"{e / 1e6:.2f} M lines/s", f"without them {n / 1e6:.2f} M lines/s", ratio, ratio >= 0.8 and same,
+                notes, {"info": info, "rates": rates, "ratios": ratios, "pending": pending, "pairs": pairs})]
+
+
+def bench_live_pending(seconds: float, rounds: int) -> list[Row]:
+    """The agent live (text reader, CPU 1) on escaper's calls (one thread, CPU 0, 9 in 250 escape) for
+    `seconds`, after 50k calls that escaped on that same thread, against after none: its user+sys per
+    event counted, and events/s, within rounds in alternating order."""
+    exe = build("escaper")
+    cfg = OUT / "kpe_bench_livepend.yaml"
+    cfg.write_text(f"instance: kpe_bench_livepend\npending: {{max_pending: 1000000, max_age: 1h}}\nprobes:\n"
+                   f"  - name: work\n    uprobe: {exe}:work\n    latency: true\n"
+                   f"  - name: leaf\n    uprobe: {exe}:leaf\n    latency: true\n")
+    names = ["work", "leaf"]
+    per_round: list[dict[str, dict[str, float]]] = []
+
+    def settled(agent: Agent) -> str:
+        last, text = -1.0, ""
+        for _ in range(240):
+            text = agent.scrape()[0]
+            n = agent_events(text, names)
+            if n == last:
+                break
+            last = n
+            time.sleep(0.5)
+        return text
+
+    for r in range(rounds):
+        res: dict[str, dict[str, float]] = {}
+        for prefix in ((50_000, 0) if r % 2 == 0 else (0, 50_000)):
+            agent = Agent(cfg, cpu=1)
+            try:
+                gen = subprocess.Popen(["taskset", "-c", "0", str(exe), "1", "0", "9", str(prefix), str(seconds)],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                assert gen.stdin is not None and gen.stdout is not None
+                if gen.stdout.readline().strip() != "ready":
+                    raise RuntimeError("escaper did not get ready")
+                text = settled(agent)
+                pend0 = metric(text, "kprobe_exporter_pairs_pending", probe="work")
+                e0, c0 = agent_events(text, names), proc_cpu_s(agent.pid)
+                gen.stdin.write("go\n")
+                gen.stdin.flush()
+                gen.wait()
+                text = settled(agent)
+                e1, c1 = agent_events(text, names), proc_cpu_s(agent.pid)
+                lost = metric(text, "kprobe_exporter_lost_events_total")
+                pend1 = metric(text, "kprobe_exporter_pairs_pending", probe="work")
+            finally:
+                agent.stop()
+            res["pending" if prefix else "none"] = {"events": e1 - e0, "cpu_s": c1 - c0, "lost": lost,
+                                                    "pending_before": pend0, "pending_after": pend1,
+                                                    "us_per_event": (c1 - c0) / max(e1 - e0, 1) * 1e6}
+        per_round.append(res)
+    med = statistics.median
+    ratio = med([x["none"]["us_per_event"] / x["pending"]["us_per_event"] for x in per_round])
+    us = {k: med([x[k]["us_per_event"] for x in per_round]) for k in ("pending", "none")}
+    ev = {k: med([x[k]["events"] / seconds for x in per_round]) for k in ("pending", "none")}
+    pend = med([x["pending"]["pending_before"] for x in per_round])
+    lost = max(x[k]["lost"] for x in per_round for k in ("pending", "none"))
+    return [Row("10. live, 50k entries pending", ">= 0.8x the same without them",
+                f"{us['pending']:.2f} us/event ({ev['pending'] / 1e3:.0f}k ev/s)",
+                f"without them {us['none']:.2f} us/event ({ev['none'] / 1e3:.0f}k ev/s)", ratio,
+                ratio >= 0.8 and lost == 0 and pend >= 50_000,
+                f"ratio: events per CPU-second, pending over none; the agent (text reader, CPU 1) on escaper's "
+                f"calls for {seconds:.0f} s (one thread on CPU 0, 9 in 250 escape), after 50k escaped calls on that "
+                f"thread (pending {pend:.0f} when the timed calls start) or none; agent user+sys per event counted; "
+                f"{rounds} rounds in alternating order, median of the ratios within rounds; loss {lost:.0f}",
+                {"rounds": per_round})]
 
 
 # --- 2. drain under overload ---------------------------------------------------------------------------
@@ -424,7 +552,8 @@ def bench_raw_drain(seconds: float, rounds: int) -> list[Row]:
     events = ["syscalls/sys_enter_getppid", "syscalls/sys_exit_getppid"]
     cfg_text = syscall_config("kpe_bench_rawdrain", ["getppid"])
     cfg_raw = raw_config(cfg_text)
-    kinds = ["cat", "text", "raw"]
+    kinds = ["cat", "pages", "text", "raw"]
+    pages = build("rawpages")
     per_round: list[dict[str, tuple[float, float]]] = []  # kind -> (delivered/s, loss %)
     reported: list[tuple[float, int]] = []
 
@@ -433,11 +562,11 @@ def bench_raw_drain(seconds: float, rounds: int) -> list[Row]:
 
     for r in range(rounds):
         res: dict[str, tuple[float, float]] = {}
-        for kind in kinds[r % 3:] + kinds[:r % 3]:
-            if kind == "cat":
+        for kind in kinds[r % 4:] + kinds[:r % 4]:
+            if kind in ("cat", "pages"):
                 with plain_instance("kpe_bench_rawcat", events, buffer_kb=4096) as inst:
-                    cat = subprocess.Popen(["taskset", "-c", "1", "cat", str(inst / "trace_pipe")],
-                                           stdout=subprocess.DEVNULL)
+                    cmd = ["cat", str(inst / "trace_pipe")] if kind == "cat" else [str(pages), str(inst)]
+                    cat = subprocess.Popen(["taskset", "-c", "1", *cmd], stdout=subprocess.DEVNULL)
                     time.sleep(0.5)
                     s0 = stats(inst)
                     subprocess.run(["taskset", "-c", "0", str(loadgen), str(seconds), "0"], check=True)
@@ -466,21 +595,24 @@ def bench_raw_drain(seconds: float, rounds: int) -> list[Row]:
             res[kind] = (n / seconds, 100.0 * lost / max(n + lost, 1))
         per_round.append(res)
 
-    def med(xs: list[float]) -> float:
-        return sorted(xs)[len(xs) // 2]
-
+    med = statistics.median
+    vs_pages = med([x["raw"][0] / max(x["pages"][0], 1) for x in per_round])
     vs_cat = med([x["raw"][0] / max(x["cat"][0], 1) for x in per_round])
     vs_text = med([x["raw"][0] / max(x["text"][0], 1) for x in per_round])
     rate = {k: med([x[k][0] for x in per_round]) for k in kinds}
     loss = {k: med([x[k][1] for x in per_round]) for k in kinds}
     ok_loss = all(m >= 0.9 * o for m, o in reported)
-    return [Row("6. raw reader: drain under overload", ">= 1.5x cat, >= 2.5x text agent",
+    return [Row("6. raw reader: drain under overload", "(ratio: vs its ceiling) >= 1.5x cat, >= 2.5x text agent",
                 f"{rate['raw'] / 1e6:.2f} M ev/s, loss {loss['raw']:.0f}%",
-                f"cat {rate['cat'] / 1e6:.2f} M lines/s (loss {loss['cat']:.0f}%), text agent "
-                f"{rate['text'] / 1e6:.2f} M ev/s (loss {loss['text']:.0f}%)", vs_cat,
-                vs_cat >= 1.5 and vs_text >= 2.5 and ok_loss,
-                f"vs text agent {vs_text:.2f}x; each reader alone on CPU 1, {rounds} rounds of {seconds:.0f} s in "
-                f"rotating order, medians of the ratios within rounds; raw lost_events_total vs overrun {reported}",
+                f"ceiling: pages read and discarded {rate['pages'] / 1e6:.2f} M ev/s (loss {loss['pages']:.0f}%)",
+                vs_pages, vs_cat >= 1.5 and vs_text >= 2.5 and ok_loss,
+                f"vs cat {vs_cat:.2f}x (cat {rate['cat'] / 1e6:.2f} M lines/s, loss {loss['cat']:.0f}%), vs text agent "
+                f"{vs_text:.2f}x ({rate['text'] / 1e6:.2f} M ev/s, loss {loss['text']:.0f}%); the ceiling is "
+                f"bench/out/rawpages (C: every CPU's trace_pipe_raw read a page at a time as the raw reader reads, "
+                f"buffer_percent 25, pages discarded; its `read events`); each reader alone on CPU 1, {rounds} "
+                f"rounds of {seconds:.0f} s in rotating order, medians of the ratios within rounds (a reader "
+                f"that lost nothing was not saturated: its rate is the loop's); raw lost_events_total vs overrun "
+                f"{reported}",
                 {"rounds": per_round, "lost_metric_vs_overrun": reported})]
 
 
@@ -576,7 +708,8 @@ def _bpftrace_p50(exe: Path, calls: int, n: int) -> tuple[float, int]:
     taskset = shutil.which("taskset") or "taskset"  # bpftrace -c wants a path that names one binary
     out = subprocess.run(["bpftrace", "-e", prog, "-c", f"{taskset} -c 0 {exe} run {calls} {n}"],
                          capture_output=True, text=True, timeout=300).stdout
-    rows = [(int(m.group(1)), int(m.group(3))) for m in re.finditer(r"^\[(\d+), (\d+)\)\s+(\d+)", out, re.M)]
+    # rows [lo, hi) and the overflow row [10000, ...) (its lower bound stands for it)
+    rows = [(int(m.group(1)), int(m.group(2))) for m in re.finditer(r"^\[(\d+), (?:\d+|\.\.\.)\)\s+(\d+)", out, re.M)]
     total = sum(c for _, c in rows)
     acc = 0
     for lo, c in rows:
@@ -639,35 +772,43 @@ def main() -> None:
     ap.add_argument("--rate", type=int, default=100_000, help="syscall pairs/s for the cpu and scrape rows")
     ap.add_argument("--lines", type=int, default=2_400_000)
     ap.add_argument("--threads", type=int, default=100_000)
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the raw drain row")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds (odd: the median is a round) of the replay, pending and raw drain rows")
     ap.add_argument("--calls", type=int, default=20_000, help="calls of the ~300 ns function (resolution row)")
-    ap.add_argument("--only", default="replay,drain,cpu,memory,scrape,rawdrain,rawcpu,resolution")
+    ap.add_argument("--only", default="replay,pending,livepending,drain,cpu,memory,scrape,rawdrain,rawcpu,resolution")
     args = ap.parse_args()
+    if args.rounds < 1 or args.rounds % 2 == 0:
+        sys.exit("--rounds must be odd: the median is then one of the rounds")
     if os.geteuid() != 0:
         sys.exit("bench/run.py needs root (tracefs instances and probes)")
     OUT.mkdir(exist_ok=True)
     only = set(args.only.split(","))
     rows: list[Row] = []
+    steps: list[tuple[str, str, Callable[[], list[Row]]]] = [
+        ("replay", "1. replay throughput", lambda: bench_replay(args.lines, args.rounds)),
+        ("pending", "9. replay, 50k entries pending", lambda: bench_replay_pending(args.lines, args.rounds)),
+        ("livepending", "10. live, 50k entries pending", lambda: bench_live_pending(args.seconds, args.rounds)),
+        ("drain", "2. live drain under overload", lambda: bench_drain(args.seconds)),
+        ("cpu,scrape", "3. CPU per event", lambda: bench_cpu_and_scrape(args.seconds, args.rate)),
+        ("memory", "4. memory", lambda: bench_memory(args.threads)),
+        ("rawdrain", "6. raw reader: drain under overload", lambda: bench_raw_drain(args.seconds, args.rounds)),
+        ("rawcpu", "7. raw reader: CPU per event", lambda: bench_raw_cpu(args.seconds, args.rate)),
+        ("resolution", "8. raw reader: latency resolution", lambda: bench_raw_resolution(args.calls)),
+    ]
     try:
-        if "replay" in only:
-            rows += bench_replay(args.lines)
-        if "drain" in only:
-            rows += bench_drain(args.seconds)
-        if "cpu" in only or "scrape" in only:
-            rows += bench_cpu_and_scrape(args.seconds, args.rate)
-        if "memory" in only:
-            rows += bench_memory(args.threads)
-        if "rawdrain" in only:
-            rows += bench_raw_drain(args.seconds, args.rounds)
-        if "rawcpu" in only:
-            rows += bench_raw_cpu(args.seconds, args.rate)
-        if "resolution" in only:
-            rows += bench_raw_resolution(args.calls)
+        for keys, target, step in steps:
+            if only & set(keys.split(",")):
+                try:
+                    rows += step()
+                except Exception as e:  # one broken row must not lose the others' figures
+                    print(f"{target}: {e!r}", file=sys.stderr)
+                    rows.append(Row(target, "", f"failed: {type(e).__name__}", "", None, False,
+                                    str(e).replace("\n", " ")[:300]))
     finally:
         for name in ("kpe_bench_cat", "kpe_bench_catcpu", "kpe_bench_rawcat"):
             if tracing_instance(name).exists():
                 remove_instance(tracing_instance(name))
-    rows.sort(key=lambda r: float(r.target[0]) if r.target[0].isdigit() else 1.5)
+    rows.sort(key=lambda r: float(m.group()) if (m := re.match(r"\d+", r.target)) else 1.5)
     text = table(rows)
     print(text)
     (OUT / "results.md").write_text(text)

@@ -423,20 +423,28 @@ class _SegmentMatch:
         order = pairing.stable_order(key)
         keys, signs, src = key[order], sign[order], order
         ts = c.ts[pos][order]
-        # Entries still open from earlier chunks go first in their group ("virtual" entries; src < 0).
+        # Entries still open from earlier chunks go first in their group ("virtual" entries; src < 0),
+        # only the top of each stack that the group's exits reach (as deep as its running sum of +1
+        # entry, -1 exit falls below zero): the entries below stay where they are, so the work is
+        # the segment's, not the pending state's.
         self.virtual: list[Pending] = []
-        self.vfirst: dict[int, int] = {}  # group key -> index in virtual of its old stack's bottom
+        self.old: dict[int, tuple[int, int]] = {}  # group key -> (entries left below, index in virtual)
         if any(p.stack for p in agg._pair_list):
             first = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+            run = np.cumsum(signs)
+            run -= np.repeat(run[first] - signs[first], np.diff(np.r_[first, len(run)]))
+            reach = np.maximum(0, -np.minimum.reduceat(run, first))
             at: list[int] = []
             vkeys: list[int] = []
-            for g, k in zip(first.tolist(), keys[first].tolist(), strict=True):
+            for g, k, nx in zip(first.tolist(), keys[first].tolist(), reach.tolist(), strict=True):
                 stack = agg._pair_list[k >> TID_BITS].stack.get(k & TID_MASK)
                 if stack:
-                    self.vfirst[k] = len(self.virtual)
-                    at.extend([g] * len(stack))
-                    vkeys.extend([k] * len(stack))
-                    self.virtual.extend(stack)
+                    below = max(0, len(stack) - nx)
+                    self.old[k] = (below, len(self.virtual))
+                    top = stack[below:]
+                    at.extend([g] * len(top))
+                    vkeys.extend([k] * len(top))
+                    self.virtual.extend(top)
             if at:
                 keys = np.insert(keys, at, vkeys)
                 signs = np.insert(signs, at, 1)
@@ -500,16 +508,21 @@ class _SegmentMatch:
                 bottom[k] = s
             else:
                 lst.append(item)
-        for k in self.vfirst:
+        for k, (below, _) in self.old.items():
             if k not in new:
-                del agg._pair_list[k >> TID_BITS].stack[k & TID_MASK]
+                stacks = agg._pair_list[k >> TID_BITS].stack
+                if below:
+                    del stacks[k & TID_MASK][below:]
+                else:
+                    del stacks[k & TID_MASK]
         # A stack that never emptied keeps its place in its dict (capacity eviction takes the oldest);
         # one that emptied and refilled, or is new, goes to the end, in the order of its bottom entry.
         reopened = []
         for k, lst in new.items():
             stacks = agg._pair_list[k >> TID_BITS].stack
-            if k in self.vfirst and bottom[k] == -1 - self.vfirst[k]:
-                stacks[k & TID_MASK][:] = lst
+            old = self.old.get(k)
+            if old is not None and (old[0] > 0 or bottom[k] == -1 - old[1]):
+                stacks[k & TID_MASK][old[0]:] = lst
             else:
                 stacks.pop(k & TID_MASK, None)
                 reopened.append((int(self.pos[bottom[k]]), k, lst))

@@ -253,3 +253,69 @@ def test_unknown_comm_is_named_live_and_left_alone_in_replay(tmp_path: Path, rep
     feed(replay, *lines)
     got = {dict(lbls)["comm"]: v for (_, lbls), v in replay.snapshot().events.items()}
     assert got == {"worker": repeat, "<...>": 3 * repeat}
+
+
+def test_deep_pending_stacks_pair_lifo_across_chunks_and_keep_their_eviction_order() -> None:
+    """Many threads with deep stacks of entries that never return (longjmp): later chunks pop into those
+    stacks, empty some, refill others. Every pair, every unmatched exit, every stack left and the order
+    capacity eviction takes them in must be what a per-line stack per thread gives."""
+    import random
+
+    rng = random.Random(14)
+    got: list[CompletedPair] = []
+
+    class Sampling:
+        sample_ratio = 1.0
+        min_duration_ns = 0
+
+    agg = make(UP + "pending: {max_pending: 100000, max_age: 1h}\n")
+    agg.set_sink("f", Sampling(), got.append)
+    lines: list[bytes] = []
+    model: dict[int, list[int]] = {}  # tid -> entry ids, bottom first; dict order = order opened
+    want: list[tuple[int, str, str]] = []
+    unmatched = 0
+    ts = 1_000_000
+    for uid in range(3000):  # 300 threads, 1..19 entries each, interleaved
+        tid = 100 + rng.randrange(300)
+        ts += 1
+        lines.append(line("app", tid, ts, f"f: (0x1) n={uid}"))
+        model.setdefault(tid, []).append(uid)
+    for uid in range(3000, 40000):
+        tid = 100 + rng.randrange(320)  # 20 threads with nothing pending
+        ts += 1
+        if rng.random() < 0.5:
+            lines.append(line("app", tid, ts, f"f: (0x1) n={uid}"))
+            model.setdefault(tid, []).append(uid)
+        else:
+            lines.append(line("app", tid, ts, f"f_ret: (0x2 <- 0x1) ret={uid}"))
+            stack = model.get(tid)
+            if stack:
+                want.append((tid, str(stack.pop()), str(uid)))
+                if not stack:
+                    del model[tid]
+            else:
+                unmatched += 1
+    at = 0
+    while at < len(lines):  # chunks of 150..2500 lines: the columnar path, cut anywhere
+        n = rng.randrange(150, 2500)
+        feed(agg, *lines[at : at + n])
+        at += n
+    assert [(p.tid, p.args[0][1], p.retval) for p in got] == want
+    st = agg.snapshot().pairs["f"]
+    assert (st.count, st.unmatched, st.pending) == (len(want), unmatched, sum(map(len, model.values())))
+    # the test is about deep stacks popped into from later chunks: they must be there
+    assert st.pending > 2000 and sum(int(n) < 3000 for _, n, _ in want) > 1000
+    # Capacity eviction takes whole stacks, oldest opened first: the stacks' order must be the model's.
+    agg.max_pending = st.pending + 5
+    evicted: list[int] = []
+    extra = []
+    for i in range(200):
+        tid, ts = 5000 + i, ts + 1
+        extra.append(line("app", tid, ts, f"f: (0x1) n={50000 + i}"))
+        model[tid] = [50000 + i]
+        while sum(map(len, model.values())) > agg.max_pending:
+            evicted.append(len(model.pop(next(iter(model)))))
+    feed(agg, *extra)
+    st = agg.snapshot().pairs["f"]
+    assert st.evicted["capacity"] == sum(evicted) and st.pending == sum(map(len, model.values()))
+    assert list(agg.pairs["f"].stack) == list(model)
