@@ -3,7 +3,7 @@
     python3 bench/raw_threads.py [--seconds 3] [--rounds 2]
 
 A getppid loop at one core's full rate on CPU 0 (the overload of bench/run.py's drain row) and at
-200k events/s; the reader process on CPU 1 reads and decodes pages (ringbuf.RawReader, no
+200k events/s; the reader process on CPU 1 reads and decodes pages (raw_reader.RawReader, no
 aggregate), either from its own thread for all CPUs (what the agent does) or with a thread per CPU
 that reads pages and hands them over a queue to the decoding thread. Rounds alternate the two;
 prints events delivered, loss and CPU per event of each.
@@ -23,31 +23,37 @@ from pathlib import Path
 import numpy as np
 from common import build, plain_instance
 
-from kprobe_exporter import config, probes, ringbuf
+from kprobe_exporter import config, probes
+from kprobe_exporter.raw import args as raw_args
+from kprobe_exporter.raw import formats as raw_formats
+from kprobe_exporter.raw import pages as raw_pages
+from kprobe_exporter.raw import reader as raw_reader
 
 EVENTS = ["syscalls/sys_enter_getppid", "syscalls/sys_exit_getppid"]
 
 
-def raw_events(inst: Path) -> ringbuf.RawEvents:
+def raw_events(inst: Path) -> raw_args.RawEvents:
     ps = probes.build_probe_set(config.load_text(
         "probes:\n  - tracepoint: syscalls/sys_enter_getppid\n    latency: true\n"), resolve=None)
     dirs = [inst / "events" / ev.target for ev in ps.events]
-    return ringbuf.RawEvents.load(dirs, ps)
+    return raw_args.RawEvents.load(dirs, ps)
 
 
 def single(inst: Path, stop: threading.Event, out: list[int]) -> None:
-    r = ringbuf.RawReader(inst, raw_events(inst), tracefs_root=inst.parent.parent)
+    r = raw_reader.RawReader(inst, raw_events(inst), tracefs_root=inst.parent.parent)
     n = 0
     while not stop.is_set():
-        n += int(np.count_nonzero(r.read_batch(0.1).ev >= 0))
-    n += int(np.count_nonzero(r.flush().ev >= 0))
+        b = r.read(0.1)
+        n += int(np.count_nonzero(b.ev >= 0)) if b is not None else 0
+    while (b := r.flush()) is not None:
+        n += int(np.count_nonzero(b.ev >= 0))
     r.close()
     out.append(n)
 
 
 def per_cpu_threads(inst: Path, stop: threading.Event, out: list[int]) -> None:
     events = raw_events(inst)
-    layout = ringbuf.load_layout(inst)
+    layout = raw_formats.load_layout(inst)
     ps = layout.page_size
     q: queue.Queue[tuple[int, bytes]] = queue.Queue(maxsize=64)
     done = threading.Event()
@@ -87,7 +93,7 @@ def per_cpu_threads(inst: Path, stop: threading.Event, out: list[int]) -> None:
             cpu, data = q.get(timeout=timeout)
         except queue.Empty:
             return
-        b = ringbuf.batch_from_pages(data, [(cpu, 0, len(data) // ps)], layout, events.lut)
+        b = raw_pages.batch_from_pages(data, [(cpu, 0, len(data) // ps)], layout, events.lut)
         n += int(np.count_nonzero(b.ev >= 0))
 
     while not stop.is_set():

@@ -652,9 +652,9 @@ def _pipeline_latencies(exe: Path, calls: int, n: int, raw: bool) -> list[int]:
 
     from kprobe_exporter import config as config_mod
     from kprobe_exporter import probes as probes_mod
-    from kprobe_exporter import ringbuf
     from kprobe_exporter.aggregate import Aggregate
-    from kprobe_exporter.reader import TracePipeReader
+    from kprobe_exporter.raw import reader as raw_reader
+    from kprobe_exporter.reader import TextReader
     from kprobe_exporter.tracefs import Tracefs
 
     cfg = config_mod.load_text(f"instance: kpe_bench_res\nprobes:\n  - name: body\n    uprobe: {exe}:body\n"
@@ -673,19 +673,16 @@ def _pipeline_latencies(exe: Path, calls: int, n: int, raw: bool) -> list[int]:
     try:
         reader: Any
         if raw:
-            reader = ringbuf.RawReader(tfs.inst, ringbuf.RawEvents.load([tfs.event_dir(e) for e in ps.events], ps),
-                                       tracefs_root=tfs.root)
+            reader = raw_reader.RawReader.open(tfs.inst, tfs.root, ps, tfs.event_dir, spans=True)
         else:
-            reader = TracePipeReader(str(tfs.inst / "trace_pipe"))
+            reader = TextReader(str(tfs.inst / "trace_pipe"), ps)
         stop = threading.Event()
 
         def loop() -> None:
             while not stop.is_set():
-                chunk = reader.read_chunk(0.05)
-                if raw:
-                    agg.feed_events(chunk)
-                elif chunk:
-                    agg.feed(chunk)
+                batch = reader.read(0.05)
+                if batch is not None:
+                    agg.feed(batch)
 
         t = threading.Thread(target=loop)
         t.start()
@@ -693,8 +690,8 @@ def _pipeline_latencies(exe: Path, calls: int, n: int, raw: bool) -> list[int]:
         time.sleep(0.5)
         stop.set()
         t.join()
-        if raw:
-            agg.feed_events(reader.flush())
+        while (batch := reader.flush()) is not None:
+            agg.feed(batch)
         reader.close()
     finally:
         tfs.remove()

@@ -21,9 +21,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
+from feeding import feed_text  # noqa: E402
 from kprobe_exporter import config, parser, probes  # noqa: E402
 from kprobe_exporter.aggregate import Aggregate, CompletedPair  # noqa: E402
 from kprobe_exporter.reader import MIN_FREE, TracePipeReader  # noqa: E402
+from kprobe_exporter.text import TextSource  # noqa: E402
 from ref_aggregate import RefAggregate  # noqa: E402
 
 try:
@@ -40,8 +42,8 @@ def _instrument() -> None:
     assert atheris is not None
     funcs = [parser.parse_head, parser.parse_lost, parser.parse_line, parser.event_token, parser.dispatch_key,
              parser.arg_picker, parser.probe_arg_reader, parser.tracepoint_arg_reader, parser.retval_of,
-             TracePipeReader.read_chunk, TracePipeReader._fill, Aggregate._parse_lines, Aggregate._pair_lines,
-             Aggregate._span, Aggregate._sweep, Aggregate._evict_capacity, Aggregate._resolve, Aggregate.drop_pending]
+             TracePipeReader.read_chunk, TracePipeReader._fill, TextSource._parse_lines, Aggregate._pair_lines,
+             Aggregate._span, Aggregate._sweep, Aggregate._evict_capacity, TextSource._resolve, Aggregate.drop_pending]
     funcs += [v for v in vars(RefAggregate).values() if callable(v)]
     for f in funcs:
         atheris.instrument_func(f)
@@ -129,8 +131,8 @@ def one_input(data: bytes) -> None:
     slow, slow_spans = _make(Aggregate, 1 << 30)
     ref, ref_spans = _make(RefAggregate)
     for chunk in chunks:
-        fast.feed(chunk)  # type: ignore[attr-defined]
-        slow.feed(chunk)  # type: ignore[attr-defined]
+        feed_text(fast, chunk)  # type: ignore[arg-type]
+        feed_text(slow, chunk)  # type: ignore[arg-type]
         ref.feed(chunk)  # type: ignore[attr-defined]
     want = ref.snapshot()  # type: ignore[attr-defined]
     for got, spans in ((fast.snapshot(), fast_spans), (slow.snapshot(), slow_spans)):  # type: ignore[attr-defined]

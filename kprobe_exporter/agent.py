@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 
 from prometheus_client.registry import CollectorRegistry
 
+from kprobe_exporter import raw
 from kprobe_exporter import reload as reload_mod
-from kprobe_exporter import ringbuf
 from kprobe_exporter import tracefs as tfs_mod
 from kprobe_exporter.aggregate import Aggregate, Snapshot
 from kprobe_exporter.config import Config, split_host_port
@@ -27,7 +27,7 @@ from kprobe_exporter.kinds import PROBE_FILES, parse_definition
 from kprobe_exporter.metrics import Sources, SpanCounts, make_registry
 from kprobe_exporter.notify import SystemdNotifier
 from kprobe_exporter.probes import EventSpec, ProbeSet
-from kprobe_exporter.reader import ReaderError, TracePipeReader
+from kprobe_exporter.reader import EventReader, ReaderError, TextReader
 from kprobe_exporter.spans import SpanShipper
 from kprobe_exporter.tasks import Tasks
 from kprobe_exporter.tracefs import InstanceLock, Tracefs
@@ -37,16 +37,6 @@ if TYPE_CHECKING:
     from kprobe_exporter.otlp_metrics import OtlpMetricsPush
 
 log = logging.getLogger("kprobe_exporter")
-
-Reader = TracePipeReader | ringbuf.RawReader
-
-
-def feed(agg: Aggregate, chunk: bytes | ringbuf.Batch) -> None:
-    """Text lines from trace_pipe, or decoded events from the per-CPU ring buffers."""
-    if isinstance(chunk, ringbuf.Batch):
-        agg.feed_events(chunk)
-    else:
-        agg.feed(chunk)
 
 HOUSEKEEPING_S = 1.0
 
@@ -155,8 +145,6 @@ class Agent:
             root = tfs_mod.find_tracefs()
             tfs = self.tracefs = Tracefs(root, self.config.instance, pin=True)
             tfs.check_kinds(self.probes.events)
-            # live: a `<...>` the kernel printed can still be named, from /proc (its tables had no entry)
-            self.aggregate.tasks = Tasks()
             # A killed predecessor of this instance left its group behind: ours to remove.
             for problem in tfs_mod.cleanup(root, self.config.instance):
                 log.warning("cleanup of a previous run: %s", problem)
@@ -183,16 +171,7 @@ class Agent:
             try:
                 self._loop(reader, tfs)
             finally:
-                self.notifier.send("STOPPING=1")
-                reader.close()
-                problems = tfs.remove()
-                if self.shipper is not None:
-                    self.shipper.shutdown(timeout_s=5.0)  # flush what is queued, bounded
-                if push is not None:
-                    push.shutdown()  # the final counts, bounded by the exporter's timeout
-                for p in problems:
-                    log.error("removing probes: %s", p)
-                web.stop()
+                self._stop(reader, tfs, web, push)
             return 1 if self.fatal else 0
         finally:
             if self.tracefs is not None:
@@ -218,6 +197,18 @@ class Agent:
             raise UserError(f"cannot listen on {self.listen}: {e.strerror}", "", "web.listen-address") from None
         return web, push
 
+    def _stop(self, reader: EventReader, tfs: Tracefs, web: WebServer, push: OtlpMetricsPush | None) -> None:
+        self.notifier.send("STOPPING=1")
+        reader.close()
+        problems = tfs.remove()
+        if self.shipper is not None:
+            self.shipper.shutdown(timeout_s=5.0)  # flush what is queued, bounded
+        if push is not None:
+            push.shutdown()  # the final counts, bounded by the exporter's timeout
+        for p in problems:
+            log.error("removing probes: %s", p)
+        web.stop()
+
     def _metrics_push(self, registry: CollectorRegistry, sources: Sources) -> OtlpMetricsPush | None:
         if self.config.otlp_metrics is None:
             return None
@@ -230,35 +221,33 @@ class Agent:
         sources.extra.append(push.families)
         return push
 
-    def _open_reader(self, tfs: Tracefs) -> Reader:
+    def _open_reader(self, tfs: Tracefs) -> EventReader:
         """`reader: raw` reads the per-CPU ring buffers; where they cannot be read or decoded, the text
         reader, with the reason logged (no numbers at all beat wrong ones, and text is never wrong)."""
         if self.config.reader == "raw":
             try:
-                ringbuf.check_byteorder()
-                ringbuf.check_probes(self.probes, tfs.root, spans=self.shipper is not None)
-                events = ringbuf.RawEvents.load([tfs.event_dir(ev) for ev in self.probes.events], self.probes)
-                events.require_renderers(ringbuf.args_needed(self.probes, spans=self.shipper is not None))
-                raw = ringbuf.RawReader(tfs.inst, events, tracefs_root=tfs.root)
+                reader = raw.RawReader.open(tfs.inst, tfs.root, self.probes, tfs.event_dir,
+                                             spans=self.shipper is not None)
                 log.info("reader: raw (per-CPU trace_pipe_raw, %d-byte pages, nanosecond timestamps)",
-                         raw.layout.page_size)
-                return raw
-            except ringbuf.RawUnsupported as e:
+                         reader.layout.page_size)
+                return reader
+            except raw.RawUnsupported as e:
                 log.warning("reader: the raw reader cannot serve this config here (%s); reading trace_pipe text", e)
-        return TracePipeReader(str(tfs.inst / "trace_pipe"))
+        # live: a `<...>` the kernel printed can still be named, from /proc (its tables had no entry)
+        return TextReader(str(tfs.inst / "trace_pipe"), self.probes, Tasks())
 
-    def _loop(self, reader: Reader, tfs: Tracefs) -> None:
+    def _loop(self, reader: EventReader, tfs: Tracefs) -> None:
         agg = self.aggregate
         next_housekeeping = 0.0
         while not self.stop_event.is_set():
             try:
-                chunk = reader.read_chunk(0.1)
+                batch = reader.read(0.1)
             except ReaderError as e:
                 self.fatal = str(e)
                 log.error("%s; stopping and removing what is left", e)
                 return
-            if chunk:
-                feed(agg, chunk)
+            if batch is not None:
+                agg.feed(batch)
             if self.reload_requested:
                 try:
                     self._reload(reader, tfs)
@@ -293,7 +282,7 @@ class Agent:
         self.aggregate.sweep(time.clock_gettime_ns(time.CLOCK_MONOTONIC))
 
     # --- hot reload (SIGHUP) ----------------------------------------------------------------
-    def _reload(self, reader: Reader, tfs: Tracefs) -> None:
+    def _reload(self, reader: EventReader, tfs: Tracefs) -> None:
         """Apply the config file's new version: only the probes that changed go and come.
 
         Everything that can fail is tried before anything changes: the file, the probe set, the
@@ -324,7 +313,6 @@ class Agent:
         base = reload_mod.carry(self.base, self.aggregate.snapshot(), new_cfg.label_limit, plan.keep,
                                 plan.keep_pairs)
         agg = make_aggregate(new_cfg, new_probes)
-        agg.tasks = self.aggregate.tasks
         self._attach_spans(agg, new_probes)
         self._stats_offset = dict(self._stats_seen)
         self.config, self.probes, self.aggregate, self.base = new_cfg, new_probes, agg, base
@@ -338,20 +326,13 @@ class Agent:
         except TracefsError as e:  # the trial passed a moment ago: a race with someone else's change
             log.error("reload: the new probes could not be installed (%s); the kept ones run on, "
                       "kprobe_exporter_probe_installed shows which are missing", e.message)
-        if isinstance(reader, ringbuf.RawReader):  # the new set's event ids (a redefined probe gets a new one)
-            try:
-                reader.set_events(ringbuf.RawEvents.load([tfs.event_dir(ev) for ev in new_probes.events], new_probes,
-                                                         strict=False))
-            except ringbuf.RawUnsupported as e:
-                self.fatal = f"reload: the raw reader cannot decode the new events: {e}"
-                log.error("%s; stopping and removing what is left", self.fatal)
-                self.stop_event.set()
+        self._set_events(reader, new_probes)
         added = {ev.name for ev in plan.add}
         self._binaries = {ev.name: reload_mod.file_identity(ev) if ev.name in added else self._binaries.get(ev.name)
                           for ev in new_probes.events}
         log.info("reloaded: %s", plan.summary())
 
-    def _checked_reload(self, reader: Reader, tfs: Tracefs) -> tuple[Config, ProbeSet, reload_mod.Plan] | None:
+    def _checked_reload(self, reader: EventReader, tfs: Tracefs) -> tuple[Config, ProbeSet, reload_mod.Plan] | None:
         """The new config, its probe set and the plan, once all of it passed (None: nothing changed)."""
         assert self.reload_source is not None
         new_cfg, new_probes = self.reload_source()
@@ -361,14 +342,20 @@ class Agent:
         if not plan.changed:
             return None
         tfs.check_kinds(plan.add)
-        if isinstance(reader, ringbuf.RawReader):
-            try:
-                spans = any(p.spans is not None for p in new_probes.pairs)
-                ringbuf.check_probes(new_probes, tfs.root, spans=spans)
-            except ringbuf.RawUnsupported as e:
-                raise UserError(f"the raw reader: {e}; such probes need `reader: text` (a restart)") from None
+        try:
+            reader.check(new_probes, spans=any(p.spans is not None for p in new_probes.pairs))
+        except raw.RawUnsupported as e:
+            raise UserError(f"the raw reader: {e}; such probes need `reader: text` (a restart)") from None
         self._trial(tfs, plan.add)
         return new_cfg, new_probes, plan
+
+    def _set_events(self, reader: EventReader, probes: ProbeSet) -> None:
+        try:  # the new set's events (a redefined probe gets a new id)
+            reader.set_events(probes)
+        except raw.RawUnsupported as e:
+            self.fatal = f"reload: the raw reader cannot decode the new events: {e}"
+            log.error("%s; stopping and removing what is left", self.fatal)
+            self.stop_event.set()
 
     def _trial(self, tfs: Tracefs, events: tuple[EventSpec, ...]) -> None:
         """Install events in a scratch instance and group and remove them: the kernel's verdict, no effect."""
@@ -386,12 +373,12 @@ class Agent:
         if problems:
             log.warning("reload: removing the trial: %s", "; ".join(problems))
 
-    def _drain(self, reader: Reader) -> None:
+    def _drain(self, reader: EventReader) -> None:
         for _ in range(10000):
-            chunk = reader.read_chunk(0) if isinstance(reader, TracePipeReader) else reader.flush()
-            if not chunk:
+            batch = reader.flush()
+            if batch is None:
                 return
-            feed(self.aggregate, chunk)
+            self.aggregate.feed(batch)
 
 
 def install_signal_handlers(agent: Agent) -> None:

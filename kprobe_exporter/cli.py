@@ -18,6 +18,7 @@ from kprobe_exporter.config import Config
 from kprobe_exporter.errors import TracefsError, UserError
 from kprobe_exporter.kinds import KIND
 from kprobe_exporter.metrics import Sources, make_registry
+from kprobe_exporter.text import TextSource
 
 EXIT_USAGE = 2
 DEFAULT_PORT = 10111
@@ -129,9 +130,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
     cfg, path = load_config(args.config)
     probe_set = probes.build_probe_set(cfg, path, resolve=None)
     agg = agent.make_aggregate(cfg, probe_set)
+    source = TextSource(probe_set)
     for name in args.traces:
         for chunk in _chunks(name):
-            agg.feed(chunk)
+            for batch in source.batches(chunk):
+                agg.feed(batch)
     registry = make_registry(Sources(snapshot=agg.snapshot, probes=probe_set,
                                      installed=lambda: set(), heartbeat=lambda: 0.0))
     sys.stdout.write(generate_latest(registry).decode())

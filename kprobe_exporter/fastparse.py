@@ -1,17 +1,16 @@
 """Chunk parser: every line of a chunk to columns (tid, timestamp, event token class) in numpy passes.
 
-Why: per line, CPython costs ~1 µs (bench/out/profile-before.txt: parse_head alone was 48% of
-replay). Here a chunk's lines go through ~100 whole-array operations instead, ~75 ns a line,
-because the line head is fixed-width within one kernel: the comm is right-aligned in 16 columns,
-the pid left-aligned in 7 (5 on 4.x), then `[CPU]`, the flags, `SSSSS.UUUUUU: `. The columns are
-learned from one line of each chunk (`learn`), and every line is checked against them exactly, so a
-line is taken here only where `parser.parse_head` would give the same answer. Every other line (a
-LOST line, a header, a malformed line, another layout) goes back to the caller's per-line parser,
-which counts its errors by reason.
+Why: per line, CPython's per-line parser is over ten times slower (bench/README.md has the figures).
+Here a chunk's lines go through ~100 whole-array operations instead, because the line head is
+fixed-width within one kernel: the comm is right-aligned in 16 columns, the pid left-aligned in 7 (5
+on 4.x), then `[CPU]`, the flags, `SSSSS.UUUUUU: `. The columns are learned from one line of each
+chunk (`learn`), and every line is checked against them exactly, so a line is taken here only where
+`parser.parse_head` would give the same answer. Every other line (a LOST line, a header, a malformed
+line, another layout) goes back to the caller's per-line parser, which counts its errors by reason.
 
 Fields are read eight bytes at a time: a strided uint64 view over the buffer turns "the 8 bytes at
-each line's start + k" into one gather (~3 ns a line, the dominant cost, so the layout is read with
-as few words as possible: 7 on the agent's own layout), and SWAR arithmetic on those words validates
+each line's start + k" into one gather (the dominant cost, so the layout is read with as few words
+as possible: 7 on the agent's own layout), and SWAR arithmetic on those words validates
 and converts the digits of the pid, seconds and microseconds.
 """
 
@@ -200,8 +199,8 @@ class Plan:
 class TokenTable:
     """Event tokens seen so far, by a hash of their (terminator-masked) words; kept across chunks.
 
-    A table of 4096 slots replaces a per-chunk np.unique (0.6 ms a 4 MB chunk, as much as all the
-    field parsing): a line's class is one multiply, one shift and one take, and the class's words
+    A table of 4096 slots replaces a per-chunk np.unique (which cost as much as all the field
+    parsing, bench/README.md): a line's class is one multiply, one shift and one take, and the class's words
     are compared with the line's, so a collision costs speed, never a wrong answer. Each token has
     two candidate slots (two multipliers), so two events colliding is 1 in ~10^7, not 1 in 80 for ten
     events; only lines whose first slot misses look at the second.

@@ -1,13 +1,11 @@
 """Reader: drain trace_pipe into a preallocated buffer; hand on complete lines only, in big chunks.
 
-A read() of trace_pipe returns at most two pages (~8 KB, ~130 lines): the kernel formats events
-into a page-sized buffer per call. The aggregate digests a chunk in whole-array passes whose fixed
-cost is ~0.2 ms, so one read per chunk would cost ~1.5 µs a line more than it needs. read_chunk
-therefore keeps reading until trace_pipe is empty or the buffer is nearly full, and when a drain
-came up short (a quiet moment), it lets events gather for `batch_s` before the next one: at 200k
-events/s that makes ~4000-line chunks instead of 130-line ones. Under overload every drain fills
-the buffer, so it never waits. (splice() into a pipe moves 0.5 MB a call but measured 620 ns of
-CPU a line against 330 for read(): it formats the same text and copies it twice.)
+A read() of trace_pipe returns at most two pages (~8 KB): the kernel formats events into a
+page-sized buffer per call. A chunk is digested in whole-array passes with a fixed cost per chunk,
+so read_chunk keeps reading until trace_pipe is empty or the buffer is nearly full, and when a
+drain came up short (a quiet moment), it lets events gather for `batch_s` before the next one.
+Under overload every drain fills the buffer, so it never waits. (splice() into a pipe was tried:
+it formats the same text and copies it twice; bench/README.md has the figures.)
 """
 
 from __future__ import annotations
@@ -15,6 +13,12 @@ from __future__ import annotations
 import os
 import select
 import time
+from typing import Any, Protocol
+
+from kprobe_exporter.events import EventBatch
+from kprobe_exporter.probes import ProbeSet
+from kprobe_exporter.tasks import Tasks
+from kprobe_exporter.text import TextSource
 
 MIN_FREE = 16 << 10  # stop filling when less than this is free: a read takes up to ~8 KB
 
@@ -101,3 +105,51 @@ class TracePipeReader:
                 pass
             os.close(self.fd)
             self.fd = -1
+
+
+class EventReader(Protocol):
+    """What the agent drives, whichever reader it is (TextReader here, raw.RawReader)."""
+
+    def read(self, timeout_s: float = 0.1) -> EventBatch | None:
+        """The events read now, or None after waiting up to timeout_s for any."""
+        ...
+
+    def flush(self) -> EventBatch | None:
+        """What is buffered, without waiting (at a reload or a stop); None when nothing is."""
+        ...
+
+    def set_events(self, probes: ProbeSet) -> None:
+        """Read for a new probe set from here on (after a reload)."""
+        ...
+
+    def check(self, probes: ProbeSet, spans: bool) -> None:
+        """Raise if this reader could not serve `probes` (judged before a reload changes anything)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class TextReader:
+    """trace_pipe's lines as event batches: the reader protocol the agent drives (read, flush,
+    set_events, check, close), the same as the raw reader's."""
+
+    def __init__(self, path: str, probes: ProbeSet, tasks: Tasks | None = None, **pipe: Any) -> None:
+        self.pipe = TracePipeReader(path, **pipe)
+        self.source = TextSource(probes, tasks)
+
+    def read(self, timeout_s: float = 0.1) -> EventBatch | None:
+        """The complete lines read now, or None after waiting up to timeout_s for any."""
+        chunk = self.pipe.read_chunk(timeout_s)
+        return self.source.batch(chunk) if chunk else None
+
+    def flush(self) -> EventBatch | None:
+        return self.read(0)
+
+    def set_events(self, probes: ProbeSet) -> None:
+        self.source = TextSource(probes, self.source.tasks)
+
+    def check(self, probes: ProbeSet, spans: bool) -> None:
+        """Text serves every probe set."""
+
+    def close(self) -> None:
+        self.pipe.close()

@@ -63,6 +63,10 @@ class Tasks:
             self._comm[tid] = c
         return c
 
+    def comm16(self, tid: int) -> bytes:
+        """comm as the trace text's 16 columns show it (the last 16 bytes, leading blanks trimmed)."""
+        return self.comm(tid).encode("utf-8", "backslashreplace")[-16:].lstrip()
+
     def tgid(self, tid: int) -> int:
         self._fresh()
         t = self._tgid.get(tid)

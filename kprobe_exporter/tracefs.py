@@ -21,7 +21,9 @@ from pathlib import Path
 from kprobe_exporter import kernel
 from kprobe_exporter.errors import TracefsError
 from kprobe_exporter.kinds import PROBE_FILES, ProbeFile, parse_definition
+from kprobe_exporter.labels import arg_labels
 from kprobe_exporter.probes import EventSpec, ProbeSet
+from kprobe_exporter.raw.formats import field_names
 
 CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 # (type, (major, minor) kernels, what was seen): types a kernel accepts but that break it once the probe
@@ -346,10 +348,9 @@ class Tracefs:
     def check_labels(self, ev: EventSpec) -> None:
         if ev.dynamic:
             return  # a probe's labels name its args, checked with the config
-        fmt = read_text(self.event_dir(ev) / "format")
-        fields = set(re.findall(r"field:[^;]*?(\w+)(?:\[\d*\])?;", fmt))
-        for label in ev.labels:
-            if label != "comm" and label not in fields:
+        fields = set(field_names(read_text(self.event_dir(ev) / "format")))
+        for label in arg_labels(ev):  # the others come from label sources, not the record
+            if label not in fields:
                 raise TracefsError(f"label {label!r} is not a field of {ev.target} "
                                    f"(fields: {', '.join(sorted(f for f in fields if not f.startswith('common_')))})",
                                    ev.name, "labels")

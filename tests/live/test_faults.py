@@ -358,7 +358,9 @@ def test_trace_pipe_read_error_stops_cleanly(tracefs: Path, progs: dict[str, Pat
     non-zero, with what failed in the log and health, and everything removed."""
     from kprobe_exporter import agent as agent_mod
     from kprobe_exporter import config, probes
-    from kprobe_exporter.reader import TracePipeReader
+    from kprobe_exporter.probes import ProbeSet
+    from kprobe_exporter.reader import TextReader
+    from kprobe_exporter.tasks import Tasks
 
     inst = "kpe_t_f_readerr"
     cleanup_after.append(inst)
@@ -366,20 +368,20 @@ def test_trace_pipe_read_error_stops_cleanly(tracefs: Path, progs: dict[str, Pat
     a = agent_mod.Agent(cfg, probes.build_probe_set(cfg), "127.0.0.1:0")
     seen: list[bool] = []
 
-    class Broken(TracePipeReader):
-        def __init__(self, path: str) -> None:
+    class Broken(TextReader):
+        def __init__(self, path: str, probe_set: ProbeSet, tasks: Tasks | None = None) -> None:
             seen.append(os.path.exists(path))
-            super().__init__(tmp_path.as_posix())  # a directory: read() answers EISDIR
+            super().__init__(tmp_path.as_posix(), probe_set, tasks)  # a directory: read() answers EISDIR
 
-    orig = agent_mod.TracePipeReader
-    agent_mod.TracePipeReader = Broken  # type: ignore[misc]
+    orig = agent_mod.TextReader
+    agent_mod.TextReader = Broken  # type: ignore[misc]
     try:
         result: list[int] = []
         t = threading.Thread(target=lambda: result.append(a.run()))
         t.start()
         t.join(30)
     finally:
-        agent_mod.TracePipeReader = orig  # type: ignore[misc]
+        agent_mod.TextReader = orig  # type: ignore[misc]
     assert seen == [True]
     assert result == [1]
     assert a.fatal and os.strerror(errno.EISDIR) in a.fatal, a.fatal

@@ -12,6 +12,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from agent_proc import running_agent, samples, value
+from feeding import feed_text
 from kprobe_exporter import config, probes
 from kprobe_exporter.aggregate import Aggregate
 from kprobe_exporter.metrics import Sources, SpanCounts, make_registry
@@ -23,7 +24,7 @@ def replayed_registry(exemplar: tuple[str, float, float] | None = None):  # type
     cfg = config.load(HERE / "configs" / "fixture-6.18.yaml")
     ps = probes.build_probe_set(cfg, resolve=None)
     agg = Aggregate(ps, cfg.buckets, cfg.label_limit)
-    agg.feed((HERE / "fixtures" / "linux-6.18" / "uprobes-tracepoints.trace").read_bytes())
+    feed_text(agg, (HERE / "fixtures" / "linux-6.18" / "uprobes-tracepoints.trace").read_bytes())
     return make_registry(
         Sources(
             snapshot=agg.snapshot,

@@ -21,9 +21,13 @@ import numpy as np
 import pytest
 
 from agent_proc import running_agent, value
-from kprobe_exporter import config, probes, ringbuf
+from feeding import feed_events, feed_text
+from kprobe_exporter import config, probes
 from kprobe_exporter.aggregate import Aggregate, CompletedPair
-from kprobe_exporter.reader import TracePipeReader
+from kprobe_exporter.raw import args as raw_args
+from kprobe_exporter.raw import formats as raw_formats
+from kprobe_exporter.raw import reader as raw_reader
+from kprobe_exporter.reader import TextReader
 from kprobe_exporter.tasks import UNKNOWN_COMM, Tasks
 from kprobe_exporter.tracefs import Tracefs
 
@@ -82,33 +86,26 @@ class Pipeline:
         # no own pids excluded: with event-fork on, the workload (our child) would be excluded too
         self.tfs.install(self.probes, 4096, record_tgid=True, own_tids=[])
         self.agg = Aggregate(self.probes, cfg.buckets)
-        self.agg.tasks = Tasks()  # as the agent has it: a `<...>` is named while it can be
         self.spans: list[CompletedPair] = []
         for p in self.probes.pairs:
             self.agg.set_sink(p.name, Sampling(), self.spans.append)
-        self.reader: TracePipeReader | ringbuf.RawReader
+        self.reader: TextReader | raw_reader.RawReader
         if raw:
-            events = ringbuf.RawEvents.load([self.tfs.event_dir(ev) for ev in self.probes.events], self.probes)
-            self.reader = ringbuf.RawReader(self.tfs.inst, events, tracefs_root=root)
-        else:
-            self.reader = TracePipeReader(str(self.tfs.inst / "trace_pipe"))
+            self.reader = raw_reader.RawReader.open(self.tfs.inst, root, self.probes, self.tfs.event_dir, spans=True)
+        else:  # as the agent has it: a `<...>` is named while it can be
+            self.reader = TextReader(str(self.tfs.inst / "trace_pipe"), self.probes, Tasks())
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run)
         self.thread.start()
 
     def _run(self) -> None:
         while not self.stop.is_set():
-            chunk = self.reader.read_chunk(0.05)
-            if isinstance(chunk, ringbuf.Batch):
-                self.agg.feed_events(chunk)
-            elif chunk:
-                self.agg.feed(chunk)
+            feed_events(self.agg, self.reader.read(0.05))
 
     def close(self) -> None:
         self.stop.set()
         self.thread.join()
-        if isinstance(self.reader, ringbuf.RawReader):
-            self.agg.feed_events(self.reader.flush())
+        feed_events(self.agg, self.reader.flush())
         self.reader.close()
         for cpu, total in self.tfs.cpu_stats().items():
             self.agg.set_stats_lost(cpu, total)
@@ -147,7 +144,7 @@ def test_both_readers_agree_on_the_same_events(tracefs: Path, exe: Path) -> None
         text.close()
     t, r = text.agg.snapshot(), raw.agg.snapshot()
     # each batch dates the comm/tgid tables: one read before its events may name a reused tid's past
-    assert isinstance(raw.reader, ringbuf.RawReader) and raw.reader.tasks._batch_at > 0
+    assert isinstance(raw.reader, raw_reader.RawReader) and raw.reader.tasks._batch_at > 0
     assert t.lost == r.lost == {} or (not any(t.lost.values()) and not any(r.lost.values()))
     # The kernel names threads from a 128-entry cache: a short-lived thread evicted before its line was
     # formatted and gone from /proc by the time either reader asked is `<...>` there, and the two readers
@@ -213,19 +210,16 @@ def test_one_buffer_as_text_and_as_pages_agrees_to_the_microsecond(tracefs: Path
         subprocess.run([str(exe), "compute", "300"], check=True)
         (tfs.inst / "tracing_on").write_text("0")
         text = (tfs.inst / "trace").read_bytes()
-        events = ringbuf.RawEvents.load([tfs.event_dir(ev) for ev in ps.events], ps)
-        reader = ringbuf.RawReader(tfs.inst, events, tracefs_root=tracefs)
+        events = raw_args.RawEvents.load([tfs.event_dir(ev) for ev in ps.events], ps)
+        reader = raw_reader.RawReader(tfs.inst, events, tracefs_root=tracefs)
         spans: dict[str, list[CompletedPair]] = {"text": [], "raw": []}
         aggs = {k: Aggregate(ps, cfg.buckets) for k in spans}
         for k, agg in aggs.items():
             for p in ps.pairs:
                 agg.set_sink(p.name, Sampling(), spans[k].append)
-        aggs["text"].feed(text)
-        while True:
-            batch = reader.flush()
-            if not len(batch):
-                break
-            aggs["raw"].feed_events(batch)
+        feed_text(aggs["text"], text)
+        while (batch := reader.flush()) is not None:
+            feed_events(aggs["raw"], batch)
         reader.close()
     finally:
         tfs.remove()
@@ -291,12 +285,12 @@ def test_raw_reader_refuses_an_instance_without_per_cpu_files(tmp_path: Path) ->
     (inst / "trace_clock").write_text("local global counter uptime perf [mono] mono_raw boot\n")
     ps = probes.build_probe_set(config.load_text("probes:\n  - tracepoint: syscalls/sys_enter_getppid\n"),
                                 resolve=None)
-    events = ringbuf.RawEvents(ps, [None], (6, 18))
-    with pytest.raises(ringbuf.RawUnsupported, match="per_cpu"):
-        ringbuf.RawReader(inst, events)
+    events = raw_args.RawEvents(ps, [None], (6, 18))
+    with pytest.raises(raw_formats.RawUnsupported, match="per_cpu"):
+        raw_reader.RawReader(inst, events)
     (inst / "trace_clock").write_text("[local] global\n")
-    with pytest.raises(ringbuf.RawUnsupported, match="clock 'local'"):
-        ringbuf.RawReader(inst, events)
+    with pytest.raises(raw_formats.RawUnsupported, match="clock 'local'"):
+        raw_reader.RawReader(inst, events)
 
 
 def test_reload_under_the_raw_reader_maps_the_new_event_ids(tracefs: Path, exe: Path, tmp_path: Path) -> None:

@@ -433,8 +433,8 @@ def test_unknown_comm_is_named_live_and_left_alone_in_replay(tmp_path: Path, rep
         line("<...>", 999_999_999, 13, "f: (0x1) n=1"),  # gone: stays unknown
     ]
     live = make(COMM_LABEL)
-    live.tasks = Tasks()  # as the agent has it: /proc only (the kernel looked in its tables already)
-    feed(live, *lines)
+    # as the agent has it: /proc only (the kernel looked in its tables already)
+    feed_text(live, b"\n".join(lines) + b"\n", tasks=Tasks())
     got = {dict(lbls)["comm"]: v for (_, lbls), v in live.snapshot().events.items()}
     assert got == {"worker": 2 * repeat, comm: repeat, "<...>": repeat}
 

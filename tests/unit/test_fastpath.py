@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from feeding import feed_text
 from kprobe_exporter import config, fastparse, pairing, parser, probes
 from kprobe_exporter.aggregate import Aggregate, CompletedPair
 from ref_aggregate import RefAggregate
@@ -139,7 +140,7 @@ def compare(lines: list[bytes], cuts: list[int], min_columnar: int) -> None:
     agg.min_columnar = min_columnar
     ref, ref_spans = build(RefAggregate)
     for c in chunks(lines, cuts):
-        agg.feed(c)
+        feed_text(agg, c)
         ref.feed(c)
     got, want = agg.snapshot(), ref.snapshot()
     assert got.lines_read == want.lines_read
@@ -269,11 +270,11 @@ def test_a_chunk_bigger_than_a_piece_is_cut_at_lines() -> None:
     bodies = (b'f: (0x1) s="a" n=1', b"f_ret: (0x2 <- 0x1) ret=0x0")
     lines = [head(1, b"t", 7, 0, 1_000_000 + i) + bodies[i % 2] for i in range(20000)]
     agg, _ = build(Aggregate)
-    import kprobe_exporter.aggregate as am
+    import kprobe_exporter.text as am
     old = am.PIECE
     am.PIECE = 4096
     try:
-        agg.feed(b"\n".join(lines) + b"\n")
+        feed_text(agg, b"\n".join(lines) + b"\n")
     finally:
         am.PIECE = old
     st_ = agg.snapshot().pairs["f"]

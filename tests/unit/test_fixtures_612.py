@@ -21,8 +21,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kprobe_exporter import parser, ringbuf, tracefs
+import raw_reference
+from kprobe_exporter import parser, tracefs
 from kprobe_exporter.probes import ArgSpec, EventSpec, ProbeSet
+from kprobe_exporter.raw import args as raw_args
+from kprobe_exporter.raw import formats as raw_formats
+from kprobe_exporter.raw import pages as raw_pages
 
 K612 = Path(__file__).resolve().parents[1] / "fixtures" / "linux-6.12-debian"
 RAW = K612 / "raw"
@@ -36,10 +40,10 @@ class Scenario:
     path: Path
     meta: dict[str, object]
     probes: ProbeSet
-    formats: list[ringbuf.EventFormat]
+    formats: list[raw_formats.EventFormat]
 
 
-def event_spec(line: str, fmt: ringbuf.EventFormat) -> EventSpec:
+def event_spec(line: str, fmt: raw_formats.EventFormat) -> EventSpec:
     """An event of a definition line, as the kind it prints like, with the args the kernel named in its format."""
     head, target = line.split()[:2]
     name = head.split("/")[1]
@@ -55,7 +59,7 @@ def load(name: str) -> Scenario:
     events, formats = [], []
     for _, line in meta["scenario"]["definitions"]:
         ev_name = line.split()[0].split("/")[1]
-        fmt = ringbuf.parse_format((path / "events" / "kpe612" / ev_name / "format").read_text())
+        fmt = raw_formats.parse_format((path / "events" / "kpe612" / ev_name / "format").read_text())
         events.append(event_spec(line, fmt))
         formats.append(fmt)
     return Scenario(path, meta, ProbeSet("kpe612", tuple(events), ()), formats)
@@ -112,26 +116,27 @@ def test_every_text_line_parses(scenario: str, name: str) -> None:
 @pytest.mark.parametrize("scenario", DECODED)
 def test_raw_pages_decode_to_the_kernels_text(scenario: str) -> None:
     sc = load(scenario)
-    events = ringbuf.RawEvents(sc.probes, sc.formats, ringbuf.kernel_version(str(sc.meta["release"])))
-    assert events.render_errors == {}
-    layout = ringbuf.parse_header_page((sc.path / "header_page").read_text())
+    events = raw_args.RawEvents(sc.probes, sc.formats, raw_formats.kernel_version(str(sc.meta["release"])))
+    assert events.decode_errors == {}
+    layout = raw_formats.parse_header_page((sc.path / "header_page").read_text())
     pages = [f.read_bytes() for f in sorted(sc.path.glob("cpu*.raw"))]
     runs, off = [], 0
     for f, data in zip(sorted(sc.path.glob("cpu*.raw")), pages, strict=True):
         runs.append((int(f.stem[3:]), off, len(data) // layout.page_size))
         off += len(data)
-    batch = ringbuf.batch_from_pages(b"".join(pages), runs, layout, events.lut)
-    batch.events = events
+    batch = raw_pages.batch_from_pages(b"".join(pages), runs, layout, events.lut)
     idx = np.flatnonzero(batch.ev >= 0)
     text = lines_of(sc.path / "trace.txt")
-    assert len(idx) == len(text) > 0 and not np.any(batch.ev == ringbuf.EV_UNKNOWN)
+    assert len(idx) == len(text) > 0 and not np.any(batch.ev == raw_pages.EV_UNKNOWN)
     for i, t in zip(idx.tolist(), text, strict=True):
-        ev = sc.probes.events[batch.ev[i]]
-        body = batch.body(i)
-        assert body is not None
+        e = int(batch.ev[i])
+        ev = sc.probes.events[e]
+        body = raw_reference.make_renderer(ev, sc.formats[e], events.kernel)(batch.record(i))
         assert (int(batch.tid[i]), int(batch.cpu[i]), usec(int(batch.ts[i])) * 1000) == (t.tid, t.cpu, t.ts_ns)
         assert body.split(b" (")[0] == t.body.split(b" (")[0] and after_ip(body) == after_ip(t.body), t
         assert parser.arg_reader(ev)(body) == parser.arg_reader(ev)(t.body)
+        # the args the raw path decodes from the record's fields, without any text
+        assert events.args(e, batch.record(i)) == parser.arg_reader(ev)(t.body)
         if ev.is_return:
             assert parser.retval_of(ev, body) == parser.retval_of(ev, t.body)
 

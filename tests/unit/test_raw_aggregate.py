@@ -1,4 +1,4 @@
-"""Aggregate.feed_events (the raw reader's way in) against Aggregate.feed (text) on the same events.
+"""The raw reader's event batches against the text source's, on the same events, through one aggregate.
 
 Every raw fixture has the kernel's text of the events its pages hold: fed through the two entries
 of one probe set, with labels (args and comm) and spans on every pair, they must count the same,
@@ -14,10 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kprobe_exporter import config, probes, ringbuf
+from feeding import feed_raw, feed_text
+from kprobe_exporter import config, probes
 from kprobe_exporter.aggregate import Aggregate, CompletedPair, Snapshot
 from kprobe_exporter.probes import ProbeSet
-from unit.test_ringbuf import ALL, K618, load, usec
+from kprobe_exporter.raw import args as raw_args
+from kprobe_exporter.raw import formats as raw_formats
+from kprobe_exporter.raw import pages as raw_pages
+from kprobe_exporter.tasks import Tasks
+from raw_fixtures import ALL, K618, load, usec
 
 
 class Sampling:
@@ -66,7 +71,7 @@ def run_both(path: Path, tmp: Path) -> tuple[Snapshot, Snapshot, list[CompletedP
     (tmp / "saved_cmdlines").write_text("".join(f"{k} {v}\n" for k, v in cmdlines.items()))
     # trace_pipe would print `CPU:N [LOST M EVENTS]` ahead of the first event it shows from a CPU after
     # a loss; the `trace` file does not: put it where trace_pipe would
-    for i in np.flatnonzero(fx.batch.ev == ringbuf.EV_LOST).tolist():
+    for i in np.flatnonzero(fx.batch.ev == raw_pages.EV_LOST).tolist():
         cpu, n = int(fx.batch.cpu[i]), int(fx.batch.rlen[i])
         at = text.find(b"[%03d]" % cpu)
         head = text.rfind(b"\n", 0, at) + 1
@@ -74,9 +79,9 @@ def run_both(path: Path, tmp: Path) -> tuple[Snapshot, Snapshot, list[CompletedP
     formats = fx.events.formats
     # the labelled set has the same events in the same order: the fixture's formats fit it
     assert [e.name for e in ps.events] == [e.name for e in fx.probes.events]
-    events = ringbuf.RawEvents(ps, formats, ringbuf.kernel_version(str(fx.meta["release"])))
+    events = raw_args.RawEvents(ps, formats, raw_formats.kernel_version(str(fx.meta["release"])))
     batch = fx.batch
-    batch.events, batch.tasks = events, ringbuf.Tasks(tmp)
+    tasks = Tasks(tmp)
 
     out: dict[str, list[CompletedPair]] = {"text": [], "raw": []}
     aggs = {}
@@ -85,9 +90,9 @@ def run_both(path: Path, tmp: Path) -> tuple[Snapshot, Snapshot, list[CompletedP
         for p in ps.pairs:
             agg.set_sink(p.name, Sampling(), out[kind].append)
         if kind == "text":
-            agg.feed(text)
+            feed_text(agg, text)
         else:
-            agg.feed_events(batch)
+            feed_raw(agg, batch, events, tasks)
         aggs[kind] = agg
     return aggs["text"].snapshot(), aggs["raw"].snapshot(), out["text"], out["raw"], aggs["raw"]
 
@@ -131,18 +136,16 @@ def test_missed_events_count_as_lost_and_drop_pending(tmp_path: Path) -> None:
     fx = load(K618 / "uprobes-syscalls")
     b = fx.batch
     cut = int(np.flatnonzero(np.array([fx.probes.events[e].name for e in b.ev.tolist()]) == "open_path")[3]) + 1
-    marker = ringbuf.Batch(np.array([ringbuf.EV_LOST], np.int32), np.zeros(1, np.int32), b.ts[cut - 1:cut],
+    marker = raw_pages.Batch(np.array([raw_pages.EV_LOST], np.int32), np.zeros(1, np.int32), b.ts[cut - 1:cut],
                            np.ones(1, np.int32), np.zeros(1, np.int64), np.array([7], np.int32), b"")
     agg2 = Aggregate(fx.probes, config.default_buckets())
-    agg2.feed_events(ringbuf._slice(b, 0, cut))
+    feed_raw(agg2, raw_pages.slice_batch(b, 0, cut), fx.events)
     assert agg2.snapshot().pairs == {}  # no pairs declared in the plain set
     agg3 = Aggregate(labelled_probe_set(K618 / "uprobes-syscalls"), config.default_buckets())
-    first = ringbuf._slice(b, 0, cut)
-    first.events = b.events
-    agg3.feed_events(first)
+    feed_raw(agg3, raw_pages.slice_batch(b, 0, cut), fx.events)
     pending = agg3.snapshot().pairs["p_open_path"].pending
     assert pending == 1
-    agg3.feed_events(ringbuf._merge(marker, ringbuf.empty_batch()))
+    feed_raw(agg3, raw_pages.merge_batches(marker, raw_pages.empty_batch()), fx.events)
     s = agg3.snapshot()
     assert s.pairs["p_open_path"].pending == 0 and s.pairs["p_open_path"].evicted["lost"] == 1
     assert s.lost == {1: 7}

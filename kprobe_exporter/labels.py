@@ -1,0 +1,93 @@
+"""Label sources: where a counted event's label values come from, one registry entry per kind of label.
+
+A source names the labels it fills, takes from a batch one hashable key per row (what the values
+depend on: a comm, an args payload, a thread id), and turns the distinct keys into values. The
+aggregate counts rows by key first (at C speed) and asks for values once per distinct key: label
+values repeat, and so do whole keys more often than not.
+
+Adding a kind of label (say cgroup) is one entry in SOURCES: a class with `labels`, `keys`, `values`.
+Labels no entry claims are the event's args.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from typing import Protocol, cast
+
+from kprobe_exporter.events import EventBatch
+from kprobe_exporter.probes import COMM_ARG, EventSpec
+
+
+class LabelSource(Protocol):
+    labels: tuple[str, ...]  # the labels it fills, in this order in each values tuple
+
+    def keys(self, batch: EventBatch, rows: Sequence[int]) -> Sequence[Hashable]: ...
+
+    def values(self, batch: EventBatch, keys: Sequence[Hashable]) -> list[tuple[str, ...]]: ...
+
+
+def _text(b: bytes) -> str:
+    return b.decode("utf-8", "backslashreplace")
+
+
+class CommSource:
+    """`comm`: the thread's name as the probe recorded it with the event (probes.COMM_ARG), else as the
+    trace shows it (named live where the kernel printed `<...>`): the text names a task from the kernel's
+    bounded comm cache when it is read, by then `<...>` for one that has exited."""
+
+    labels: tuple[str, ...] = ("comm",)
+
+    def __init__(self, ev: EventSpec, ev_idx: int, labels: tuple[str, ...]) -> None:
+        self.recorded = any(a.name == COMM_ARG for a in ev.args)
+        self.ev_idx = ev_idx
+
+    def keys(self, batch: EventBatch, rows: Sequence[int]) -> Sequence[Hashable]:
+        comms = batch.records.comms(rows)
+        if not self.recorded:
+            return comms
+        return list(zip(batch.records.payloads(rows), comms, strict=True))
+
+    def values(self, batch: EventBatch, keys: Sequence[Hashable]) -> list[tuple[str, ...]]:
+        if not self.recorded:
+            return [(_text(k),) for k in keys]  # type: ignore[arg-type]
+        pick = batch.records.picker(self.ev_idx, (COMM_ARG,))
+        pairs = cast("Sequence[tuple[bytes, bytes]]", keys)
+        return [(_text(pick(payload)[0] or comm),) for payload, comm in pairs]
+
+
+class ArgSource:
+    """The event's args named as labels, read from each distinct payload once."""
+
+    def __init__(self, ev: EventSpec, ev_idx: int, labels: tuple[str, ...]) -> None:
+        self.labels = labels
+        self.ev_idx = ev_idx
+
+    def keys(self, batch: EventBatch, rows: Sequence[int]) -> Sequence[Hashable]:
+        return batch.records.payloads(rows)
+
+    def values(self, batch: EventBatch, keys: Sequence[Hashable]) -> list[tuple[str, ...]]:
+        pick = batch.records.picker(self.ev_idx, self.labels)
+        return [tuple(_text(v) for v in pick(k)) for k in keys]  # type: ignore[arg-type]
+
+
+SourceFactory = Callable[[EventSpec, int, tuple[str, ...]], LabelSource]
+
+# label name -> its source; the labels left over are args (one ArgSource for all of an event's)
+SOURCES: dict[str, SourceFactory] = {"comm": CommSource}
+
+
+def sources_for(ev: EventSpec, ev_idx: int, labels: tuple[str, ...]) -> list[tuple[LabelSource, tuple[int, ...]]]:
+    """The sources that fill `labels` of an event, each with the positions of its labels among them."""
+    out: list[tuple[LabelSource, tuple[int, ...]]] = []
+    args = tuple(i for i, lb in enumerate(labels) if lb not in SOURCES)
+    if args:
+        out.append((ArgSource(ev, ev_idx, tuple(labels[i] for i in args)), args))
+    for i, lb in enumerate(labels):
+        if lb in SOURCES:
+            out.append((SOURCES[lb](ev, ev_idx, (lb,)), (i,)))
+    return out
+
+
+def arg_labels(ev: EventSpec) -> tuple[str, ...]:
+    """The labels of an event that are its args (what a reader must be able to decode)."""
+    return tuple(lb for lb in ev.labels if lb not in SOURCES)

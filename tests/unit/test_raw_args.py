@@ -1,0 +1,73 @@
+"""raw.args: a record's args from its format's fields; a plain tracepoint's through its print fmt."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+import raw_reference
+from kprobe_exporter import config, probes
+from kprobe_exporter.raw import args as raw_args
+from kprobe_exporter.raw import formats as raw_formats
+from kprobe_exporter.raw import pages as raw_pages
+
+
+def test_printf_renderer_for_a_plain_tracepoint() -> None:
+    text = """name: demo
+ID: 900
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:unsigned char common_flags;\toffset:2;\tsize:1;\tsigned:0;
+\tfield:unsigned char common_preempt_count;\toffset:3;\tsize:1;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:__data_loc char[] comm;\toffset:8;\tsize:4;\tsigned:0;
+\tfield:int prio;\toffset:12;\tsize:4;\tsigned:1;
+\tfield:unsigned long addr;\toffset:16;\tsize:8;\tsigned:0;
+
+print fmt: "comm=%s prio=%d addr=0x%08lx neg=%u pct=100%%", __get_str(comm), REC->prio, REC->addr, \
+((unsigned int)(REC->prio))
+"""
+    fmt = raw_formats.parse_format(text)
+    ev = probes.EventSpec("demo", "tracepoint", "g", "g/demo", "demo", None, key=b"demo:")
+    render = raw_reference.make_renderer(ev, fmt, (6, 18))
+    rec = struct.pack("<HBBiIiQ", 900, 0, 0, 42, (6 << 16) | 24, -3, 0xBEEF) + b"hello\0"
+    assert render(rec) == b"demo: comm=hello prio=-3 addr=0x0000beef neg=4294967293 pct=100%"
+    # the args, as the text's reader takes them from that line
+    assert raw_args.make_decoder(ev, fmt, (6, 18))(rec) == {
+        "comm": b"hello", "prio": b"-3", "addr": b"0x0000beef", "neg": b"4294967293", "pct": b"100%"}
+    odd = text.replace('"comm=%s', '"f=%pS comm=%s').replace("__get_str(comm)", "REC->addr, __get_str(comm)")
+    with pytest.raises(raw_formats.FormatError):
+        raw_reference.make_renderer(ev, raw_formats.parse_format(odd), (6, 18))
+
+
+def test_args_needed_and_require_decoders() -> None:
+    ps = probes.build_probe_set(config.load_text(
+        "probes:\n  - name: s\n    kprobe: f\n    args: {p: '$arg1:symbol'}\n    labels: [p]\n"
+        "  - name: t\n    kprobe: g\n    latency: true\n"), resolve=None)
+    assert raw_args.args_needed(ps, spans=False) == ["s"]
+    fmt_s = raw_formats.parse_format(
+        "name: s\nID: 7\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n"
+        "\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;\n"
+        "\tfield:unsigned long __probe_ip;\toffset:8;\tsize:8;\tsigned:0;\n"
+        "\tfield:u64 p;\toffset:16;\tsize:8;\tsigned:0;\n\n"
+        'print fmt: "(%lx) p=%pS", REC->__probe_ip, REC->p\n')
+    fmt_t = raw_formats.parse_format(
+        "name: t\nID: 8\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n"
+        "\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;\n"
+        "\tfield:unsigned long __probe_ip;\toffset:8;\tsize:8;\tsigned:0;\n\n"
+        'print fmt: "(%lx)", REC->__probe_ip\n')
+    fmt_r = raw_formats.parse_format(
+        "name: t_ret\nID: 9\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n"
+        "\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;\n"
+        "\tfield:unsigned long __probe_func;\toffset:8;\tsize:8;\tsigned:0;\n"
+        "\tfield:unsigned long __probe_ret_ip;\toffset:16;\tsize:8;\tsigned:0;\n"
+        "\tfield:u64 ret;\toffset:24;\tsize:8;\tsigned:0;\n\n"
+        'print fmt: "(%lx <- %lx) ret=0x%Lx", REC->__probe_func, REC->__probe_ret_ip, REC->ret\n')
+    events = raw_args.RawEvents(ps, [fmt_s, fmt_t, fmt_r], (6, 1))
+    assert "s" in events.decode_errors
+    events.require_decoders(["t", "t_ret"])
+    with pytest.raises(raw_formats.RawUnsupported, match="s:"):
+        events.require_decoders(raw_args.args_needed(ps, spans=False))
+    assert events.lut[9] == 2 and events.lut[10] == raw_pages.EV_UNKNOWN

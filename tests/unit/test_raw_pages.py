@@ -1,0 +1,235 @@
+"""The raw ring-buffer decoder on real pages from this kernel (6.18) and Debian's 6.1 (kernel lab).
+
+Each fixture directory (tests/make_raw_fixtures.py) holds the pages read from per_cpu/cpuN/trace_pipe_raw,
+the header and event formats needed to decode them, and the instance's `trace` text of the same
+events read just before: every decoded event must be the text's line, field for field (thread, CPU,
+timestamp to the microsecond the text shows, and the body the kernel printed).
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import raw_reference
+from kprobe_exporter import parser
+from kprobe_exporter.raw import formats as raw_formats
+from kprobe_exporter.raw import pages as raw_pages
+from raw_fixtures import ALL, K61, K618, after_ip, load, text_lines, usec
+
+# --- every fixture: the decode is the kernel's own text ----------------------------------------
+
+
+@pytest.mark.parametrize("path", ALL, ids=[f"{p.parent.name}/{p.name}" for p in ALL])
+def test_decoded_events_are_the_kernels_text_of_the_same_events(path: Path) -> None:
+    fx = load(path)
+    b = fx.batch
+    idx = np.flatnonzero(b.ev >= 0)
+    text = text_lines(path)
+    assert len(idx) == len(text) > 0
+    assert not np.any(b.ev == raw_pages.EV_UNKNOWN)
+    for i, t in zip(idx.tolist(), text, strict=True):
+        ev = fx.probes.events[b.ev[i]]
+        body = fx.body(i)
+        assert (int(b.tid[i]), int(b.cpu[i]), usec(int(b.ts[i])) * 1000) == (t.tid, t.cpu, t.ts_ns), t
+        if ev.kind in ("kprobe", "kretprobe"):
+            assert body[:body.find(b"(")] == t.body[:t.body.find(b"(")]
+            assert after_ip(body) == after_ip(t.body)
+        else:
+            assert body == t.body
+        # and so the text path's own readers take the same args from both
+        assert parser.arg_reader(ev)(body) == parser.arg_reader(ev)(t.body)
+        # which are the args the raw path decodes from the record's fields, without any text
+        assert fx.events.args(int(b.ev[i]), b.record(i)) == parser.arg_reader(ev)(t.body)
+        if ev.is_return:
+            assert parser.retval_of(ev, body) == parser.retval_of(ev, t.body)
+
+
+@pytest.mark.parametrize("path", ALL, ids=[f"{p.parent.name}/{p.name}" for p in ALL])
+def test_vectorised_decode_equals_the_event_by_event_reference(path: Path) -> None:
+    fx = load(path)
+    for _cpu, data in fx.pages.items():
+        n = len(data) // fx.layout.page_size
+        if not n:
+            continue
+        d = raw_pages.decode_pages(data, n, fx.layout)
+        ref = []
+        for p in range(n):
+            page = data[p * fx.layout.page_size:(p + 1) * fx.layout.page_size]
+            ref += [(ts, rec) for kind, ts, rec in raw_reference.decode_page_python(page, fx.layout) if kind == "data"]
+        got = [(int(d.ts[i]), data[int(d.rec[i]):int(d.rec[i]) + int(d.rlen[i])]) for i in range(len(d.ts))]
+        assert got == ref
+        assert all(struct.unpack_from("<H", rec)[0] == t for (_, rec), t in zip(ref, d.etype.tolist(), strict=True))
+
+
+# --- what each fixture was made to show ---------------------------------------------------------
+
+
+def test_618_uprobe_and_syscall_pairs_decode_exactly() -> None:
+    fx = load(K618 / "uprobes-syscalls")
+    b = fx.batch
+    names = [fx.probes.events[e].name for e in b.ev.tolist()]
+    counts = {n: names.count(n) for n in sorted(set(names))}
+    # 10 + 2 (failing) opens in main threads, 5 calls in each of 3 threads; syscall pairs from everyone
+    assert counts["open_path"] == counts["open_path_ret"] == 27
+    assert counts["compute"] == counts["compute_ret"] == 25
+    # the capture script's own shell opened the `tracing_on` file: an enter whose exit came after the stop
+    assert (counts["sys_enter_openat"], counts["sys_exit_openat"]) == (41, 40)
+    first = names.index("compute")
+    assert fx.body(first) == (b"compute: (0x%x) a=-5 b=12345 big=12345 sb=-5 hx=0x3039"
+                             % struct.unpack_from("<Q", b.record(first), 8)[0])
+    o = names.index("open_path")
+    args = parser.arg_reader(fx.probes.events[b.ev[o]])(fx.body(o))
+    assert args == {"path": b"/etc/hostname", "flags": b"0x0", "arr": b"{47,101,116,99}", "c": b"'/'"}
+    failed = [i for i, n in enumerate(names) if n == "open_path_ret"
+              and fx.body(i).endswith(b"ret=-1")]
+    assert len(failed) == 2
+    assert fx.body(names.index("sys_exit_openat")) == b"sys_openat -> 0x3"
+    enter = fx.body(names.index("sys_enter_openat"))
+    assert enter.startswith(b"sys_openat(dfd: 0xffffff9c, filename: 0x")  # 6.18: 0x, and values < 10 in decimal
+    assert enter.endswith(b", flags: 0x80201, mode: 0)")  # the shell opening tracing_on: O_WRONLY|O_TRUNC|O_CLOEXEC
+    # nanosecond timestamps, not multiples of 1000
+    assert np.count_nonzero(b.ts % 1000) > len(b.ts) // 2
+    assert np.all(np.diff(b.ts) >= 0)
+
+
+def test_618_time_extend_carries_a_200ms_delta() -> None:
+    fx = load(K618 / "time-extend")
+    d = raw_pages.decode_pages(fx.pages[0], 1, fx.layout)
+    assert d.extends == 3  # one per 200 ms sleep: the return comes 2^27 ns (134 ms) past its entry
+    b = fx.batch
+    names = [fx.probes.events[e].name for e in b.ev.tolist()]
+    entries = [int(b.ts[i]) for i, n in enumerate(names) if n == "sleep_us"]
+    exits = [int(b.ts[i]) for i, n in enumerate(names) if n == "sleep_us_ret"]
+    assert len(entries) == len(exits) == 3
+    text = {(t.token, t.ts_ns) for t in text_lines(fx.path)}
+    for s, e in zip(entries, exits, strict=True):
+        assert 200_000_000 < e - s < 260_000_000
+        assert (b"sleep_us_ret:", usec(e) * 1000) in text and (b"sleep_us:", usec(s) * 1000) in text
+
+
+def test_618_missed_events_are_counted_from_the_page_header() -> None:
+    fx = load(K618 / "missed-events")
+    d = raw_pages.decode_pages(fx.pages[1], len(fx.pages[1]) // 4096, fx.layout)
+    overrun = int(fx.stats(1)["overrun"])
+    assert overrun > 0
+    assert d.missed.tolist() == [overrun, -1, -1]  # RB_MISSED_EVENTS|RB_MISSED_STORED, count after the data
+    b = fx.batch
+    assert int(b.ev[0]) == raw_pages.EV_LOST and int(b.cpu[0]) == 1 and int(b.rlen[0]) == overrun
+    assert int(b.ts[0]) <= int(b.ts[1])
+    assert len(b) == 1 + int(fx.stats(1)["entries"])
+
+
+def test_618_eight_kib_subbuffers_and_long_records() -> None:
+    fx = load(K618 / "subbuf8k-long-records")
+    assert fx.layout.page_size == 8192 and fx.meta["subbuf_kb"] == "8"
+    d = raw_pages.decode_pages(fx.pages[0], 2, fx.layout)
+    long_recs = d.rlen > 4 * raw_pages.TYPE_DATA_MAX  # past type_len: length in array[0]
+    assert int(long_recs.sum()) == 60
+    i = int(np.flatnonzero(fx.batch.ev == 0)[0])
+    path = parser.arg_reader(fx.probes.events[0])(fx.body(i))["path"]
+    assert path == b"/tmp/" + b"long-path-" * 20 + b"x"
+
+
+def test_61_kprobes_kretprobes_and_syscalls_decode_exactly() -> None:
+    fx = load(K61 / "kprobes-syscalls")
+    assert fx.meta["release"] == "6.1.0-56-amd64"
+    b = fx.batch
+    names = [fx.probes.events[e].name for e in b.ev.tolist()]
+    i = names.index("open")
+    body = fx.body(i)
+    args = parser.arg_reader(fx.probes.events[b.ev[i]])(body)
+    assert args["dfd"] == b"-100" and args["how"].startswith(b"0x")
+    ret = [parser.retval_of(fx.probes.events[b.ev[j]], fx.body(j)) for j, n in enumerate(names)
+           if n == "open_ret"]
+    assert b"-2" in ret and b"3" in ret  # ENOENT from the failing opens
+    enter = fx.body(names.index("sys_enter_openat"))
+    assert enter.startswith(b"sys_openat(dfd: ffffff9c, filename: ")  # 6.1 prints %lx, no 0x
+    assert fx.body(names.index("sys_exit_openat")) == b"sys_openat -> 0x3"
+    assert int(np.count_nonzero(b.rlen > 4 * raw_pages.TYPE_DATA_MAX)) >= 1
+
+
+def test_61_time_extend_and_missed_events() -> None:
+    fx = load(K61 / "time-extend")
+    assert raw_pages.decode_pages(fx.pages[0], 1, fx.layout).extends == 3
+    fx = load(K61 / "missed-events")
+    d = raw_pages.decode_pages(fx.pages[1], len(fx.pages[1]) // 4096, fx.layout)
+    assert d.missed[0] == int(fx.stats(1)["overrun"]) > 0
+    assert (d.missed[1:] == -1).all()
+
+
+# --- event types no capture produced: made from a real page ----------------------------------------
+
+
+def _page(events: list[bytes], ts: int, commit_flags: int = 0, layout: raw_formats.PageLayout | None = None,
+          tail: bytes = b"") -> bytes:
+    layout = layout or raw_formats.PageLayout()
+    data = b"".join(events)
+    hdr = struct.pack("<QQ", ts, len(data) | commit_flags)
+    return (hdr + data + tail).ljust(layout.page_size, b"\0")
+
+
+def _hdr(type_len: int, delta: int) -> bytes:
+    return struct.pack("<I", type_len | (delta << 5))
+
+
+def test_absolute_timestamp_padding_and_empty_padding() -> None:
+    fx = load(K618 / "uprobes-syscalls")
+    rec = fx.batch.record(0)  # a real record (sys_enter_openat: 48 bytes)
+    assert len(rec) == 48
+    events = [
+        _hdr(12, 100) + rec,  # ts + 100
+        _hdr(raw_pages.TYPE_PADDING, 1) + struct.pack("<I", 16) + b"\0" * 12,  # discarded: array[0] + 4 bytes
+        _hdr(raw_pages.TYPE_TIME_STAMP, 5) + struct.pack("<I", 3),  # absolute: 3 << 27 | 5
+        _hdr(12, 7) + rec,
+        _hdr(raw_pages.TYPE_TIME_EXTEND, 1) + struct.pack("<I", 2),  # + (2 << 27 | 1)
+        _hdr(0, 0) + struct.pack("<I", 52) + rec,  # a long-form header: array[0] = 48 + 4
+        _hdr(raw_pages.TYPE_PADDING, 0),  # empty padding: the rest of the page is nothing
+        _hdr(12, 9) + rec,  # never read
+    ]
+    page = _page(events, 1_000_000)
+    d = raw_pages.decode_pages(page, 1, raw_formats.PageLayout())
+    t2 = (3 << 27) + 5 + 7
+    assert d.ts.tolist() == [1_000_100, t2, t2 + (2 << 27) + 1]
+    assert d.rlen.tolist() == [48, 48, 48] and d.stamps == 1 and d.extends == 1 and d.paddings == 2
+    ref = raw_reference.decode_page_python(page, raw_formats.PageLayout())
+    assert [(ts, r) for k, ts, r in ref if k == "data"] == [(int(t), rec) for t in d.ts]
+
+
+def test_missed_flag_without_a_stored_count() -> None:
+    rec = load(K618 / "uprobes-syscalls").batch.record(0)
+    page = _page([_hdr(12, 1) + rec], 50, raw_pages.RB_MISSED_EVENTS)
+    d = raw_pages.decode_pages(page, 1, raw_formats.PageLayout())
+    assert d.missed.tolist() == [0] and d.ts.tolist() == [51]
+    stored = _page([_hdr(12, 1) + rec], 50, raw_pages.RB_MISSED_EVENTS | raw_pages.RB_MISSED_STORED,
+                   tail=struct.pack("<Q", 1234))
+    assert raw_pages.decode_pages(stored, 1, raw_formats.PageLayout()).missed.tolist() == [1234]
+
+
+def test_a_commit_beyond_the_page_is_a_format_error() -> None:
+    page = struct.pack("<QQ", 1, 5000).ljust(4096, b"\0")
+    with pytest.raises(raw_formats.FormatError):
+        raw_pages.decode_pages(page, 1, raw_formats.PageLayout())
+
+
+# --- merging CPUs and holding events back -----------------------------------------------------------
+
+
+def test_cpus_merge_in_time_order_and_held_events_keep_their_records() -> None:
+    fx = load(K618 / "uprobes-syscalls")
+    b = fx.batch
+    assert set(b.cpu.tolist()) == {0, 1}
+    assert np.all(np.diff(b.ts) >= 0)
+    cut = len(b) // 2
+    head = raw_pages.slice_batch(b, 0, cut)
+    held = raw_pages.compact_batch(raw_pages.slice_batch(b, cut, len(b)))
+    assert len(held.data) == int(b.rlen[cut:].sum()) < len(b.data)
+    again = raw_pages.merge_batches(held, raw_pages.empty_batch())
+    for i in range(len(held)):
+        assert again.record(i) == b.record(cut + i)
+    merged = raw_pages.merge_batches(held, head)
+    assert merged.ts.tolist() == b.ts.tolist()
+    assert [merged.record(i) for i in range(len(merged))] == [b.record(i) for i in range(len(b))]
