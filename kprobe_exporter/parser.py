@@ -151,7 +151,7 @@ def arg_picker(ev: EventSpec, names: tuple[str, ...]) -> ArgPicker:
     For labels: arg_reader builds a dict of every arg; this walks the markers only up to the last
     arg it needs and builds no dict.
     """
-    if ev.kind == "tracepoint":
+    if not ev.dynamic:
         read = tracepoint_arg_reader(ev)
         return lambda body: tuple(read(body).get(n, b"") for n in names)
     markers = [((" " + a.name + "=").encode(), a.is_string) for a in ev.args]
@@ -217,12 +217,12 @@ def tracepoint_arg_reader(ev: EventSpec) -> ArgReader:
 
 
 def arg_reader(ev: EventSpec) -> ArgReader:
-    return tracepoint_arg_reader(ev) if ev.kind == "tracepoint" else probe_arg_reader(ev)
+    return probe_arg_reader(ev) if ev.dynamic else tracepoint_arg_reader(ev)
 
 
 def retval_of(ev: EventSpec, body: bytes) -> bytes | None:
     """The return value text of a return event's body, where it prints one."""
-    if ev.kind == "tracepoint":
+    if not ev.dynamic:
         arrow = body.find(b" -> ")
         return body[arrow + 4 :].strip() if arrow >= 0 else None
     values = probe_arg_reader(ev)(body)

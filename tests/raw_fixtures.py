@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import raw_reference
-from kprobe_exporter import config, parser, probes
+from kprobe_exporter import config, kernel, parser, probes
 from kprobe_exporter.probes import ProbeSet
 from kprobe_exporter.raw import args as raw_args
 from kprobe_exporter.raw import formats as raw_formats
@@ -70,7 +70,7 @@ def load(path: Path) -> Fixture:
     for ev in ps.events:
         group, name = (ev.group, ev.name) if ev.dynamic else ev.target.split("/")
         formats.append(raw_formats.parse_format((path / "events" / group / name / "format").read_text()))
-    events = raw_args.RawEvents(ps, formats, raw_formats.kernel_version(meta["release"]))
+    events = raw_args.RawEvents(ps, formats, kernel.version(meta["release"]))
     pages = {int(f.stem[3:]): f.read_bytes() for f in sorted(path.glob("cpu*.raw"))}
     runs, off = [], 0
     for cpu, data in pages.items():

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from kprobe_exporter import kernel as kernel_mod
 from kprobe_exporter import labels
 from kprobe_exporter.probes import EventSpec, ProbeSet
-from kprobe_exporter.raw.formats import EventFormat, Field, FormatError, RawUnsupported, kernel_version, parse_format
+from kprobe_exporter.raw.formats import EventFormat, Field, FormatError, RawUnsupported, parse_format
 from kprobe_exporter.raw.pages import EV_UNKNOWN
 
 Renderer = Callable[[bytes], bytes]
@@ -351,7 +352,7 @@ def printf_decoder(ev: EventSpec, fmt: EventFormat) -> ArgDecoder:
 
 def make_decoder(ev: EventSpec, fmt: EventFormat, kernel: tuple[int, int]) -> ArgDecoder:
     """A record's args of `ev` as its text prints them, or FormatError saying why they cannot be read."""
-    if ev.kind != "tracepoint":
+    if ev.dynamic:
         return probe_decoder(ev, fmt)
     if _is_syscall(ev):
         return syscall_decoder(ev, fmt, kernel)
@@ -407,7 +408,7 @@ class RawEvents:
                 formats.append(None)
                 continue
             formats.append(parse_format(text))
-        return cls(probes, formats, kernel or kernel_version())
+        return cls(probes, formats, kernel or kernel_mod.version())
 
 
 def check_probes(probes: ProbeSet, tracefs_root: Path, spans: bool, kernel: tuple[int, int] | None = None) -> None:
@@ -426,7 +427,7 @@ def check_probes(probes: ProbeSet, tracefs_root: Path, spans: bool, kernel: tupl
             continue
         try:
             fmt = parse_format((tracefs_root / "events" / ev.target / "format").read_text())
-            make_decoder(ev, fmt, kernel or kernel_version())
+            make_decoder(ev, fmt, kernel or kernel_mod.version())
         except OSError as e:
             bad.append(f"{name}: {e.strerror}")
         except FormatError as e:

@@ -189,8 +189,3 @@ def load_layout(inst: Path, tracefs_root: Path | None = None) -> PageLayout:
     if os.sysconf("SC_PAGE_SIZE") != 4096:
         raise RawUnsupported("no events/header_page and pages are not 4 KiB")
     return PageLayout()
-
-
-def kernel_version(release: str | None = None) -> tuple[int, int]:
-    m = re.match(r"(\d+)\.(\d+)", release or os.uname().release)
-    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)

@@ -68,7 +68,7 @@ class RawRecord:
         syscall exit's value."""
         spec = self.events.probes.events[self.ev]
         values = self.events.args(self.ev, self.rec)
-        if spec.kind == "tracepoint":
+        if not spec.dynamic:
             ret = values.get("ret") if spec.target.partition("/")[2].startswith("sys_exit_") else None
         else:
             ret = next((values[n] for n in ("ret", "arg1") if n in values), next(iter(values.values()), None))

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import raw_reference
-from kprobe_exporter import parser, tracefs
+from kprobe_exporter import kernel, parser, tracefs
 from kprobe_exporter.probes import ArgSpec, EventSpec, ProbeSet
 from kprobe_exporter.raw import args as raw_args
 from kprobe_exporter.raw import formats as raw_formats
@@ -116,7 +116,7 @@ def test_every_text_line_parses(scenario: str, name: str) -> None:
 @pytest.mark.parametrize("scenario", DECODED)
 def test_raw_pages_decode_to_the_kernels_text(scenario: str) -> None:
     sc = load(scenario)
-    events = raw_args.RawEvents(sc.probes, sc.formats, raw_formats.kernel_version(str(sc.meta["release"])))
+    events = raw_args.RawEvents(sc.probes, sc.formats, kernel.version(str(sc.meta["release"])))
     assert events.decode_errors == {}
     layout = raw_formats.parse_header_page((sc.path / "header_page").read_text())
     pages = [f.read_bytes() for f in sorted(sc.path.glob("cpu*.raw"))]

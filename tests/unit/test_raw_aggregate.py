@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 
 from feeding import feed_raw, feed_text
-from kprobe_exporter import config, probes
+from kprobe_exporter import config, kernel, probes
 from kprobe_exporter.aggregate import Aggregate, CompletedPair, Snapshot
 from kprobe_exporter.probes import ProbeSet
 from kprobe_exporter.raw import args as raw_args
-from kprobe_exporter.raw import formats as raw_formats
 from kprobe_exporter.raw import pages as raw_pages
 from kprobe_exporter.tasks import Tasks
 from raw_fixtures import ALL, K618, load, usec
@@ -79,7 +78,7 @@ def run_both(path: Path, tmp: Path) -> tuple[Snapshot, Snapshot, list[CompletedP
     formats = fx.events.formats
     # the labelled set has the same events in the same order: the fixture's formats fit it
     assert [e.name for e in ps.events] == [e.name for e in fx.probes.events]
-    events = raw_args.RawEvents(ps, formats, raw_formats.kernel_version(str(fx.meta["release"])))
+    events = raw_args.RawEvents(ps, formats, kernel.version(str(fx.meta["release"])))
     batch = fx.batch
     tasks = Tasks(tmp)
 
