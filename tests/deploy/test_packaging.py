@@ -64,7 +64,7 @@ def test_wheel_carries_the_package_and_its_files(dist: dict[str, Path]) -> None:
     assert dist["wheel"].name == f"kprobe_exporter-{VERSION}-py3-none-any.whl"
     with zipfile.ZipFile(dist["wheel"]) as whl:
         names = set(whl.namelist())
-        modules = {f"kprobe_exporter/{p.name}" for p in (ROOT / "kprobe_exporter").glob("*.py")}
+        modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "kprobe_exporter").rglob("*.py")}  # raw/ too
         assert modules <= names
         for config in ("default-kprobes.yaml", "default-tracepoints.yaml"):
             assert whl.read(f"kprobe_exporter/{config}") == (ROOT / "kprobe_exporter" / config).read_bytes()
