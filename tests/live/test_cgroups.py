@@ -242,6 +242,9 @@ def test_tid_reuse_told_by_start_time(cg: Cgroups, v2: Path) -> None:
     assert of.values([first.pid]) == [a]
     first.kill()
     first.wait()
+    # /proc's start time counts clock ticks (10 ms): a successor started within the same tick would look
+    # like the old thread moved, not like a new one; start it a tick or more later
+    time.sleep(0.05)
     second = _spawn_with_pid(first.pid, gb, cg)
     if second is None:
         pytest.fail(f"could not take pid {first.pid} again in 300 tries")
