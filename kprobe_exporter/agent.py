@@ -21,9 +21,11 @@ from kprobe_exporter import raw
 from kprobe_exporter import reload as reload_mod
 from kprobe_exporter import tracefs as tfs_mod
 from kprobe_exporter.aggregate import Aggregate, Snapshot
+from kprobe_exporter.cgroups import CgroupOf, Rewrite
 from kprobe_exporter.config import Config, split_host_port
 from kprobe_exporter.errors import TracefsError, UserError
 from kprobe_exporter.kinds import PROBE_FILES, parse_definition
+from kprobe_exporter.labels import LabelContext
 from kprobe_exporter.metrics import Sources, SpanCounts, make_registry
 from kprobe_exporter.notify import SystemdNotifier
 from kprobe_exporter.probes import EventSpec, ProbeSet
@@ -57,9 +59,12 @@ def own_tids() -> list[int]:
         return [os.getpid()]
 
 
-def make_aggregate(config: Config, probes: ProbeSet) -> Aggregate:
+def make_aggregate(config: Config, probes: ProbeSet, cgroup_of: CgroupOf | None = None) -> Aggregate:
+    """`cgroup_of`: the agent's one tid -> cgroup cache, kept across reloads (a new one per call without)."""
+    rewrite = Rewrite.from_config(r.model_dump() for r in config.cgroup_rewrite) if config.cgroup_rewrite else None
+    ctx = LabelContext(cgroup_of if cgroup_of is not None else CgroupOf(), rewrite)
     return Aggregate(probes, config.buckets, config.label_limit, config.pending.max_pending,
-                     config.pending.max_age)
+                     config.pending.max_age, ctx)
 
 
 @dataclass
@@ -75,7 +80,8 @@ class Agent:
 
     def __post_init__(self) -> None:
         self.stop_event = threading.Event()
-        self.aggregate = make_aggregate(self.config, self.probes)
+        self.cgroup_of = CgroupOf()
+        self.aggregate = make_aggregate(self.config, self.probes, self.cgroup_of)
         self.heartbeat = time.time()
         self.tracefs: Tracefs | None = None
         self.profile: dict[str, tuple[int, int]] = {}
@@ -312,7 +318,7 @@ class Agent:
                 log.warning("reload: %s; the buffer keeps its size", e.message)
         base = reload_mod.carry(self.base, self.aggregate.snapshot(), new_cfg.label_limit, plan.keep,
                                 plan.keep_pairs)
-        agg = make_aggregate(new_cfg, new_probes)
+        agg = make_aggregate(new_cfg, new_probes, self.cgroup_of)
         self._attach_spans(agg, new_probes)
         self._stats_offset = dict(self._stats_seen)
         self.config, self.probes, self.aggregate, self.base = new_cfg, new_probes, agg, base

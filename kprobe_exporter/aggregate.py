@@ -27,7 +27,7 @@ import numpy.typing as npt
 from kprobe_exporter import pairing
 from kprobe_exporter.config import OVERFLOW_VALUE
 from kprobe_exporter.events import REASONS, UNKNOWN_EVENT, EventBatch, Record
-from kprobe_exporter.labels import LabelSource, sources_for
+from kprobe_exporter.labels import LabelContext, LabelSource, sources_for
 from kprobe_exporter.probes import COMM_ARG, EventSpec, ProbeSet
 
 EVICT_REASONS = ("age", "capacity", "lost")
@@ -87,14 +87,14 @@ class _Event:
 
     __slots__ = ("count_idx", "ev", "idx", "labels", "pair", "role", "sources")
 
-    def __init__(self, ev: EventSpec, idx: int) -> None:
+    def __init__(self, ev: EventSpec, idx: int, ctx: LabelContext) -> None:
         self.ev = ev
         self.idx = idx
         self.count_idx = -1
         self.labels: tuple[str, ...] = ev.labels if ev.counted else ()
         self.pair: _Pair | None = None
         self.role = 0  # 1 entry, 2 exit
-        self.sources: list[tuple[LabelSource, tuple[int, ...]]] = sources_for(ev, idx, self.labels)
+        self.sources: list[tuple[LabelSource, tuple[int, ...]]] = sources_for(ev, idx, self.labels, ctx)
 
 
 class _Pair:
@@ -115,7 +115,7 @@ class Aggregate:
     min_columnar = 128
 
     def __init__(self, probes: ProbeSet, bounds_s: list[float], label_limit: int = 100,
-                 max_pending: int = 65536, max_age_s: float = 60.0) -> None:
+                 max_pending: int = 65536, max_age_s: float = 60.0, label_context: LabelContext | None = None) -> None:
         self.lock = threading.Lock()
         self.probes = probes
         self.bounds_s = list(bounds_s)
@@ -140,8 +140,9 @@ class Aggregate:
         self.pairs: dict[str, _Pair] = {}
         self._events: list[_Event] = []
         by_name: dict[str, _Event] = {}
+        self.label_context = label_context if label_context is not None else LabelContext()
         for ev in probes.events:
-            rec = _Event(ev, len(self._events))
+            rec = _Event(ev, len(self._events), self.label_context)
             self._events.append(rec)
             if ev.counted:
                 rec.count_idx = len(self._counts)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
 
 from feeding import feed_text
-from kprobe_exporter import config, labels, probes
+from kprobe_exporter import agent, config, labels, probes
 from kprobe_exporter.aggregate import Aggregate
+from kprobe_exporter.cgroups import CgroupOf
 from kprobe_exporter.events import EventBatch
 from kprobe_exporter.probes import EventSpec
 
@@ -64,7 +66,7 @@ class ByThread:
     labels: tuple[str, ...] = ("comm",)
     asked: ClassVar[list[list[Hashable]]] = []
 
-    def __init__(self, ev: EventSpec, ev_idx: int, names: tuple[str, ...]) -> None:
+    def __init__(self, ev: EventSpec, ev_idx: int, names: tuple[str, ...], ctx: labels.LabelContext) -> None:
         pass
 
     def keys(self, batch: EventBatch, rows: Sequence[int]) -> Sequence[Hashable]:
@@ -83,3 +85,71 @@ def test_a_registry_entry_fills_its_label(monkeypatch: pytest.MonkeyPatch) -> No
                                line("a", 7, 12, "f: (0x1) n=1 m=2")]) + b"\n")
     assert counts(agg) == {(("m", "2"), ("comm", "t1"), ("n", "1")): 2, (("m", "2"), ("comm", "t7"), ("n", "1")): 1}
     assert ByThread.asked == [[1, 7]]  # once per distinct key
+
+
+UID = "1f2e3d4c-5b6a-4789-8abc-0123456789ab"
+CID = "4c01db0b339c7c1f1a0e6f7c3b5b3e1d9a2f8e7d6c5b4a3928171605f4e3d2c1"
+POD = f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID.replace('-', '_')}.slice"
+CGROUP_CFG = """
+cgroup_rewrite:
+  - {match: 'kubepods.*-pod([0-9a-f_]+)\\.slice', replace: 'pod:\\1'}
+  - {match: '^/system\\.slice/(.*)$', replace: '\\1'}
+probes:
+  - name: f
+    uprobe: /bin/x:0x10
+    labels: [container_id, comm, pod_uid, cgroup, systemd_unit]
+"""
+
+
+def fake_proc(root: Path, paths: dict[int, str]) -> None:
+    """A /proc stand-in (TID/stat, TID/cgroup as the kernel writes them; tests/unit/test_cgroups.py
+    tests the reading of the real files): each tid in the v2 cgroup given."""
+    stat = Path("/proc/self/stat").read_text()
+    for tid, path in paths.items():
+        d = root / str(tid)
+        d.mkdir()
+        (d / "stat").write_text(f"{tid} (x) {stat.rpartition(')')[2].strip()}\n")
+        (d / "cgroup").write_text(f"0::{path}\n")
+
+
+def test_cgroup_labels_come_from_the_thread_one_source_one_lookup(tmp_path: Path) -> None:
+    paths = {1: f"{POD}/cri-containerd-{CID}.scope", 2: POD, 3: "/system.slice/cron.service", 4: "/user.slice"}
+    fake_proc(tmp_path, paths)
+    cfg = config.load_text(CGROUP_CFG)
+    agg = agent.make_aggregate(cfg, probes.build_probe_set(cfg, resolve=None), CgroupOf(proc=str(tmp_path)))
+    rec = agg._events[0]
+    assert [(type(s).__name__, s.labels, at) for s, at in rec.sources] == [
+        ("CgroupSource", ("container_id", "pod_uid", "cgroup", "systemd_unit"), (0, 2, 3, 4)),
+        ("CommSource", ("comm",), (1,))]
+    feed_text(agg, b"\n".join(
+        3 * [line("a", 1, 10, "f: (0x1)")] + 2 * [line("a", 2, 11, "f: (0x1)")] + [line("a", 3, 12, "f: (0x1)")]
+        + [line("a", 4, 13, "f: (0x1)"), line("a", 5, 14, "f: (0x1)")]) + b"\n")
+    pod = f"pod:{UID.replace('-', '_')}"
+    assert counts(agg) == {
+        (("container_id", CID), ("comm", "a"), ("pod_uid", UID), ("cgroup", pod), ("systemd_unit", "")): 3,
+        (("container_id", ""), ("comm", "a"), ("pod_uid", UID), ("cgroup", pod), ("systemd_unit", "")): 2,
+        (("container_id", ""), ("comm", "a"), ("pod_uid", ""), ("cgroup", "cron.service"),
+         ("systemd_unit", "cron.service")): 1,
+        (("container_id", ""), ("comm", "a"), ("pod_uid", ""), ("cgroup", "other"), ("systemd_unit", "")): 1,
+        (("container_id", "unknown"), ("comm", "a"), ("pod_uid", "unknown"), ("cgroup", "unknown"),
+         ("systemd_unit", "unknown")): 1,  # tid 5: no /proc entry
+    }
+    assert agg.label_context.cgroup_of.counts.reads == 5  # one /proc look per distinct tid
+
+
+def test_cgroup_values_past_the_label_limit_fold_into_overflow(tmp_path: Path) -> None:
+    fake_proc(tmp_path, {t: f"/system.slice/s{t}.service" for t in range(1, 5)})
+    cfg = config.load_text("label_limit: 2\nprobes:\n  - {name: f, uprobe: '/bin/x:0x10', labels: [cgroup]}\n")
+    agg = agent.make_aggregate(cfg, probes.build_probe_set(cfg, resolve=None), CgroupOf(proc=str(tmp_path)))
+    feed_text(agg, b"\n".join(line("a", t, 10 + t, "f: (0x1)") for t in (1, 2, 3, 4, 4)) + b"\n")
+    assert counts(agg) == {(("cgroup", "/system.slice/s1.service"),): 1, (("cgroup", "/system.slice/s2.service"),): 1,
+                           (("cgroup", config.OVERFLOW_VALUE),): 3}
+    assert agg.snapshot().label_overflow == {("f", "cgroup"): 3}
+
+
+@pytest.mark.parametrize("kind", ["uprobe: /bin/x:0x10", "uretprobe: /bin/x:0x10", "tracepoint: sched/sched_switch",
+                                  "kprobe: vfs_read"])
+def test_every_kind_takes_the_cgroup_labels(kind: str) -> None:
+    cfg = config.load_text(f"probes:\n  - {{name: f, {kind}, labels: [cgroup, container_id, pod_uid, systemd_unit]}}\n")
+    ev = probes.build_probe_set(cfg, resolve=None).events[0]
+    assert labels.arg_labels(ev) == ()
