@@ -25,6 +25,8 @@ import numpy as np
 import numpy.typing as npt
 
 from kprobe_exporter import pairing
+from kprobe_exporter.cgroups import LABELS as CGROUP_LABELS
+from kprobe_exporter.cgroups import SPAN_ATTRIBUTES, UNKNOWN, CgroupLabels
 from kprobe_exporter.config import OVERFLOW_VALUE
 from kprobe_exporter.events import REASONS, UNKNOWN_EVENT, EventBatch, Record
 from kprobe_exporter.labels import LabelContext, LabelSource, sources_for
@@ -47,6 +49,9 @@ class CompletedPair(NamedTuple):
     end_ns: int
     args: tuple[tuple[str, str], ...]  # the entry's args as (name, text)
     retval: str | None
+    # where the thread ran, under OpenTelemetry's names (cgroups.SPAN_ATTRIBUTES): the cgroup labels the
+    # entry probe has, their values as the metrics show them, "" and `unknown` left out
+    where: tuple[tuple[str, str], ...] = ()
 
 
 class SpanSampling(Protocol):
@@ -98,10 +103,12 @@ class _Event:
 
 
 class _Pair:
-    __slots__ = ("entry", "exit", "idx", "sampling", "sink", "stack", "stats")
+    __slots__ = ("entry", "exit", "idx", "sampling", "sink", "stack", "stats", "where")
 
-    def __init__(self, idx: int, stats: PairStats, entry: EventSpec, exit_: EventSpec) -> None:
+    def __init__(self, idx: int, stats: PairStats, entry: EventSpec, exit_: EventSpec, ctx: LabelContext) -> None:
         self.idx = idx
+        names = [n for n in entry.labels if n in CGROUP_LABELS and n in SPAN_ATTRIBUTES]
+        self.where = CgroupLabels(names, ctx.cgroup_of, ctx.rewrite) if names else None
         self.stats = stats
         self.entry, self.exit = entry, exit_
         self.stack: dict[int, list[Pending]] = {}  # per tid, in the order the stacks were opened
@@ -158,7 +165,8 @@ class Aggregate:
         ev_sign = [0] * len(self._events)
         for ps in probes.pairs:
             entry, exit_ = by_name[ps.entry], by_name[ps.exit]
-            pair = _Pair(len(self._pair_list), PairStats(ps.name, [0] * (len(bounds_s) + 1)), entry.ev, exit_.ev)
+            pair = _Pair(len(self._pair_list), PairStats(ps.name, [0] * (len(bounds_s) + 1)), entry.ev, exit_.ev,
+                         self.label_context)
             entry.pair, entry.role = pair, 1
             exit_.pair, exit_.role = pair, 2
             ev_pair[entry.idx] = ev_pair[exit_.idx] = pair.idx
@@ -343,8 +351,13 @@ class Aggregate:
         recorded = next((v for k, v in args if k == COMM_ARG), "")
         if recorded:
             args = tuple(a for a in args if a[0] != COMM_ARG)
+        where: tuple[tuple[str, str], ...] = ()
+        if pair.where is not None:
+            vals = pair.where.by_tid([tid])[tid]
+            where = tuple((SPAN_ATTRIBUTES[n], v) for n, v in zip(pair.where.names, vals, strict=True)
+                          if v not in ("", UNKNOWN))
         sink(CompletedPair(pair.stats.name, ent.function, tid, exit_.tgid(), recorded or entry.comm(), start_ts,
-                           end_ts, args, exit_.retval()))
+                           end_ts, args, exit_.retval(), where))
 
     def set_stats_lost(self, cpu: int, total: int) -> None:
         """Loss the per-CPU stats show; it overlaps the LOST lines, so the larger of the two counts."""

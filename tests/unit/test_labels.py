@@ -9,8 +9,8 @@ from typing import ClassVar
 import pytest
 
 from feeding import feed_text
-from kprobe_exporter import agent, config, labels, probes
-from kprobe_exporter.aggregate import Aggregate
+from kprobe_exporter import agent, cgroups, config, labels, probes
+from kprobe_exporter.aggregate import Aggregate, CompletedPair
 from kprobe_exporter.cgroups import CgroupOf
 from kprobe_exporter.events import EventBatch
 from kprobe_exporter.probes import EventSpec
@@ -153,3 +153,28 @@ def test_every_kind_takes_the_cgroup_labels(kind: str) -> None:
     cfg = config.load_text(f"probes:\n  - {{name: f, {kind}, labels: [cgroup, container_id, pod_uid, systemd_unit]}}\n")
     ev = probes.build_probe_set(cfg, resolve=None).events[0]
     assert labels.arg_labels(ev) == ()
+
+
+class AllSpans:
+    sample_ratio = 1.0
+    min_duration_ns = 0
+
+
+@pytest.mark.parametrize("names", [["container_id", "pod_uid", "cgroup", "systemd_unit"], ["pod_uid"], []])
+def test_spans_carry_the_probes_cgroup_labels_under_otel_names(tmp_path: Path, names: list[str]) -> None:
+    paths = {1: f"{POD}/cri-containerd-{CID}.scope", 3: "/system.slice/cron.service"}
+    fake_proc(tmp_path, paths)
+    cfg = config.load_text(f"probes:\n  - {{name: f, uprobe: '/bin/x:0x10', labels: {names}, latency: true, "
+                           "spans: {}}\n")
+    agg = agent.make_aggregate(cfg, probes.build_probe_set(cfg, resolve=None), CgroupOf(proc=str(tmp_path)))
+    got: list[CompletedPair] = []
+    agg.set_sink("f", AllSpans(), got.append)
+    feed_text(agg, b"\n".join(line("a", t, 10 + 2 * i, "f: (0x1)") + b"\n" +
+                              line("a", t, 11 + 2 * i, "f_ret: (0x2 <- 0x1) ret=0") for i, t in enumerate((1, 3, 5)))
+              + b"\n")
+    full = {1: (("container.id", CID), ("k8s.pod.uid", UID), ("process.linux.cgroup", paths[1])),
+            3: (("process.linux.cgroup", paths[3]),),  # no container, no pod: left out, not ""
+            5: ()}  # no /proc entry: `unknown` left out
+    keys = {cgroups.SPAN_ATTRIBUTES[n] for n in names if n != "systemd_unit"}  # it has no OTel name
+    want = {t: tuple(sorted(kv for kv in where if kv[0] in keys)) for t, where in full.items()}
+    assert {p.tid: tuple(sorted(p.where)) for p in got} == want
