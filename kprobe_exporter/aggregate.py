@@ -29,7 +29,7 @@ from kprobe_exporter.cgroups import LABELS as CGROUP_LABELS
 from kprobe_exporter.cgroups import SPAN_ATTRIBUTES, UNKNOWN, CgroupLabels
 from kprobe_exporter.config import OVERFLOW_VALUE
 from kprobe_exporter.events import REASONS, UNKNOWN_EVENT, EventBatch, Record
-from kprobe_exporter.labels import LabelContext, LabelSource, sources_for
+from kprobe_exporter.labels import LabelContext, LabelSource, present, sources_for
 from kprobe_exporter.probes import COMM_ARG, EventSpec, ProbeSet
 
 EVICT_REASONS = ("age", "capacity", "lost")
@@ -96,7 +96,7 @@ class _Event:
         self.ev = ev
         self.idx = idx
         self.count_idx = -1
-        self.labels: tuple[str, ...] = ev.labels if ev.counted else ()
+        self.labels: tuple[str, ...] = present(ev.labels, ctx) if ev.counted else ()
         self.pair: _Pair | None = None
         self.role = 0  # 1 entry, 2 exit
         self.sources: list[tuple[LabelSource, tuple[int, ...]]] = sources_for(ev, idx, self.labels, ctx)

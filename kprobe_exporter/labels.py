@@ -19,6 +19,7 @@ from typing import Protocol, cast
 from kprobe_exporter.cgroups import LABELS as CGROUP_LABELS
 from kprobe_exporter.cgroups import CgroupLabels, CgroupOf, Rewrite
 from kprobe_exporter.events import EventBatch
+from kprobe_exporter.kube import KUBE_LABELS, KubeLabels, PodMetadata
 from kprobe_exporter.probes import COMM_ARG, EventSpec
 
 
@@ -36,6 +37,7 @@ class LabelContext:
 
     cgroup_of: CgroupOf = field(default_factory=CgroupOf)
     rewrite: Rewrite | None = None
+    pods: PodMetadata | None = None  # the node's pod list; None outside Kubernetes: pod labels absent
 
 
 def _text(b: bytes) -> str:
@@ -100,11 +102,37 @@ class CgroupSource:
         return [by_tid[t] for t in tids]
 
 
+class KubeSource:
+    """`pod`, `namespace`, `container`: names from the node's pod list (kube.py) by the thread's cgroup.
+    Only in Kubernetes: elsewhere `present` leaves them out of an event's labels (absent, not "")."""
+
+    def __init__(self, ev: EventSpec, ev_idx: int, labels: tuple[str, ...], ctx: LabelContext) -> None:
+        if ctx.pods is None:
+            raise ValueError("pod labels outside Kubernetes: labels.present leaves them out")
+        self.labels = labels
+        self.kube = KubeLabels(labels, ctx.cgroup_of, ctx.pods)
+
+    def keys(self, batch: EventBatch, rows: Sequence[int]) -> Sequence[Hashable]:
+        tids: list[int] = batch.tid[list(rows)].tolist()
+        return tids
+
+    def values(self, batch: EventBatch, keys: Sequence[Hashable]) -> list[tuple[str, ...]]:
+        tids = cast("Sequence[int]", keys)
+        by_tid = self.kube.by_tid(tids)
+        return [by_tid[t] for t in tids]
+
+
+def present(labels: tuple[str, ...], ctx: LabelContext) -> tuple[str, ...]:
+    """The labels an event has here: the pod labels only where there is a pod list."""
+    return labels if ctx.pods is not None else tuple(lb for lb in labels if lb not in KUBE_LABELS)
+
+
 SourceFactory = Callable[[EventSpec, int, tuple[str, ...], LabelContext], LabelSource]
 
 # label name -> its source; labels naming the same source share one instance of it. The labels left
 # over are args (one ArgSource for all of an event's).
-SOURCES: dict[str, SourceFactory] = {"comm": CommSource, **dict.fromkeys(CGROUP_LABELS, CgroupSource)}
+SOURCES: dict[str, SourceFactory] = {"comm": CommSource, **dict.fromkeys(CGROUP_LABELS, CgroupSource),
+                                     **dict.fromkeys(KUBE_LABELS, KubeSource)}
 
 
 def sources_for(ev: EventSpec, ev_idx: int, labels: tuple[str, ...],

@@ -22,6 +22,7 @@ from kprobe_exporter.config import (
 )
 from kprobe_exporter.errors import UserError
 from kprobe_exporter.kinds import KIND, RAW_KEY, ProbeKind, definition_line, parse_definition
+from kprobe_exporter.kube import KUBE_LABELS
 
 # x86_64 pt_regs names the kernel's regs_query_register_offset() accepts.
 X86_64_REGS = (
@@ -37,7 +38,7 @@ _PID_LABEL_RE = re.compile(r"(?:^|_)(?:pid|tid|tgid)$", re.IGNORECASE)
 # task from the kernel's bounded comm cache when it is read, by then `<...>` for one that has exited.
 COMM_ARG = "__comm"
 # Labels every kind takes, whatever its args: they come from the thread (labels.SOURCES), not the record.
-THREAD_LABELS = ("comm", *CGROUP_LABELS)
+THREAD_LABELS = ("comm", *CGROUP_LABELS, *KUBE_LABELS)
 
 
 def probe_error(label: str, fld: str, message: str) -> UserError:

@@ -13,7 +13,9 @@ from kprobe_exporter import agent, cgroups, config, labels, probes
 from kprobe_exporter.aggregate import Aggregate, CompletedPair
 from kprobe_exporter.cgroups import CgroupOf
 from kprobe_exporter.events import EventBatch
+from kprobe_exporter.kube import PodMetadata, index_pod_list
 from kprobe_exporter.probes import EventSpec
+from unit import test_kube
 
 CFG = """
 probes:
@@ -178,3 +180,31 @@ def test_spans_carry_the_probes_cgroup_labels_under_otel_names(tmp_path: Path, n
     keys = {cgroups.SPAN_ATTRIBUTES[n] for n in names if n != "systemd_unit"}  # it has no OTel name
     want = {t: tuple(sorted(kv for kv in where if kv[0] in keys)) for t, where in full.items()}
     assert {p.tid: tuple(sorted(p.where)) for p in got} == want
+
+
+KUBE_CFG = "probes:\n  - {name: f, uprobe: '/bin/x:0x10', labels: [pod, container_id, namespace, container]}\n"
+
+
+def test_pod_labels_are_absent_outside_kubernetes(tmp_path: Path) -> None:
+    fake_proc(tmp_path, {1: f"{POD}/cri-containerd-{CID}.scope"})
+    cfg = config.load_text(KUBE_CFG)
+    agg = agent.make_aggregate(cfg, probes.build_probe_set(cfg, resolve=None), CgroupOf(proc=str(tmp_path)))
+    feed_text(agg, line("a", 1, 10, "f: (0x1)") + b"\n")
+    assert counts(agg) == {(("container_id", CID),): 1}  # no pod, namespace, container: absent, not ""
+
+
+def test_pod_labels_from_the_pod_list_in_kubernetes(tmp_path: Path) -> None:
+    """The pod list is a PodList document in the API's schema handed to the index (tests/unit/test_kube.py
+    fetches the same from a local HTTPS server standing in for the API server and the kubelet)."""
+    fake_proc(tmp_path, {1: f"{POD}/cri-containerd-{CID}.scope", 2: "/system.slice/cron.service"})
+    doc = test_kube.pod_list(test_kube.pod("web-0", "shop", UID, [("nginx", f"containerd://{CID}")]))
+    pods = PodMetadata(lambda: index_pod_list(doc))
+    pods.refresh()
+    cfg = config.load_text(KUBE_CFG)
+    agg = agent.make_aggregate(cfg, probes.build_probe_set(cfg, resolve=None), CgroupOf(proc=str(tmp_path)), pods)
+    feed_text(agg, b"\n".join([line("a", 1, 10, "f: (0x1)"), line("a", 1, 11, "f: (0x1)"),
+                               line("a", 2, 12, "f: (0x1)")]) + b"\n")
+    assert counts(agg) == {
+        (("pod", "web-0"), ("container_id", CID), ("namespace", "shop"), ("container", "nginx")): 2,
+        (("pod", ""), ("container_id", ""), ("namespace", ""), ("container", "")): 1,
+    }
