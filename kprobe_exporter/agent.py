@@ -21,9 +21,12 @@ from kprobe_exporter import raw
 from kprobe_exporter import reload as reload_mod
 from kprobe_exporter import tracefs as tfs_mod
 from kprobe_exporter.aggregate import Aggregate, Snapshot
+from kprobe_exporter.cgroups import CgroupOf, Rewrite
 from kprobe_exporter.config import Config, split_host_port
 from kprobe_exporter.errors import TracefsError, UserError
 from kprobe_exporter.kinds import PROBE_FILES, parse_definition
+from kprobe_exporter.kube import KUBE_LABELS, PodMetadata, PodSource
+from kprobe_exporter.labels import LabelContext
 from kprobe_exporter.metrics import Sources, SpanCounts, make_registry
 from kprobe_exporter.notify import SystemdNotifier
 from kprobe_exporter.probes import EventSpec, ProbeSet
@@ -50,6 +53,15 @@ def set_thread_name(name: str = "kprobe-exporter") -> None:
         pass
 
 
+def pod_list(probes: ProbeSet) -> PodMetadata | None:
+    """The node's pod list (not yet started) when a probe has a pod label and the agent runs in
+    Kubernetes (a service-account token, NODE_NAME and the API server's address); else None."""
+    if not any(lb in KUBE_LABELS for ev in probes.events for lb in ev.labels):
+        return None
+    src = PodSource.from_env()
+    return PodMetadata(src.fetch) if src is not None else None
+
+
 def own_tids() -> list[int]:
     try:
         return [int(t) for t in os.listdir("/proc/self/task")]
@@ -57,9 +69,14 @@ def own_tids() -> list[int]:
         return [os.getpid()]
 
 
-def make_aggregate(config: Config, probes: ProbeSet) -> Aggregate:
+def make_aggregate(config: Config, probes: ProbeSet, cgroup_of: CgroupOf | None = None,
+                   pods: PodMetadata | None = None) -> Aggregate:
+    """`cgroup_of`: the agent's one tid -> cgroup cache, kept across reloads (a new one per call without);
+    `pods`: the node's pod list, None outside Kubernetes (the pod labels are left out)."""
+    rewrite = Rewrite.from_config(r.model_dump() for r in config.cgroup_rewrite) if config.cgroup_rewrite else None
+    ctx = LabelContext(cgroup_of if cgroup_of is not None else CgroupOf(), rewrite, pods)
     return Aggregate(probes, config.buckets, config.label_limit, config.pending.max_pending,
-                     config.pending.max_age)
+                     config.pending.max_age, ctx)
 
 
 @dataclass
@@ -75,7 +92,9 @@ class Agent:
 
     def __post_init__(self) -> None:
         self.stop_event = threading.Event()
-        self.aggregate = make_aggregate(self.config, self.probes)
+        self.cgroup_of = CgroupOf()
+        self.pods = pod_list(self.probes)
+        self.aggregate = make_aggregate(self.config, self.probes, self.cgroup_of, self.pods)
         self.heartbeat = time.time()
         self.tracefs: Tracefs | None = None
         self.profile: dict[str, tuple[int, int]] = {}
@@ -162,6 +181,8 @@ class Agent:
             web.start()
             if self.shipper is not None:
                 self.shipper.start()
+            if self.pods is not None:
+                self.pods.start()
             if push is not None:
                 push.start()
             tfs.exclude_pids(own_tids())  # the web and span threads, now that they exist
@@ -172,6 +193,8 @@ class Agent:
                 self._loop(reader, tfs)
             finally:
                 self._stop(reader, tfs, web, push)
+                if self.pods is not None:
+                    self.pods.stop()
             return 1 if self.fatal else 0
         finally:
             if self.tracefs is not None:
@@ -312,7 +335,10 @@ class Agent:
                 log.warning("reload: %s; the buffer keeps its size", e.message)
         base = reload_mod.carry(self.base, self.aggregate.snapshot(), new_cfg.label_limit, plan.keep,
                                 plan.keep_pairs)
-        agg = make_aggregate(new_cfg, new_probes)
+        if self.pods is None and (pods := pod_list(new_probes)) is not None:
+            self.pods = pods
+            pods.start()
+        agg = make_aggregate(new_cfg, new_probes, self.cgroup_of, self.pods)
         self._attach_spans(agg, new_probes)
         self._stats_offset = dict(self._stats_seen)
         self.config, self.probes, self.aggregate, self.base = new_cfg, new_probes, agg, base

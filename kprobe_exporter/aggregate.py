@@ -25,9 +25,11 @@ import numpy as np
 import numpy.typing as npt
 
 from kprobe_exporter import pairing
+from kprobe_exporter.cgroups import LABELS as CGROUP_LABELS
+from kprobe_exporter.cgroups import SPAN_ATTRIBUTES, UNKNOWN, CgroupLabels
 from kprobe_exporter.config import OVERFLOW_VALUE
 from kprobe_exporter.events import REASONS, UNKNOWN_EVENT, EventBatch, Record
-from kprobe_exporter.labels import LabelSource, sources_for
+from kprobe_exporter.labels import LabelContext, LabelSource, present, sources_for
 from kprobe_exporter.probes import COMM_ARG, EventSpec, ProbeSet
 
 EVICT_REASONS = ("age", "capacity", "lost")
@@ -47,6 +49,9 @@ class CompletedPair(NamedTuple):
     end_ns: int
     args: tuple[tuple[str, str], ...]  # the entry's args as (name, text)
     retval: str | None
+    # where the thread ran, under OpenTelemetry's names (cgroups.SPAN_ATTRIBUTES): the cgroup labels the
+    # entry probe has, their values as the metrics show them, "" and `unknown` left out
+    where: tuple[tuple[str, str], ...] = ()
 
 
 class SpanSampling(Protocol):
@@ -87,21 +92,23 @@ class _Event:
 
     __slots__ = ("count_idx", "ev", "idx", "labels", "pair", "role", "sources")
 
-    def __init__(self, ev: EventSpec, idx: int) -> None:
+    def __init__(self, ev: EventSpec, idx: int, ctx: LabelContext) -> None:
         self.ev = ev
         self.idx = idx
         self.count_idx = -1
-        self.labels: tuple[str, ...] = ev.labels if ev.counted else ()
+        self.labels: tuple[str, ...] = present(ev.labels, ctx) if ev.counted else ()
         self.pair: _Pair | None = None
         self.role = 0  # 1 entry, 2 exit
-        self.sources: list[tuple[LabelSource, tuple[int, ...]]] = sources_for(ev, idx, self.labels)
+        self.sources: list[tuple[LabelSource, tuple[int, ...]]] = sources_for(ev, idx, self.labels, ctx)
 
 
 class _Pair:
-    __slots__ = ("entry", "exit", "idx", "sampling", "sink", "stack", "stats")
+    __slots__ = ("entry", "exit", "idx", "sampling", "sink", "stack", "stats", "where")
 
-    def __init__(self, idx: int, stats: PairStats, entry: EventSpec, exit_: EventSpec) -> None:
+    def __init__(self, idx: int, stats: PairStats, entry: EventSpec, exit_: EventSpec, ctx: LabelContext) -> None:
         self.idx = idx
+        names = [n for n in entry.labels if n in CGROUP_LABELS and n in SPAN_ATTRIBUTES]
+        self.where = CgroupLabels(names, ctx.cgroup_of, ctx.rewrite) if names else None
         self.stats = stats
         self.entry, self.exit = entry, exit_
         self.stack: dict[int, list[Pending]] = {}  # per tid, in the order the stacks were opened
@@ -115,7 +122,7 @@ class Aggregate:
     min_columnar = 128
 
     def __init__(self, probes: ProbeSet, bounds_s: list[float], label_limit: int = 100,
-                 max_pending: int = 65536, max_age_s: float = 60.0) -> None:
+                 max_pending: int = 65536, max_age_s: float = 60.0, label_context: LabelContext | None = None) -> None:
         self.lock = threading.Lock()
         self.probes = probes
         self.bounds_s = list(bounds_s)
@@ -140,8 +147,9 @@ class Aggregate:
         self.pairs: dict[str, _Pair] = {}
         self._events: list[_Event] = []
         by_name: dict[str, _Event] = {}
+        self.label_context = label_context if label_context is not None else LabelContext()
         for ev in probes.events:
-            rec = _Event(ev, len(self._events))
+            rec = _Event(ev, len(self._events), self.label_context)
             self._events.append(rec)
             if ev.counted:
                 rec.count_idx = len(self._counts)
@@ -157,7 +165,8 @@ class Aggregate:
         ev_sign = [0] * len(self._events)
         for ps in probes.pairs:
             entry, exit_ = by_name[ps.entry], by_name[ps.exit]
-            pair = _Pair(len(self._pair_list), PairStats(ps.name, [0] * (len(bounds_s) + 1)), entry.ev, exit_.ev)
+            pair = _Pair(len(self._pair_list), PairStats(ps.name, [0] * (len(bounds_s) + 1)), entry.ev, exit_.ev,
+                         self.label_context)
             entry.pair, entry.role = pair, 1
             exit_.pair, exit_.role = pair, 2
             ev_pair[entry.idx] = ev_pair[exit_.idx] = pair.idx
@@ -342,8 +351,13 @@ class Aggregate:
         recorded = next((v for k, v in args if k == COMM_ARG), "")
         if recorded:
             args = tuple(a for a in args if a[0] != COMM_ARG)
+        where: tuple[tuple[str, str], ...] = ()
+        if pair.where is not None:
+            vals = pair.where.by_tid([tid])[tid]
+            where = tuple((SPAN_ATTRIBUTES[n], v) for n, v in zip(pair.where.names, vals, strict=True)
+                          if v not in ("", UNKNOWN))
         sink(CompletedPair(pair.stats.name, ent.function, tid, exit_.tgid(), recorded or entry.comm(), start_ts,
-                           end_ts, args, exit_.retval()))
+                           end_ts, args, exit_.retval(), where))
 
     def set_stats_lost(self, cpu: int, total: int) -> None:
         """Loss the per-CPU stats show; it overlaps the LOST lines, so the larger of the two counts."""

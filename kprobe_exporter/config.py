@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from kprobe_exporter import yamlmodel
 from kprobe_exporter.kinds import CONFIG_KEYS, RAW_KEY, parse_definition
@@ -161,6 +161,32 @@ class PendingConfig(_Strict):
     _dur = field_validator("max_age", mode="before")(lambda v: parse_duration(v))
 
 
+class CgroupRewriteRule(_Strict):
+    """A cgroup path that `match` finds (re.search) becomes `replace`, with its groups (\\1, \\g<name>)."""
+
+    match: str
+    replace: str
+
+    @field_validator("match")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"{v!r} is not a regular expression: {e}") from None
+        return v
+
+    @field_validator("replace")
+    @classmethod
+    def _groups(cls, v: str, info: ValidationInfo) -> str:
+        if "match" in info.data:  # the template is parsed up front: a bad \\3 fails here, not per event
+            try:
+                re.sub(info.data["match"], v, "")
+            except re.error as e:
+                raise ValueError(f"{v!r}: {e}") from None
+        return v
+
+
 class Config(_Strict):
     instance: str = "kprobe_exporter"
     buffer_size_kb: int = Field(default=4096, ge=4, le=1 << 20)
@@ -172,6 +198,8 @@ class Config(_Strict):
     probes: list[ProbeConfig] = Field(default_factory=list)
     pairs: list[PairConfig] = Field(default_factory=list)
     otlp_metrics: OtlpMetricsConfig | None = None
+    # paths to `cgroup` label values: first match wins, unmatched -> `other` (cgroups.Rewrite)
+    cgroup_rewrite: list[CgroupRewriteRule] = Field(default_factory=list)
 
     _inst = field_validator("instance")(lambda v: check_name(v))
 

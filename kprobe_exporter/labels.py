@@ -5,16 +5,21 @@ depend on: a comm, an args payload, a thread id), and turns the distinct keys in
 aggregate counts rows by key first (at C speed) and asks for values once per distinct key: label
 values repeat, and so do whole keys more often than not.
 
-Adding a kind of label (say cgroup) is one entry in SOURCES: a class with `labels`, `keys`, `values`.
-Labels no entry claims are the event's args.
+Adding a kind of label is one entry in SOURCES: a class with `labels`, `keys`, `values`; the labels
+an entry claims (cgroup's four) are filled by one instance of it. What sources share per agent (the
+tid -> cgroup cache) comes in a LabelContext. Labels no entry claims are the event's args.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol, cast
 
+from kprobe_exporter.cgroups import LABELS as CGROUP_LABELS
+from kprobe_exporter.cgroups import CgroupLabels, CgroupOf, Rewrite
 from kprobe_exporter.events import EventBatch
+from kprobe_exporter.kube import KUBE_LABELS, KubeLabels, PodMetadata
 from kprobe_exporter.probes import COMM_ARG, EventSpec
 
 
@@ -24,6 +29,15 @@ class LabelSource(Protocol):
     def keys(self, batch: EventBatch, rows: Sequence[int]) -> Sequence[Hashable]: ...
 
     def values(self, batch: EventBatch, keys: Sequence[Hashable]) -> list[tuple[str, ...]]: ...
+
+
+@dataclass
+class LabelContext:
+    """What the label sources of one agent share: one tid -> cgroup cache, the config's rewrite rule."""
+
+    cgroup_of: CgroupOf = field(default_factory=CgroupOf)
+    rewrite: Rewrite | None = None
+    pods: PodMetadata | None = None  # the node's pod list; None outside Kubernetes: pod labels absent
 
 
 def _text(b: bytes) -> str:
@@ -37,7 +51,7 @@ class CommSource:
 
     labels: tuple[str, ...] = ("comm",)
 
-    def __init__(self, ev: EventSpec, ev_idx: int, labels: tuple[str, ...]) -> None:
+    def __init__(self, ev: EventSpec, ev_idx: int, labels: tuple[str, ...], ctx: LabelContext) -> None:
         self.recorded = any(a.name == COMM_ARG for a in ev.args)
         self.ev_idx = ev_idx
 
@@ -58,7 +72,7 @@ class CommSource:
 class ArgSource:
     """The event's args named as labels, read from each distinct payload once."""
 
-    def __init__(self, ev: EventSpec, ev_idx: int, labels: tuple[str, ...]) -> None:
+    def __init__(self, ev: EventSpec, ev_idx: int, labels: tuple[str, ...], ctx: LabelContext) -> None:
         self.labels = labels
         self.ev_idx = ev_idx
 
@@ -70,21 +84,71 @@ class ArgSource:
         return [tuple(_text(v) for v in pick(k)) for k in keys]  # type: ignore[arg-type]
 
 
-SourceFactory = Callable[[EventSpec, int, tuple[str, ...]], LabelSource]
+class CgroupSource:
+    """`cgroup`, `container_id`, `pod_uid`, `systemd_unit`: where the thread ran (cgroups.py), keyed by
+    tid, so they come from the thread, not the record, on every kind of probe. One lookup for all four."""
 
-# label name -> its source; the labels left over are args (one ArgSource for all of an event's)
-SOURCES: dict[str, SourceFactory] = {"comm": CommSource}
+    def __init__(self, ev: EventSpec, ev_idx: int, labels: tuple[str, ...], ctx: LabelContext) -> None:
+        self.labels = labels
+        self.cgroups = CgroupLabels(labels, ctx.cgroup_of, ctx.rewrite)
+
+    def keys(self, batch: EventBatch, rows: Sequence[int]) -> Sequence[Hashable]:
+        tids: list[int] = batch.tid[list(rows)].tolist()
+        return tids
+
+    def values(self, batch: EventBatch, keys: Sequence[Hashable]) -> list[tuple[str, ...]]:
+        tids = cast("Sequence[int]", keys)
+        by_tid = self.cgroups.by_tid(tids)
+        return [by_tid[t] for t in tids]
 
 
-def sources_for(ev: EventSpec, ev_idx: int, labels: tuple[str, ...]) -> list[tuple[LabelSource, tuple[int, ...]]]:
+class KubeSource:
+    """`pod`, `namespace`, `container`: names from the node's pod list (kube.py) by the thread's cgroup.
+    Only in Kubernetes: elsewhere `present` leaves them out of an event's labels (absent, not "")."""
+
+    def __init__(self, ev: EventSpec, ev_idx: int, labels: tuple[str, ...], ctx: LabelContext) -> None:
+        if ctx.pods is None:
+            raise ValueError("pod labels outside Kubernetes: labels.present leaves them out")
+        self.labels = labels
+        self.kube = KubeLabels(labels, ctx.cgroup_of, ctx.pods)
+
+    def keys(self, batch: EventBatch, rows: Sequence[int]) -> Sequence[Hashable]:
+        tids: list[int] = batch.tid[list(rows)].tolist()
+        return tids
+
+    def values(self, batch: EventBatch, keys: Sequence[Hashable]) -> list[tuple[str, ...]]:
+        tids = cast("Sequence[int]", keys)
+        by_tid = self.kube.by_tid(tids)
+        return [by_tid[t] for t in tids]
+
+
+def present(labels: tuple[str, ...], ctx: LabelContext) -> tuple[str, ...]:
+    """The labels an event has here: the pod labels only where there is a pod list."""
+    return labels if ctx.pods is not None else tuple(lb for lb in labels if lb not in KUBE_LABELS)
+
+
+SourceFactory = Callable[[EventSpec, int, tuple[str, ...], LabelContext], LabelSource]
+
+# label name -> its source; labels naming the same source share one instance of it. The labels left
+# over are args (one ArgSource for all of an event's).
+SOURCES: dict[str, SourceFactory] = {"comm": CommSource, **dict.fromkeys(CGROUP_LABELS, CgroupSource),
+                                     **dict.fromkeys(KUBE_LABELS, KubeSource)}
+
+
+def sources_for(ev: EventSpec, ev_idx: int, labels: tuple[str, ...],
+                ctx: LabelContext | None = None) -> list[tuple[LabelSource, tuple[int, ...]]]:
     """The sources that fill `labels` of an event, each with the positions of its labels among them."""
+    ctx = ctx if ctx is not None else LabelContext()
     out: list[tuple[LabelSource, tuple[int, ...]]] = []
     args = tuple(i for i, lb in enumerate(labels) if lb not in SOURCES)
     if args:
-        out.append((ArgSource(ev, ev_idx, tuple(labels[i] for i in args)), args))
+        out.append((ArgSource(ev, ev_idx, tuple(labels[i] for i in args), ctx), args))
+    by_source: dict[SourceFactory, list[int]] = {}
     for i, lb in enumerate(labels):
         if lb in SOURCES:
-            out.append((SOURCES[lb](ev, ev_idx, (lb,)), (i,)))
+            by_source.setdefault(SOURCES[lb], []).append(i)
+    for factory, at in by_source.items():
+        out.append((factory(ev, ev_idx, tuple(labels[i] for i in at), ctx), tuple(at)))
     return out
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from kprobe_exporter import symbols
+from kprobe_exporter.cgroups import LABELS as CGROUP_LABELS
 from kprobe_exporter.config import (
     MAX_ARGS,
     Config,
@@ -21,6 +22,7 @@ from kprobe_exporter.config import (
 )
 from kprobe_exporter.errors import UserError
 from kprobe_exporter.kinds import KIND, RAW_KEY, ProbeKind, definition_line, parse_definition
+from kprobe_exporter.kube import KUBE_LABELS
 
 # x86_64 pt_regs names the kernel's regs_query_register_offset() accepts.
 X86_64_REGS = (
@@ -35,6 +37,8 @@ _PID_LABEL_RE = re.compile(r"(?:^|_)(?:pid|tid|tgid)$", re.IGNORECASE)
 # The task's name, recorded with the event where a `comm` label or spans need it: the trace text names a
 # task from the kernel's bounded comm cache when it is read, by then `<...>` for one that has exited.
 COMM_ARG = "__comm"
+# Labels every kind takes, whatever its args: they come from the thread (labels.SOURCES), not the record.
+THREAD_LABELS = ("comm", *CGROUP_LABELS, *KUBE_LABELS)
 
 
 def probe_error(label: str, fld: str, message: str) -> UserError:
@@ -284,13 +288,13 @@ def _check_labels(probe: str, p: ProbeConfig, ev: EventSpec) -> None:
         if _PID_LABEL_RE.search(label):
             raise probe_error(probe, "labels", f"label {label!r}: pid and tid are never labels (one series per "
                              "process or thread grows without bound); use 'comm'")
-        if label == "comm" or label in arg_names:
+        if label in THREAD_LABELS or label in arg_names:
             continue
         if not ev.dynamic and re.fullmatch(r"[A-Za-z_]\w*", label):
             continue  # tracepoint fields are checked against the format file at install
-        near = difflib.get_close_matches(label, [*arg_names, "comm"], n=1)
+        near = difflib.get_close_matches(label, [*arg_names, *THREAD_LABELS], n=1)
         known = ", ".join(sorted(arg_names)) or "none"
-        hint = f"; did you mean {near[0]!r}?" if near else f"; labels name args ({known}) or 'comm'"
+        hint = f"; did you mean {near[0]!r}?" if near else f"; labels name args ({known}), 'comm' or a cgroup label"
         raise probe_error(probe, "labels", f"label {label!r} is not an arg of this probe{hint}")
     if len(set(p.labels)) != len(p.labels):
         raise probe_error(probe, "labels", "a label is listed twice")

@@ -220,6 +220,11 @@ class OtlpSpanEncoder:
                 if key is None:
                     key = arg_keys[name] = _key("kprobe.arg." + name)
                 body += _str_attr(key, value)
+            for name, value in p.where:
+                key = arg_keys.get(name)
+                if key is None:
+                    key = arg_keys[name] = _key(name)  # an OTel name (dotted): never an arg's name
+                body += _str_attr(key, value)
             retval = p.retval
             if retval is not None:
                 body += _str_attr(_RETVAL, retval)

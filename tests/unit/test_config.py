@@ -44,6 +44,11 @@ def test_durations(value: object, seconds: float) -> None:
         ("buckets: [0.1, 0.01]\nprobes: []\n", "field 'buckets'"),
         ("listen_address: nope\nprobes: []\n", "field 'listen_address'"),
         ("probes:\n  - {name: a, kprobe: f, latency: true, spans: {sample_ratio: 2}}\n", "spans.sample_ratio"),
+        ("cgroup_rewrite: [{match: 'pod([', replace: x}]\nprobes: []\n",
+         "field 'cgroup_rewrite[0].match': 'pod([' is not a regular expression"),
+        ("cgroup_rewrite: [{match: '(a)', replace: '\\2'}]\nprobes: []\n",
+         "field 'cgroup_rewrite[0].replace': '\\\\2': invalid group reference 2"),
+        ("cgroup_rewrite: [{match: a}]\nprobes: []\n", "field 'cgroup_rewrite[0].replace'"),
     ],
 )
 def test_errors_are_one_line_naming_file_probe_field(text: str, needle: str) -> None:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
 
 from feeding import feed_text
-from kprobe_exporter import config, labels, probes
-from kprobe_exporter.aggregate import Aggregate
+from kprobe_exporter import agent, cgroups, config, labels, probes
+from kprobe_exporter.aggregate import Aggregate, CompletedPair
+from kprobe_exporter.cgroups import CgroupOf
 from kprobe_exporter.events import EventBatch
+from kprobe_exporter.kube import PodMetadata, index_pod_list
 from kprobe_exporter.probes import EventSpec
+from unit import test_kube
 
 CFG = """
 probes:
@@ -64,7 +68,7 @@ class ByThread:
     labels: tuple[str, ...] = ("comm",)
     asked: ClassVar[list[list[Hashable]]] = []
 
-    def __init__(self, ev: EventSpec, ev_idx: int, names: tuple[str, ...]) -> None:
+    def __init__(self, ev: EventSpec, ev_idx: int, names: tuple[str, ...], ctx: labels.LabelContext) -> None:
         pass
 
     def keys(self, batch: EventBatch, rows: Sequence[int]) -> Sequence[Hashable]:
@@ -83,3 +87,124 @@ def test_a_registry_entry_fills_its_label(monkeypatch: pytest.MonkeyPatch) -> No
                                line("a", 7, 12, "f: (0x1) n=1 m=2")]) + b"\n")
     assert counts(agg) == {(("m", "2"), ("comm", "t1"), ("n", "1")): 2, (("m", "2"), ("comm", "t7"), ("n", "1")): 1}
     assert ByThread.asked == [[1, 7]]  # once per distinct key
+
+
+UID = "1f2e3d4c-5b6a-4789-8abc-0123456789ab"
+CID = "4c01db0b339c7c1f1a0e6f7c3b5b3e1d9a2f8e7d6c5b4a3928171605f4e3d2c1"
+POD = f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID.replace('-', '_')}.slice"
+CGROUP_CFG = """
+cgroup_rewrite:
+  - {match: 'kubepods.*-pod([0-9a-f_]+)\\.slice', replace: 'pod:\\1'}
+  - {match: '^/system\\.slice/(.*)$', replace: '\\1'}
+probes:
+  - name: f
+    uprobe: /bin/x:0x10
+    labels: [container_id, comm, pod_uid, cgroup, systemd_unit]
+"""
+
+
+def fake_proc(root: Path, paths: dict[int, str]) -> None:
+    """A /proc stand-in (TID/stat, TID/cgroup as the kernel writes them; tests/unit/test_cgroups.py
+    tests the reading of the real files): each tid in the v2 cgroup given."""
+    stat = Path("/proc/self/stat").read_text()
+    for tid, path in paths.items():
+        d = root / str(tid)
+        d.mkdir()
+        (d / "stat").write_text(f"{tid} (x) {stat.rpartition(')')[2].strip()}\n")
+        (d / "cgroup").write_text(f"0::{path}\n")
+
+
+def test_cgroup_labels_come_from_the_thread_one_source_one_lookup(tmp_path: Path) -> None:
+    paths = {1: f"{POD}/cri-containerd-{CID}.scope", 2: POD, 3: "/system.slice/cron.service", 4: "/user.slice"}
+    fake_proc(tmp_path, paths)
+    cfg = config.load_text(CGROUP_CFG)
+    agg = agent.make_aggregate(cfg, probes.build_probe_set(cfg, resolve=None), CgroupOf(proc=str(tmp_path)))
+    rec = agg._events[0]
+    assert [(type(s).__name__, s.labels, at) for s, at in rec.sources] == [
+        ("CgroupSource", ("container_id", "pod_uid", "cgroup", "systemd_unit"), (0, 2, 3, 4)),
+        ("CommSource", ("comm",), (1,))]
+    feed_text(agg, b"\n".join(
+        3 * [line("a", 1, 10, "f: (0x1)")] + 2 * [line("a", 2, 11, "f: (0x1)")] + [line("a", 3, 12, "f: (0x1)")]
+        + [line("a", 4, 13, "f: (0x1)"), line("a", 5, 14, "f: (0x1)")]) + b"\n")
+    pod = f"pod:{UID.replace('-', '_')}"
+    assert counts(agg) == {
+        (("container_id", CID), ("comm", "a"), ("pod_uid", UID), ("cgroup", pod), ("systemd_unit", "")): 3,
+        (("container_id", ""), ("comm", "a"), ("pod_uid", UID), ("cgroup", pod), ("systemd_unit", "")): 2,
+        (("container_id", ""), ("comm", "a"), ("pod_uid", ""), ("cgroup", "cron.service"),
+         ("systemd_unit", "cron.service")): 1,
+        (("container_id", ""), ("comm", "a"), ("pod_uid", ""), ("cgroup", "other"), ("systemd_unit", "")): 1,
+        (("container_id", "unknown"), ("comm", "a"), ("pod_uid", "unknown"), ("cgroup", "unknown"),
+         ("systemd_unit", "unknown")): 1,  # tid 5: no /proc entry
+    }
+    assert agg.label_context.cgroup_of.counts.reads == 5  # one /proc look per distinct tid
+
+
+def test_cgroup_values_past_the_label_limit_fold_into_overflow(tmp_path: Path) -> None:
+    fake_proc(tmp_path, {t: f"/system.slice/s{t}.service" for t in range(1, 5)})
+    cfg = config.load_text("label_limit: 2\nprobes:\n  - {name: f, uprobe: '/bin/x:0x10', labels: [cgroup]}\n")
+    agg = agent.make_aggregate(cfg, probes.build_probe_set(cfg, resolve=None), CgroupOf(proc=str(tmp_path)))
+    feed_text(agg, b"\n".join(line("a", t, 10 + t, "f: (0x1)") for t in (1, 2, 3, 4, 4)) + b"\n")
+    assert counts(agg) == {(("cgroup", "/system.slice/s1.service"),): 1, (("cgroup", "/system.slice/s2.service"),): 1,
+                           (("cgroup", config.OVERFLOW_VALUE),): 3}
+    assert agg.snapshot().label_overflow == {("f", "cgroup"): 3}
+
+
+@pytest.mark.parametrize("kind", ["uprobe: /bin/x:0x10", "uretprobe: /bin/x:0x10", "tracepoint: sched/sched_switch",
+                                  "kprobe: vfs_read"])
+def test_every_kind_takes_the_cgroup_labels(kind: str) -> None:
+    cfg = config.load_text(f"probes:\n  - {{name: f, {kind}, labels: [cgroup, container_id, pod_uid, systemd_unit]}}\n")
+    ev = probes.build_probe_set(cfg, resolve=None).events[0]
+    assert labels.arg_labels(ev) == ()
+
+
+class AllSpans:
+    sample_ratio = 1.0
+    min_duration_ns = 0
+
+
+@pytest.mark.parametrize("names", [["container_id", "pod_uid", "cgroup", "systemd_unit"], ["pod_uid"], []])
+def test_spans_carry_the_probes_cgroup_labels_under_otel_names(tmp_path: Path, names: list[str]) -> None:
+    paths = {1: f"{POD}/cri-containerd-{CID}.scope", 3: "/system.slice/cron.service"}
+    fake_proc(tmp_path, paths)
+    cfg = config.load_text(f"probes:\n  - {{name: f, uprobe: '/bin/x:0x10', labels: {names}, latency: true, "
+                           "spans: {}}\n")
+    agg = agent.make_aggregate(cfg, probes.build_probe_set(cfg, resolve=None), CgroupOf(proc=str(tmp_path)))
+    got: list[CompletedPair] = []
+    agg.set_sink("f", AllSpans(), got.append)
+    feed_text(agg, b"\n".join(line("a", t, 10 + 2 * i, "f: (0x1)") + b"\n" +
+                              line("a", t, 11 + 2 * i, "f_ret: (0x2 <- 0x1) ret=0") for i, t in enumerate((1, 3, 5)))
+              + b"\n")
+    full = {1: (("container.id", CID), ("k8s.pod.uid", UID), ("process.linux.cgroup", paths[1])),
+            3: (("process.linux.cgroup", paths[3]),),  # no container, no pod: left out, not ""
+            5: ()}  # no /proc entry: `unknown` left out
+    keys = {cgroups.SPAN_ATTRIBUTES[n] for n in names if n != "systemd_unit"}  # it has no OTel name
+    want = {t: tuple(sorted(kv for kv in where if kv[0] in keys)) for t, where in full.items()}
+    assert {p.tid: tuple(sorted(p.where)) for p in got} == want
+
+
+KUBE_CFG = "probes:\n  - {name: f, uprobe: '/bin/x:0x10', labels: [pod, container_id, namespace, container]}\n"
+
+
+def test_pod_labels_are_absent_outside_kubernetes(tmp_path: Path) -> None:
+    fake_proc(tmp_path, {1: f"{POD}/cri-containerd-{CID}.scope"})
+    cfg = config.load_text(KUBE_CFG)
+    agg = agent.make_aggregate(cfg, probes.build_probe_set(cfg, resolve=None), CgroupOf(proc=str(tmp_path)))
+    feed_text(agg, line("a", 1, 10, "f: (0x1)") + b"\n")
+    assert counts(agg) == {(("container_id", CID),): 1}  # no pod, namespace, container: absent, not ""
+
+
+def test_pod_labels_from_the_pod_list_in_kubernetes(tmp_path: Path) -> None:
+    """The pod list is a PodList document in the API's schema handed to the index (tests/unit/test_kube.py
+    fetches the same from a local HTTPS server standing in for the API server and the kubelet)."""
+    fake_proc(tmp_path, {1: f"{POD}/cri-containerd-{CID}.scope", 2: "/system.slice/cron.service"})
+    doc = test_kube.pod_list(test_kube.pod("web-0", "shop", UID, [("nginx", f"containerd://{CID}")]))
+    pods = PodMetadata(lambda: index_pod_list(doc))
+    pods.refresh()
+    cfg = config.load_text(KUBE_CFG)
+    agg = agent.make_aggregate(cfg, probes.build_probe_set(cfg, resolve=None), CgroupOf(proc=str(tmp_path)), pods)
+    feed_text(agg, b"\n".join([line("a", 1, 10, "f: (0x1)"), line("a", 1, 11, "f: (0x1)"),
+                               line("a", 2, 12, "f: (0x1)")]) + b"\n")
+    assert counts(agg) == {
+        (("pod", "web-0"), ("container_id", CID), ("namespace", "shop"), ("container", "nginx")): 2,
+        (("pod", ""), ("container_id", ""), ("namespace", ""), ("container", "")): 1,
+    }

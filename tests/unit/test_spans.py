@@ -150,6 +150,14 @@ def test_encoding_attributes_and_times() -> None:
     assert s.trace_id != e.trace_id and s.span_id != e.span_id
 
 
+def test_where_the_thread_ran_is_encoded_under_its_otel_names() -> None:
+    cid = "4c01db0b339c7c1f1a0e6f7c3b5b3e1d9a2f8e7d6c5b4a3928171605f4e3d2c1"
+    where = (("container.id", cid), ("k8s.pod.uid", "1f2e3d4c-5b6a-4789-8abc-0123456789ab"))
+    a, b = decode_request(decode(OtlpSpanEncoder(RESOURCE).encode([pair(1)._replace(where=where), pair(2)])))
+    assert {k: v for k, v in a.attributes.items() if k in ("container.id", "k8s.pod.uid")} == dict(where)
+    assert "container.id" not in b.attributes and "k8s.pod.uid" not in b.attributes
+
+
 def test_encoding_edge_values() -> None:
     long = "x" * 70_000
     odd = CompletedPair("p", "f", 1, 2**31, "a b\udcff", 0, 2**63, (("s", long), ("e", "")), None)
