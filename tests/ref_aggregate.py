@@ -165,6 +165,7 @@ class RefPair(NamedTuple):
     end_ns: int
     args: tuple[tuple[str, str], ...]
     retval: str | None
+    where: tuple[tuple[str, str], ...] = ()  # cgroup attributes: none without cgroup labels, as here
 
 
 @dataclass
