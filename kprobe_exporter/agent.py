@@ -21,12 +21,12 @@ from kprobe_exporter import raw
 from kprobe_exporter import reload as reload_mod
 from kprobe_exporter import tracefs as tfs_mod
 from kprobe_exporter.aggregate import Aggregate, Snapshot
-from kprobe_exporter.cgroups import CgroupOf, Rewrite
+from kprobe_exporter.cgroups import CgroupOf, Rewrite, SavedTgids
 from kprobe_exporter.config import Config, split_host_port
 from kprobe_exporter.errors import TracefsError, UserError
 from kprobe_exporter.kinds import PROBE_FILES, parse_definition
 from kprobe_exporter.kube import KUBE_LABELS, PodMetadata, PodSource
-from kprobe_exporter.labels import LabelContext
+from kprobe_exporter.labels import LabelContext, needs_tgid
 from kprobe_exporter.metrics import Sources, SpanCounts, make_registry
 from kprobe_exporter.notify import SystemdNotifier
 from kprobe_exporter.probes import EventSpec, ProbeSet
@@ -163,6 +163,7 @@ class Agent:
         try:
             root = tfs_mod.find_tracefs()
             tfs = self.tracefs = Tracefs(root, self.config.instance, pin=True)
+            self.cgroup_of.tgid_of = SavedTgids(str(root))  # issue #16: a gone thread's process
             tfs.check_kinds(self.probes.events)
             # A killed predecessor of this instance left its group behind: ours to remove.
             for problem in tfs_mod.cleanup(root, self.config.instance):
@@ -170,7 +171,8 @@ class Agent:
             web, push = self._web(tfs, host, port)
             try:
                 # process.pid of a span is the tgid: the trace prints it only with record-tgid on
-                tfs.install(self.probes, self.config.buffer_size_kb, record_tgid=self.shipper is not None,
+                tfs.install(self.probes, self.config.buffer_size_kb,
+                            record_tgid=self.shipper is not None or needs_tgid(self.probes.events),
                             own_tids=own_tids())
                 reader = self._open_reader(tfs)
                 self._binaries = {ev.name: reload_mod.file_identity(ev) for ev in self.probes.events}

@@ -179,8 +179,8 @@ class CgroupOf:
     A cached answer is trusted for `recheck_s` (default 1 s); then the next batch that needs it reads
     /proc again: a different start time means the tid was reused, the same start time and another
     path means the thread migrated. A tid gone before it was first seen answers for its process
-    (given `tgids`) or `unknown`, and that answer too stands for `recheck_s`. Polling is the only
-    sound signal: `cgroup.procs` cannot be watched, and `cgroup.events` changes only when a cgroup
+    (given `tgids`, else through `tgid_of`) or `unknown`, and that answer too stands for `recheck_s`.
+    Polling is the only sound signal: `cgroup.procs` cannot be watched, and `cgroup.events` changes only when a cgroup
     becomes (un)populated, not when one thread leaves it. Runtimes and systemd move a task before it
     execs its workload, so a migration after the first sighting is rare; a 1 s window costs two /proc
     reads per distinct tid per second (a few hundred tids: ~5 ms of CPU per second). A thread found
@@ -195,6 +195,9 @@ class CgroupOf:
     forget_s: float = 30.0
     clock: Callable[[], float] = time.monotonic
     counts: CgroupCounts = field(default_factory=CgroupCounts)
+    # the process of a thread gone before its first lookup, where the caller has no tgids: the agent's
+    # is the kernel's saved_tgids table (tasks.Tasks; filled with record-tgid on), -1 when unknown
+    tgid_of: Callable[[int], int] | None = None
 
     def __post_init__(self) -> None:
         self._cache: dict[int, _Entry] = {}
@@ -250,7 +253,9 @@ class CgroupOf:
                 return e.path
             # never seen alive: its process's cgroup stands in, or none; either is kept for recheck_s
             # like any answer, so a gone tid costs one look per window, not one per batch
-            if tgid != tid and (found := self._read_task(tgid)) is not None:
+            if tgid == tid and self.tgid_of is not None:
+                tgid = self.tgid_of(tid)
+            if tgid > 0 and tgid != tid and (found := self._read_task(tgid)) is not None:
                 self.counts.via_tgid += 1
                 path = found[1]
             else:
@@ -281,6 +286,40 @@ class CgroupOf:
         old = now - self.forget_s
         self._cache = {t: e for t, e in self._cache.items() if e.checked_at > old}
         self._swept_at = now
+
+
+class SavedTgids:
+    """tid -> tgid from the kernel's `saved_tgids` table (tracefs), for threads already gone from /proc.
+
+    The kernel fills it when a task is switched out while record-tgid is on in some instance, and keeps
+    it after the task exits: what a trace record does not carry, it does. The table (up to pid_max
+    lines) is read again only when a tid is missing from the copy or the copy is older than `max_age_s`,
+    at most every `min_interval_s`: it is asked only about threads gone before their first lookup.
+    """
+
+    def __init__(self, tracefs_root: str, max_age_s: float = 1.0, min_interval_s: float = 0.01,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = f"{tracefs_root}/saved_tgids"
+        self.max_age_s, self.min_interval_s, self.clock = max_age_s, min_interval_s, clock
+        self._table: dict[int, int] = {}
+        self._read_at = -1e9
+
+    def __call__(self, tid: int) -> int:
+        now = self.clock()
+        t = self._table.get(tid)
+        if (t is None or now - self._read_at > self.max_age_s) and now - self._read_at >= self.min_interval_s:
+            self._table, self._read_at = self._read(), now
+            t = self._table.get(tid)
+        return t if t is not None and t > 0 else -1
+
+    def _read(self) -> dict[int, int]:
+        text = _read(self.path) or b""
+        out: dict[int, int] = {}
+        for line in text.split(b"\n"):
+            k, _, v = line.partition(b" ")
+            if k.isdigit() and v.isdigit():
+                out[int(k)] = int(v)
+        return out
 
 
 LABELS = ("cgroup", "container_id", "pod_uid", "systemd_unit")

@@ -152,6 +152,12 @@ def sources_for(ev: EventSpec, ev_idx: int, labels: tuple[str, ...],
     return out
 
 
+def needs_tgid(events: Sequence[EventSpec]) -> bool:
+    """Whether label sources ask for a thread's process: the cgroup of a thread gone before its first
+    lookup is its process's, found in the kernel's saved_tgids (filled only with record-tgid on)."""
+    return any(lb in CGROUP_LABELS or lb in KUBE_LABELS for ev in events for lb in ev.labels)
+
+
 def arg_labels(ev: EventSpec) -> tuple[str, ...]:
     """The labels of an event that are its args (what a reader must be able to decode)."""
     return tuple(lb for lb in ev.labels if lb not in SOURCES)

@@ -89,3 +89,33 @@ probes:
         (("cgroup", OTHER), ("container_id", here.container_id), ("pod_uid", here.pod_uid)): outside_n,
     }
     assert got == want
+
+
+def test_threads_gone_before_their_events_are_read_count_under_their_process(
+        tracefs: Path, progs: dict[str, Path], write_config, hold: Path, cg: Cgroups, v2: Path) -> None:  # noqa: F811
+    """Worker threads call compute and exit within microseconds; their process lives on (held). The agent
+    reads their events a moment later, when /proc has no entry for their tids: the kernel's saved_tgids
+    (record-tgid on) names the process, whose cgroup stands in. A process gone as a whole before its
+    events are read has nothing left to look at: README says `unknown`, which test_cgroups checks."""
+    uid, uid_, cid = _ids()
+    scope = cg.make(v2, f"kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid_}.slice/"
+                        f"cri-containerd-{cid}.scope")
+    n, threads = 40, 5
+    cfg = write_config(f"""
+instance: kpe_t_cgthreads
+probes:
+  - name: compute
+    uprobe: {progs["pie"]}:compute
+    labels: [container_id, pod_uid]
+""")
+    with running_agent(cfg) as agent:
+        move = f"echo $$ > {scope / 'cgroup.procs'} && "
+        p = subprocess.Popen(["sh", "-c", f'{move}LD_PRELOAD={hold} exec "$@"', "sh", str(progs["pie"]),
+                              "threads", str(n), str(threads)], stdin=subprocess.PIPE)
+        try:
+            assert agent.wait_value("kprobe_events_total", n * threads, probe="compute") == n * threads
+            got = series(agent.scrape(), "compute")
+        finally:
+            p.communicate(b"")
+    assert p.returncode == 0
+    assert got == {(("container_id", cid), ("pod_uid", uid)): n * threads}

@@ -23,6 +23,7 @@ from kprobe_exporter.cgroups import (
     CgroupOf,
     Rewrite,
     RewriteRule,
+    SavedTgids,
     attribution,
     pick_path,
 )
@@ -314,3 +315,24 @@ def test_labels_share_one_lookup(proc: FakeProc) -> None:
     assert of.values(np.array([], dtype=np.int64)) == []
     with pytest.raises(ValueError, match="not a cgroup label: 'pod'"):
         CgroupLabels(["cgroup", "pod"], of)
+
+
+def test_gone_thread_without_tgids_asks_saved_tgids(proc: FakeProc, tmp_path: Path) -> None:
+    """The agent's batches carry no tgid column: a gone tid's process comes from the kernel's table
+    (the file here has the kernel's `TID TGID` line format; the live tier reads the real one)."""
+    table = tmp_path / "tracefs"
+    table.mkdir()
+    (table / "saved_tgids").write_text("500 500\n501 500\n")
+    clock = Clock()
+    saved = SavedTgids(str(table), clock=clock)
+    of = CgroupOf(proc=str(proc.root), clock=clock, tgid_of=saved)
+    proc.put(500, 1, "0::/system.slice/a.service\n")
+    assert of.values([501, 502]) == ["/system.slice/a.service", UNKNOWN]  # 502: in no table
+    assert (of.counts.via_tgid, of.counts.gone) == (1, 1)
+    (table / "saved_tgids").write_text("500 500\n501 500\n503 500\n")
+    assert saved(503) == -1  # missing, but the copy was read under min_interval ago
+    clock.t += 0.02
+    assert saved(503) == 500  # missing: read again
+    (table / "saved_tgids").write_text("503 0\n")
+    clock.t += 2
+    assert saved(503) == -1  # older than max_age: read again; 0 means no process known
