@@ -29,7 +29,7 @@ from kprobe_exporter.kube import KUBE_LABELS, PodMetadata, PodSource
 from kprobe_exporter.labels import LabelContext, needs_tgid
 from kprobe_exporter.metrics import Sources, SpanCounts, make_registry
 from kprobe_exporter.notify import SystemdNotifier
-from kprobe_exporter.probes import EventSpec, ProbeSet
+from kprobe_exporter.probes import EventSpec, ProbeSet, container_targets
 from kprobe_exporter.reader import EventReader, ReaderError, TextReader
 from kprobe_exporter.spans import SpanShipper
 from kprobe_exporter.tasks import Tasks
@@ -110,6 +110,7 @@ class Agent:
         self._binaries: dict[str, tuple[int, int] | None] = {}  # uprobe -> the binary it was defined on
         self.shipper: SpanShipper | None = None
         self._attach_spans(self.aggregate, self.probes)
+        self.containers = container_targets(self.config, self.probes)  # issue #16: see _recontain
 
     def _attach_spans(self, agg: Aggregate, probes: ProbeSet) -> None:
         """Pairs with `spans:` feed the shipper; it starts with the first such pair and stays for reloads."""
@@ -305,6 +306,16 @@ class Agent:
         except (OSError, ValueError) as e:
             log.warning("reading tracefs stats: %s", e)
         self.aggregate.sweep(time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+        self._recontain()
+
+    # --- uprobes in containers (issue #16) ----------------------------------------------------------
+    def _recontain(self) -> None:
+        """A container-bound uprobe whose container restarted onto another file is defined again, by the
+        reload path (the config file read again, the PID resolved anew, counts carried)."""
+        if self.containers.targets and self.containers.moved():
+            log.info("containers restarted: %s; defining their probes again", "; ".join(self.containers.notes))
+            self.containers.notes.clear()
+            self.reload_requested = True
 
     # --- hot reload (SIGHUP) ----------------------------------------------------------------
     def _reload(self, reader: EventReader, tfs: Tracefs) -> None:
@@ -358,6 +369,7 @@ class Agent:
         added = {ev.name for ev in plan.add}
         self._binaries = {ev.name: reload_mod.file_identity(ev) if ev.name in added else self._binaries.get(ev.name)
                           for ev in new_probes.events}
+        self.containers = container_targets(new_cfg, new_probes)
         log.info("reloaded: %s", plan.summary())
 
     def _checked_reload(self, reader: EventReader, tfs: Tracefs) -> tuple[Config, ProbeSet, reload_mod.Plan] | None:

@@ -93,6 +93,18 @@ class ProbeConfig(_Strict):
     labels: list[str] = Field(default_factory=list)
     latency: bool = False
     spans: SpanSettings | None = None
+    # a uprobe's binary as seen inside a container: by runtime name, or a cgroup path regexp (issue #16)
+    container: str | None = None
+    cgroup: str | None = None
+
+    @field_validator("cgroup")
+    @classmethod
+    def _cgroup_regex(cls, v: str | None) -> str | None:
+        try:
+            re.compile(v or "")
+        except re.error as e:
+            raise ValueError(f"{v!r} is not a regular expression: {e}") from None
+        return v
 
     @field_validator(*CONFIG_KEYS, "filter")
     @classmethod

@@ -247,6 +247,9 @@ def _raw_event(p: ProbeConfig, group: str, resolve: Resolver | None) -> EventSpe
         raise probe_error(f"{p.name!r}", "name", "a raw line takes its name from the line; drop 'name'")
     if p.args:
         raise probe_error(f"{raw_name(p)!r}", "args", "a raw line carries its own fetchargs; drop 'args'")
+    if p.container or p.cgroup:
+        raise probe_error(f"{raw_name(p)!r}", "container" if p.container else "cgroup",
+                          "is for 'uprobe:' and 'uretprobe:' probes, not a raw line")
     return _raw(p, group, resolve)
 
 
@@ -259,6 +262,9 @@ def _entry_event(p: ProbeConfig, group: str, resolve: Resolver | None) -> EventS
         check_name(name)
     except ValueError as e:
         raise probe_error(probe, "name", str(e)) from None
+    if (p.container or p.cgroup) and not kind.user:
+        raise probe_error(probe, "container" if p.container else "cgroup", f"is for uprobes; a {kind.key} "
+                          "sees the host's kernel (use the cgroup labels to tell containers apart)")
     if not kind.dynamic:
         m = _TRACEPOINT_RE.match(p.target)
         if not m:
@@ -269,7 +275,8 @@ def _entry_event(p: ProbeConfig, group: str, resolve: Resolver | None) -> EventS
         return EventSpec(name, kind.key, tp_group, p.target, tp_event.removeprefix("sys_enter_"), None, (),
                          p.filter, tuple(p.labels), key=event_key(kind, tp_event))
     if kind.user:
-        target, function = _uprobe_target(probe, kind.key, p.target, resolve)
+        target, function = _uprobe_target(probe, kind.key, _in_container(probe, p, resolve), resolve)
+        function = p.target if _selector(p) and function.startswith("/") else function  # no PID in it
     else:
         check_field(probe, kind.key, p.target)
         if not _KSYM_RE.match(p.target):
@@ -405,3 +412,43 @@ def _with_comm(ev: EventSpec) -> EventSpec:
         return ev
     return replace(ev, args=(*ev.args, ArgSpec(COMM_ARG, "$comm", True)),
                    definition=f"{ev.definition} {COMM_ARG}=$comm")
+
+
+# --- uprobes in containers (issue #16) -------------------------------------------------------------
+
+def _selector(p: ProbeConfig) -> symbols.ContainerSelector | None:
+    return symbols.ContainerSelector(p.container, p.cgroup) if p.container or p.cgroup else None
+
+
+def _in_container(probe: str, p: ProbeConfig, resolve: Resolver | None) -> str:
+    """A uprobe target whose path is inside a container, as the host reaches it (/proc/PID/root/...);
+    as given without a selector, or when nothing is resolved (replay)."""
+    sel = _selector(p)
+    if sel is None or resolve is None:
+        return p.target
+    if p.container and p.cgroup:
+        raise probe_error(probe, "cgroup", "give 'container' or 'cgroup', not both")
+    fld = "container" if p.container else "cgroup"
+    path, sep, where = p.target.rpartition(":")
+    if not sep or not path.startswith("/"):
+        return p.target  # _uprobe_target says what is wrong with it
+    try:
+        _, host = symbols.in_container(sel, path)
+    except symbols.SymbolError as e:
+        raise probe_error(probe, fld, str(e)) from None
+    return f"{host}:{where}"
+
+
+def container_targets(config: Config, probes: ProbeSet) -> symbols.ContainerTargets:
+    """The events of `probes` whose binaries are inside containers, to be watched for restarts."""
+    out = symbols.ContainerTargets()
+    by_name = {ev.name: ev for ev in probes.events}
+    for p in config.probes:
+        sel = _selector(p)
+        if sel is None or p.kind == RAW_KEY or not KIND[p.kind].user:
+            continue
+        name = p.name or default_name(p)
+        for ev in (by_name.get(name), by_name.get(f"{name}_ret")):
+            if ev is not None and ev.probe_kind.user:
+                out.add(ev.name, sel, p.target.rpartition(":")[0], ev.target.rpartition(":")[0])
+    return out

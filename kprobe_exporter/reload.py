@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
+from kprobe_exporter import symbols
 from kprobe_exporter.aggregate import PairStats, Snapshot
 from kprobe_exporter.config import OVERFLOW_VALUE, Config
 from kprobe_exporter.kinds import parse_definition
@@ -52,6 +53,17 @@ def file_identity(ev: EventSpec) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+def _same(a: EventSpec, b: EventSpec) -> bool:
+    """Equal specs, a container-bound uprobe's PID aside: a restarted container is the same probe (whether
+    its file is another one is the file identity's question)."""
+    if a == b:
+        return True
+    pin = symbols.unpinned
+    return (a.definition is not None and b.definition is not None
+            and replace(a, target=pin(a.target), definition=pin(a.definition))
+            == replace(b, target=pin(b.target), definition=pin(b.definition)))
+
+
 def plan(old_cfg: Config, old: ProbeSet, new_cfg: Config, new: ProbeSet,
          installed_files: dict[str, tuple[int, int] | None]) -> Plan:
     """What a reload from (old_cfg, old) to (new_cfg, new) changes.
@@ -62,7 +74,7 @@ def plan(old_cfg: Config, old: ProbeSet, new_cfg: Config, new: ProbeSet,
     restart = tuple(f for f in RESTART_FIELDS if getattr(old_cfg, f) != getattr(new_cfg, f))
     old_by = {ev.name: ev for ev in old.events}
     new_by = {ev.name: ev for ev in new.events}
-    keep = {name for name, ev in new_by.items() if old_by.get(name) == ev}
+    keep = {name for name, ev in new_by.items() if name in old_by and _same(old_by[name], ev)}
     notes = []
     retarget = {name for name in keep
                 if new_by[name].probe_kind.user

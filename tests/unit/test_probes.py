@@ -97,6 +97,10 @@ def test_syscall_tracepoints_print_keys_told_apart() -> None:
         ("{name: a, uprobe: 'rel/path:sym'}", "uprobe", "absolute path"),
         ("{name: a, kprobe: f, spans: {sample_ratio: 1}}", "spans", "latency"),
         ("{raw: 'p do_sys_open'}", "raw", "needs an event name"),
+        ("{name: a, kprobe: f, container: web}", "container", "is for uprobes"),
+        ("{name: a, tracepoint: sched/sched_switch, cgroup: 'x'}", "cgroup", "is for uprobes"),
+        ("{raw: 'p:a /bin/x:0x1', container: web}", "container", "not a raw line"),
+        ("{name: a, uprobe: '/bin/x:0x1', cgroup: '(x'}", "cgroup", "not a regular expression"),
     ],
 )
 def test_probe_mistakes_name_probe_and_field(probe: str, field: str, needle: str) -> None:
@@ -161,3 +165,25 @@ probes:
         None,
     ]
     assert ps.event("by_comm").args[-1] == probes.ArgSpec(probes.COMM_ARG, "$comm", True)
+
+
+@pytest.mark.parametrize(
+    ("probe", "field", "needle"),
+    [
+        ("{name: a, uprobe: '/bin/x:f', container: web, cgroup: x}", "cgroup", "not both"),
+        ("{name: a, uprobe: '/bin/x:f', cgroup: 'kpe-no-such-cgroup-[0-9]{99}'}", "cgroup", "no process in a cgroup"),
+        ("{name: a, uprobe: '/kpe/no/such/file:f', cgroup: '.'}", "cgroup", "no file /kpe/no/such/file inside"),
+    ],
+)
+def test_container_selector_mistakes(probe: str, field: str, needle: str) -> None:
+    """Resolved against this host's real /proc (the processes here); the live tier runs real containers."""
+    with pytest.raises(UserError) as e:
+        build(f"probes:\n  - {probe}\n", resolve=lambda path, sym: 0)
+    msg = e.value.line()
+    assert f"field {field!r}" in msg and needle in msg, msg
+
+
+def test_container_selector_left_alone_without_resolution() -> None:
+    """Replay resolves nothing: the in-container path stays as written."""
+    ps = build("probes:\n  - {name: a, uprobe: '/bin/app:0x10', container: web}\n")
+    assert ps.events[0].target == "/bin/app:0x10"

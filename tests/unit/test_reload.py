@@ -63,3 +63,15 @@ def test_regroup_moves_definitions_to_a_scratch_group() -> None:
     moved = reload.regroup(ps.events, "kpe_t_unit", "kpe_reload_1")
     assert [e.definition for e in moved] == ["p:kpe_reload_1/a /x:0x10", "r:kpe_reload_1/a_ret /x:0x10 ret=$retval",
                                              None]
+
+
+def test_plan_keeps_a_container_bound_uprobe_across_a_new_pid() -> None:
+    """The probe set of a restarted container differs in the PID it went through only: kept (counts carry);
+    the file identity decides whether it is defined again. Another function is another probe."""
+    t = "probes:\n  - {name: a, uprobe: '/proc/%d/root/bin/app:%s', latency: true}\n"
+    old_cfg, old = build(t % (123, "compute"))
+    new_cfg, new = build(t % (4567, "compute"))
+    p = reload.plan(old_cfg, old, new_cfg, new, {})
+    assert p.keep == {"a", "a_ret"} and p.keep_pairs == {"a"} and not p.remove and not p.add
+    other_cfg, other = build(t % (4567, "other"))
+    assert reload.plan(old_cfg, old, other_cfg, other, {}).keep == set()

@@ -58,3 +58,28 @@ def test_mistakes_say_why_and_what_is_near(progs: dict[str, Path], tmp_path: Pat
 def test_an_address_outside_every_segment_is_refused(progs: dict[str, Path]) -> None:
     with open(progs["pie"], "rb") as f, pytest.raises(symbols.SymbolError, match="in no loadable segment"):
         symbols.vaddr_to_offset(ELFFile(f), 1 << 60)
+
+
+def test_path_in_root_resolves_symlinks_inside_the_root(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "opt" / "app").mkdir(parents=True)
+    (root / "opt" / "app" / "prog").write_bytes(b"x")
+    (root / "bin").mkdir()
+    (root / "bin" / "abs").symlink_to("/opt/app/prog")  # absolute: the container's /opt, not the host's
+    (root / "bin" / "rel").symlink_to("../opt/app/prog")
+    (root / "usr").symlink_to("/")  # a link to / stays in the root
+    (root / "loop").symlink_to("loop")
+    r = str(root)
+    want = f"{r}/opt/app/prog"
+    assert symbols.path_in_root(r, "/bin/abs") == want
+    assert symbols.path_in_root(r, "/bin/rel") == want
+    assert symbols.path_in_root(r, "/usr/usr/bin/abs") == want
+    assert symbols.path_in_root(r, "/../../bin/./abs") == want  # no way out through ..
+    with pytest.raises(symbols.SymbolError, match="too many levels"):
+        symbols.path_in_root(r, "/loop")
+
+
+def test_unpinned_drops_the_pid_only() -> None:
+    a = "p:g/e /proc/123/root/bin/app:0x10 x=%di"
+    assert symbols.unpinned(a) == symbols.unpinned(a.replace("123", "4567")) == "p:g/e /proc/*/root/bin/app:0x10 x=%di"
+    assert symbols.unpinned("/proc/123/rootx/a") == "/proc/123/rootx/a"
