@@ -146,6 +146,14 @@ probes:
                 assert agent.wait_value("kprobe_events_total", 66, probe="compute") == 37 + 29
             finally:
                 second.stop()
+            # restarted on the same file: the probe installed on it still fires, nothing is redefined
+            third = in_chroot(scope, root)
+            try:
+                third.calls(11)
+                assert agent.wait_value("kprobe_events_total", 77, probe="compute") == 37 + 29 + 11
+                assert pids_in_definitions("kpe_t_incont") == {second.p.pid}
+            finally:
+                third.stop()
     finally:
         first.stop()
 
