@@ -25,11 +25,9 @@ import numpy as np
 import numpy.typing as npt
 
 from kprobe_exporter import pairing
-from kprobe_exporter.cgroups import LABELS as CGROUP_LABELS
-from kprobe_exporter.cgroups import SPAN_ATTRIBUTES, UNKNOWN, CgroupLabels
 from kprobe_exporter.config import OVERFLOW_VALUE
 from kprobe_exporter.events import REASONS, UNKNOWN_EVENT, EventBatch, Record
-from kprobe_exporter.labels import LabelContext, LabelSource, present, sources_for
+from kprobe_exporter.labels import LabelContext, LabelSource, present, sources_for, span_where
 from kprobe_exporter.probes import COMM_ARG, EventSpec, ProbeSet
 
 EVICT_REASONS = ("age", "capacity", "lost")
@@ -107,8 +105,7 @@ class _Pair:
 
     def __init__(self, idx: int, stats: PairStats, entry: EventSpec, exit_: EventSpec, ctx: LabelContext) -> None:
         self.idx = idx
-        names = [n for n in entry.labels if n in CGROUP_LABELS and n in SPAN_ATTRIBUTES]
-        self.where = CgroupLabels(names, ctx.cgroup_of, ctx.rewrite) if names else None
+        self.where = span_where(entry.labels, ctx)  # cgroup and pod labels as span attributes (labels.py)
         self.stats = stats
         self.entry, self.exit = entry, exit_
         self.stack: dict[int, list[Pending]] = {}  # per tid, in the order the stacks were opened
@@ -351,11 +348,7 @@ class Aggregate:
         recorded = next((v for k, v in args if k == COMM_ARG), "")
         if recorded:
             args = tuple(a for a in args if a[0] != COMM_ARG)
-        where: tuple[tuple[str, str], ...] = ()
-        if pair.where is not None:
-            vals = pair.where.by_tid([tid])[tid]
-            where = tuple((SPAN_ATTRIBUTES[n], v) for n, v in zip(pair.where.names, vals, strict=True)
-                          if v not in ("", UNKNOWN))
+        where = pair.where(tid) if pair.where is not None else ()
         sink(CompletedPair(pair.stats.name, ent.function, tid, exit_.tgid(), recorded or entry.comm(), start_ts,
                            end_ts, args, exit_.retval(), where))
 

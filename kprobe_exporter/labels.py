@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, cast
 
 from kprobe_exporter.cgroups import LABELS as CGROUP_LABELS
-from kprobe_exporter.cgroups import CgroupLabels, CgroupOf, Rewrite
+from kprobe_exporter.cgroups import SPAN_ATTRIBUTES, UNKNOWN, CgroupLabels, CgroupOf, Rewrite
 from kprobe_exporter.events import EventBatch
 from kprobe_exporter.kube import KUBE_LABELS, KubeLabels, PodMetadata
 from kprobe_exporter.probes import COMM_ARG, EventSpec
@@ -150,6 +150,35 @@ def sources_for(ev: EventSpec, ev_idx: int, labels: tuple[str, ...],
     for factory, at in by_source.items():
         out.append((factory(ev, ev_idx, tuple(labels[i] for i in at), ctx), tuple(at)))
     return out
+
+
+class SpanWhere:
+    """Where a pair's thread ran, as span attributes under OpenTelemetry's names (cgroups.SPAN_ATTRIBUTES):
+    the entry probe's cgroup labels and, in Kubernetes, its pod labels (k8s.pod.name, k8s.namespace.name,
+    k8s.container.name, once the pod list knows the pod). "" and `unknown` are left out. Per span, not
+    per event: a span is the slow path."""
+
+    def __init__(self, labels: Sequence[str], ctx: LabelContext) -> None:
+        cg = [n for n in labels if n in CGROUP_LABELS and n in SPAN_ATTRIBUTES]
+        kube = [n for n in labels if n in KUBE_LABELS] if ctx.pods is not None else []
+        self.parts: list[CgroupLabels | KubeLabels] = []
+        if cg:
+            self.parts.append(CgroupLabels(cg, ctx.cgroup_of, ctx.rewrite))
+        if kube and ctx.pods is not None:
+            self.parts.append(KubeLabels(kube, ctx.cgroup_of, ctx.pods))
+
+    def __call__(self, tid: int) -> tuple[tuple[str, str], ...]:
+        out: list[tuple[str, str]] = []
+        for part in self.parts:
+            vals = part.by_tid([tid])[tid]
+            out += [(SPAN_ATTRIBUTES[n], v) for n, v in zip(part.names, vals, strict=True) if v not in ("", UNKNOWN)]
+        return tuple(out)
+
+
+def span_where(labels: Sequence[str], ctx: LabelContext) -> SpanWhere | None:
+    """The span attributes of an entry probe with these labels; None when it has none of them."""
+    w = SpanWhere(labels, ctx)
+    return w if w.parts else None
 
 
 def needs_tgid(events: Sequence[EventSpec]) -> bool:

@@ -16,6 +16,7 @@ from kprobe_exporter.events import EventBatch
 from kprobe_exporter.kube import PodMetadata, index_pod_list
 from kprobe_exporter.probes import EventSpec
 from unit import test_kube
+from unit.test_kube import kube, sa  # noqa: F401 (fixtures: the local HTTPS stand-in for the kubelet)
 
 CFG = """
 probes:
@@ -208,3 +209,37 @@ def test_pod_labels_from_the_pod_list_in_kubernetes(tmp_path: Path) -> None:
         (("pod", "web-0"), ("container_id", CID), ("namespace", "shop"), ("container", "nginx")): 2,
         (("pod", ""), ("container_id", ""), ("namespace", ""), ("container", "")): 1,
     }
+
+
+@pytest.mark.parametrize("in_kubernetes", [True, False])
+def test_spans_carry_pod_names_from_the_kubelets_pod_list(tmp_path: Path, kube: test_kube.FakeKube,  # noqa: F811
+                                                          sa: Path, in_kubernetes: bool) -> None:  # noqa: F811
+    """The pod list is fetched from the local HTTPS server standing in for the kubelet (tests/unit/test_kube.py:
+    a v1 PodList in the API's documented schema, bearer token, CA): k8s.pod.name, k8s.namespace.name and
+    k8s.container.name on the spans of a probe with pod labels; a pod the list does not have and a thread in
+    no pod leave them out. Outside Kubernetes (no pod list) they are absent."""
+    other_uid = "22222222-3333-4444-5555-666666666666"
+    paths = {1: f"{POD}/cri-containerd-{CID}.scope", 2: "/system.slice/cron.service",
+             3: POD.replace(UID.replace("-", "_"), other_uid.replace("-", "_")) + f"/cri-containerd-{'ab' * 32}.scope"}
+    fake_proc(tmp_path, paths)
+    kube.items = [test_kube.pod("web-0", "shop", UID, [("nginx", f"containerd://{CID}")])]
+    pods = None
+    if in_kubernetes:
+        src = test_kube.PodSource.from_env("kubelet", env=test_kube.api_env(kube), sa_dir=sa, verify=False)
+        assert src is not None
+        src = test_kube.dataclasses.replace(src, url=f"https://127.0.0.1:{kube.port}/pods", verify=True)
+        pods = PodMetadata(src.fetch)
+        pods.refresh()
+        assert pods.counts.refreshes == 1, pods.counts.last_error
+    cfg = config.load_text("probes:\n  - {name: f, uprobe: '/bin/x:0x10', labels: [pod, namespace, container, "
+                           "container_id], latency: true, spans: {}}\n")
+    agg = agent.make_aggregate(cfg, probes.build_probe_set(cfg, resolve=None), CgroupOf(proc=str(tmp_path)), pods)
+    got: list[CompletedPair] = []
+    agg.set_sink("f", AllSpans(), got.append)
+    feed_text(agg, b"\n".join(line("a", t, 10 + 2 * i, "f: (0x1)") + b"\n" +
+                              line("a", t, 11 + 2 * i, "f_ret: (0x2 <- 0x1) ret=0") for i, t in enumerate((1, 2, 3)))
+              + b"\n")
+    names = {"k8s.pod.name": "web-0", "k8s.namespace.name": "shop", "k8s.container.name": "nginx"}
+    want = {1: {"container.id": CID, **(names if in_kubernetes else {})}, 2: {},
+            3: {"container.id": "ab" * 32}}  # a pod not (yet) in the list: its names are unknown, left out
+    assert {p.tid: dict(p.where) for p in got} == want
