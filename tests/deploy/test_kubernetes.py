@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import copy
 import re
+import shutil
+import subprocess
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +58,8 @@ def test_builtin_manifests_validate(name: str, doc: dict[str, Any], version: str
 
 def test_all_expected_kinds_present() -> None:
     kinds = sorted(d["kind"] for _, d in documents())
-    assert kinds == ["ConfigMap", "DaemonSet", "Namespace", "PodMonitor", "Service"]
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet", "Namespace", "PodMonitor",
+                     "Service", "ServiceAccount"]
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     assert sorted(kustomization["resources"]) == sorted(
         p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
@@ -191,7 +195,9 @@ def test_daemonset_runs_the_agent_as_designed() -> None:
     [container] = spec["containers"]
     assert spec["hostPID"] is True and spec["hostNetwork"] is True
     assert spec["dnsPolicy"] == "ClusterFirstWithHostNet"
-    assert spec["automountServiceAccountToken"] is False
+    # the token of rbac.yaml's account (test_rbac_grants_what_the_pod_labels_ask_and_no_more)
+    assert spec["automountServiceAccountToken"] is True
+    assert spec["serviceAccountName"] == by_kind("ServiceAccount")["metadata"]["name"]
     assert container["securityContext"]["privileged"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     # never two agents on a node: no surge during updates
@@ -241,7 +247,7 @@ def test_service_and_namespace_match_the_daemonset() -> None:
     assert svc["metadata"]["annotations"]["prometheus.io/port"] == str(METRICS_PORT)
     assert svc["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
     for _, doc in documents():
-        if doc["kind"] != "Namespace":
+        if doc["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding"):  # cluster-scoped
             assert doc["metadata"]["namespace"] == ns["metadata"]["name"]
     assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
 
@@ -254,3 +260,48 @@ def test_configmap_config_is_valid_for_the_agent() -> None:
     probe_set = probes_mod.build_probe_set(cfg, "configmap config.yaml", resolve=None)
     names = {e.name for e in probe_set.events}
     assert {"openat", "read", "write"} <= names
+
+
+def _allows(rules: list[dict[str, Any]], group: str, resource: str, verb: str) -> bool:
+    return any(group in r.get("apiGroups", []) and resource in r.get("resources", []) and verb in r.get("verbs", [])
+               for r in rules)
+
+
+def test_rbac_grants_what_the_pod_labels_ask_and_no_more(tmp_path: Path) -> None:
+    """The request kube.py makes with the mounted token (its URL, built here from the env the DaemonSet
+    gives) is allowed by the ClusterRole bound to the DaemonSet's account; nothing else is granted."""
+    kube = pytest.importorskip("kprobe_exporter.kube")
+    sa_dir = tmp_path / "serviceaccount"
+    sa_dir.mkdir()
+    (sa_dir / "token").write_text("t")
+    ds, sa = by_kind("DaemonSet"), by_kind("ServiceAccount")
+    role, binding = by_kind("ClusterRole"), by_kind("ClusterRoleBinding")
+    env = {e["name"] for e in ds["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "NODE_NAME" in env  # the field selector's node; KUBERNETES_SERVICE_* the kubelet always sets
+    src = kube.PodSource.from_env(env={"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443",
+                                       "NODE_NAME": "node-a"}, sa_dir=sa_dir)
+    assert src is not None
+    url = urllib.parse.urlsplit(src.url)
+    assert url.path == "/api/v1/pods"  # core group, every namespace, a collection GET: verb `list`
+    assert urllib.parse.parse_qs(url.query) == {"fieldSelector": ["spec.nodeName=node-a"]}
+    assert _allows(role["rules"], "", "pods", "list")
+    granted = {(g, res, v) for r in role["rules"] for g in r["apiGroups"] for res in r["resources"] for v in r["verbs"]}
+    assert granted <= {("", "pods", v) for v in ("get", "list", "watch")}
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                  "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
+                                    "namespace": sa["metadata"]["namespace"]}]
+    assert sa["metadata"]["namespace"] == ds["metadata"]["namespace"]
+
+
+def test_kustomize_renders_every_manifest_offline() -> None:
+    """`kubectl kustomize` (offline: no cluster needed) renders the set `kubectl apply -k` would send;
+    each built-in kind in it passes the schema check. (`kubectl apply --dry-run=client` needs a server.)"""
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not installed")
+    out = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60, check=True)
+    rendered = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert sorted(d["kind"] for d in rendered) == sorted(d["kind"] for _, d in documents())
+    for doc in rendered:
+        if doc["apiVersion"] != "monitoring.coreos.com/v1":
+            kubernetes_validate.validate(doc, VERSIONS[0], strict=True)
