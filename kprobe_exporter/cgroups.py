@@ -203,7 +203,7 @@ class CgroupOf:
         self._cache: dict[int, _Entry] = {}
         self._swept_at = self.clock()
 
-    def values(self, tids: Sequence[int], tgids: Sequence[int] | None = None) -> list[str]:
+    def values(self, tids: Sequence[int] | np.ndarray, tgids: Sequence[int] | None = None) -> list[str]:
         """The cgroup path of each tid (`unknown` where none can be had); `tgids`, when the
         records carry them, answer for threads that exited while their process lives on."""
         u, owners, inv = distinct(tids, tgids)
@@ -349,8 +349,12 @@ class CgroupLabels:
         """One tuple of label values (in `names` order) per distinct tid: the cheap form, for a
         caller that counts events by tid first and labels the distinct keys."""
         paths = self.of.lookup(tids, tgids)
-        rows = {p: tuple(f(p) for f in self._maps) for p in set(paths.values())}
+        rows = {p: self.row(p) for p in set(paths.values())}
         return {t: rows[p] for t, p in paths.items()}
+
+    def row(self, path: str) -> tuple[str, ...]:
+        """The label values (in `names` order) of a cgroup path."""
+        return tuple(f(path) for f in self._maps)
 
     def columns(self, tids: Sequence[int], tgids: Sequence[int] | None = None) -> dict[str, list[str]]:
         """Each label's value for each event, in batch order."""
@@ -364,7 +368,7 @@ class CgroupLabels:
         return list(zip(*(cols[n] for n in self.names), strict=True))
 
 
-def distinct(tids: Sequence[int], tgids: Sequence[int] | None = None) -> tuple[list[int], list[int] | None,
+def distinct(tids: Sequence[int] | np.ndarray, tgids: Sequence[int] | None = None) -> tuple[list[int], list[int] | None,
                                                                                np.ndarray]:
     """A batch's distinct tids (with the tgid of each tid's first event) and, per event, the index of
     its tid among them: the lookups are per distinct thread, the spreading back is numpy's."""

@@ -219,17 +219,17 @@ class KubeLabels:
         """One tuple of label values (in `names` order) per distinct tid."""
         paths = self.of.lookup(tids, tgids)
         index = self.meta.index
-        rows = {p: self._row(p, index) for p in set(paths.values())}
+        rows = {p: self.row(p, index) for p in set(paths.values())}
         return {t: rows[p] for t, p in paths.items()}
 
     def columns(self, tids: Sequence[int], tgids: Sequence[int] | None = None) -> dict[str, list[str]]:
         """Each label's value for each event, in batch order."""
         u, owners, inv = distinct(tids, tgids)
         index = self.meta.index
-        rows = [self._row(p, index) for p in self.of.lookup(u, owners).values()]
+        rows = [self.row(p, index) for p in self.of.lookup(u, owners).values()]
         return {n: spread([r[i] for r in rows], inv) for i, n in enumerate(self.names)}
 
-    def _row(self, path: str, index: PodIndex) -> tuple[str, ...]:
+    def row(self, path: str, index: PodIndex) -> tuple[str, ...]:
         if path == UNKNOWN:
             return (UNKNOWN,) * len(self.names)
         a = attribution(path)

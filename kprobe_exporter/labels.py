@@ -16,6 +16,8 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
+import numpy as np
+
 from kprobe_exporter.cgroups import LABELS as CGROUP_LABELS
 from kprobe_exporter.cgroups import SPAN_ATTRIBUTES, UNKNOWN, CgroupLabels, CgroupOf, Rewrite
 from kprobe_exporter.events import EventBatch
@@ -85,21 +87,23 @@ class ArgSource:
 
 
 class CgroupSource:
-    """`cgroup`, `container_id`, `pod_uid`, `systemd_unit`: where the thread ran (cgroups.py), keyed by
-    tid, so they come from the thread, not the record, on every kind of probe. One lookup for all four."""
+    """`cgroup`, `container_id`, `pod_uid`, `systemd_unit`: where the thread ran (cgroups.py), from the
+    thread, not the record, on every kind of probe. One lookup for all four.
+
+    Keyed by the thread's cgroup path, looked up per distinct tid in `keys` (numpy spreads it back per
+    row): a host has a few dozen cgroups for hundreds of threads, so the aggregate's combinations of
+    keys stay few (bench/bench_labels.py: keyed by tid, each combination of tid and the other labels'
+    keys was one more Python step)."""
 
     def __init__(self, ev: EventSpec, ev_idx: int, labels: tuple[str, ...], ctx: LabelContext) -> None:
         self.labels = labels
         self.cgroups = CgroupLabels(labels, ctx.cgroup_of, ctx.rewrite)
 
     def keys(self, batch: EventBatch, rows: Sequence[int]) -> Sequence[Hashable]:
-        tids: list[int] = batch.tid[list(rows)].tolist()
-        return tids
+        return self.cgroups.of.values(batch.tid[np.asarray(rows, dtype=np.int64)])
 
     def values(self, batch: EventBatch, keys: Sequence[Hashable]) -> list[tuple[str, ...]]:
-        tids = cast("Sequence[int]", keys)
-        by_tid = self.cgroups.by_tid(tids)
-        return [by_tid[t] for t in tids]
+        return [self.cgroups.row(cast(str, p)) for p in keys]
 
 
 class KubeSource:
@@ -113,13 +117,11 @@ class KubeSource:
         self.kube = KubeLabels(labels, ctx.cgroup_of, ctx.pods)
 
     def keys(self, batch: EventBatch, rows: Sequence[int]) -> Sequence[Hashable]:
-        tids: list[int] = batch.tid[list(rows)].tolist()
-        return tids
+        return self.kube.of.values(batch.tid[np.asarray(rows, dtype=np.int64)])  # by path, as CgroupSource
 
     def values(self, batch: EventBatch, keys: Sequence[Hashable]) -> list[tuple[str, ...]]:
-        tids = cast("Sequence[int]", keys)
-        by_tid = self.kube.by_tid(tids)
-        return [by_tid[t] for t in tids]
+        index = self.kube.meta.index
+        return [self.kube.row(cast(str, p), index) for p in keys]
 
 
 def present(labels: tuple[str, ...], ctx: LabelContext) -> tuple[str, ...]:
