@@ -147,6 +147,12 @@ CASES: list[Case] = [
          suggestion="did you mean syscalls/sys_enter_openat?"),
     Case("tracepoint-syntax", "Targets", P(name="a", tracepoint="sys_enter_openat"), "is not GROUP/EVENT",
          probe="a", field="tracepoint"),
+    Case("container-not-running", "Targets", P(name="a", uprobe="/bin/app:compute", container="kpe-no-such-ctr"),
+         "no running container 'kpe-no-such-ctr' (podman: ", probe="a", field="container"),
+    Case("cgroup-no-process", "Targets", P(name="a", uprobe="/bin/app:compute", cgroup="kpe-no-such-cgroup"),
+         "no process in a cgroup matching 'kpe-no-such-cgroup'", probe="a", field="cgroup"),
+    Case("container-not-uprobe", "Targets", P(name="a", tracepoint="sched/sched_switch", container="web"),
+         "is for uprobes; a tracepoint sees the host's kernel", probe="a", field="container"),
     # --- fetchargs and filters ----------------------------------------------------------------------
     Case("bad-register", "Fetchargs and filters", P(name="a", uprobe=PIE + ":compute", args={"x": "%rdi:s32"}),
          "unknown register %rdi", probe="a", field="args.x", suggestion="did you mean %di?"),
