@@ -91,9 +91,6 @@ def resolve(path: str, symbol: str) -> int:
 
 # --- binaries inside containers (issue #16) -------------------------------------------------------
 
-PINNED = re.compile(r"^/proc/(\d+)/root(?=/)")  # a host path into a process's root, as `in_container` makes
-
-
 @dataclass(frozen=True)
 class ContainerSelector:
     """Which container a uprobe's path is seen in: a runtime's container name (podman, docker) or a
@@ -231,7 +228,7 @@ class ContainerTargets:
     notes: list[str] = field(default_factory=list)  # what changed, for the agent's log
 
     def add(self, event: str, selector: ContainerSelector, path: str, host: str) -> None:
-        m = PINNED.match(host)
+        m = re.match(rf"{re.escape(self.proc)}/(\d+)/root(?=/)", host)
         if m is None:
             return
         pid = int(m.group(1))

@@ -83,3 +83,57 @@ def test_unpinned_drops_the_pid_only() -> None:
     a = "p:g/e /proc/123/root/bin/app:0x10 x=%di"
     assert symbols.unpinned(a) == symbols.unpinned(a.replace("123", "4567")) == "p:g/e /proc/*/root/bin/app:0x10 x=%di"
     assert symbols.unpinned("/proc/123/rootx/a") == "/proc/123/rootx/a"
+
+
+class ContainerProc:
+    """A /proc stand-in for container lookups: PID/cgroup, PID/stat (start time), PID/root (a directory)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.stat = Path("/proc/self/stat").read_text()
+
+    def put(self, pid: int, start: int, cgroup: str, rootfs: Path) -> None:
+        d = self.root / str(pid)
+        d.mkdir()
+        fields = self.stat.rpartition(")")[2].split()
+        fields[19] = str(start)
+        (d / "stat").write_text(f"{pid} (app) {' '.join(fields)}\n")
+        (d / "cgroup").write_text(f"0::{cgroup}\n")
+        (d / "root").symlink_to(rootfs)
+
+    def kill(self, pid: int) -> None:
+        d = self.root / str(pid)
+        for f in ("stat", "cgroup", "root"):
+            (d / f).unlink()
+        d.rmdir()
+
+
+def test_container_targets_follow_restarts(tmp_path: Path) -> None:
+    """A restart onto the same file needs nothing; onto another file (new inode) the probe is redone;
+    while the container is down the installed probe stays and it is looked for again."""
+    proc = ContainerProc(tmp_path / "proc")
+    proc.root.mkdir()
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "bin").mkdir(parents=True)
+    (rootfs / "bin" / "app").write_bytes(b"v1")
+    scope = "/system.slice/docker-" + "ab" * 32 + ".scope"
+    proc.put(10, 500, "/user.slice", tmp_path)  # another cgroup: never picked
+    proc.put(20, 1000, scope, rootfs)
+    sel = symbols.ContainerSelector(cgroup="docker-abab")
+    pid, host = symbols.in_container(sel, "/bin/app", str(proc.root))
+    assert (pid, host) == (20, f"{proc.root}/20/root/bin/app")
+    watch = symbols.ContainerTargets(proc=str(proc.root))
+    watch.add("compute", sel, "/bin/app", host)
+    assert not watch.moved()
+    proc.kill(20)
+    assert not watch.moved()  # down: nothing to redo, the installed probe stays
+    assert watch.targets[0].start is None
+    proc.put(21, 2000, scope, rootfs)  # back, same file
+    assert not watch.moved() and watch.targets[0].pid == 21
+    proc.kill(21)
+    (rootfs / "bin" / ".app").write_bytes(b"v2")
+    (rootfs / "bin" / ".app").rename(rootfs / "bin" / "app")  # an updated image: another inode
+    proc.put(21, 3000, scope, rootfs)  # the same PID, reused: told by its start time
+    assert watch.moved()
+    assert watch.targets[0].pid == 21 and "restarted (PID 21)" in watch.notes[0]
+    assert not watch.moved()
