@@ -3,9 +3,8 @@
 fxgen runs inside cgroup v2 hierarchies named as the kubelet (systemd driver) with containerd and
 CRI-O name them, and outside them, a known number of times each; /metrics must show exactly those
 counts under each container_id, pod_uid and rewritten cgroup value. Each workload is kept alive
-after its calls (a destructor waiting on stdin, preloaded) until the counts are in: a thread gone
-before the agent reads its events is attributed only as far as /proc still allows (README, "Where it
-ran"), which is not what this test is about.
+after its calls (a destructor waiting on stdin, preloaded) until the counts are in. The last test
+is about threads gone before the agent reads their events, in a process that lives on.
 """
 
 from __future__ import annotations
