@@ -501,13 +501,19 @@ def check(config: Config, probes_for: Callable[[Config], ProbeSet]) -> list[str]
                 out.append(f"{ev.name}: {mine}\n  kernel: {kernel}")
             else:
                 out.append(f"{ev.name}: tracepoint {ev.target} (enabled in instance {config.instance})")
-        out += [f"{name}: aggregation {m.mode}" + ("" if m.reason in ("auto", "configured") else f" ({m.reason})")
-                for name, m in modes.items()]
+        out = [line + _mode_line(modes.get(line.split(":", 1)[0])) for line in out]
     finally:
         problems = ksrc.remove() + tfs.remove()
     if problems:
         raise TracefsError("; ".join(problems))
     return out
+
+
+def _mode_line(m: ProbeMode | None) -> str:
+    """`check`'s line on a probe's aggregation mode, and why `auto` chose streaming."""
+    if m is None:
+        return ""
+    return f"\n  aggregation: {m.mode}" + ("" if m.reason in ("auto", "configured") else f" ({m.reason})")
 
 
 def leftovers(instance: str) -> list[str]:

@@ -131,19 +131,22 @@ def _kernel_keys(ev: EventSpec) -> tuple[KeyField, ...] | str:
 
 def _why_not(p: ProbeConfig, ev: EventSpec, pair: PairSpec | None, explicit: set[str],
              support: KernelSupport) -> tuple[KeyField, ...] | str:
-    """The probe's hist keys if the kernel can aggregate it, else the reason it cannot."""
-    if not support.hist:
-        return "this kernel has no hist triggers (CONFIG_HIST_TRIGGERS)"
+    """The probe's hist keys if the kernel can aggregate it, else the reason it cannot: what the config
+    asks for first (the same answer on every kernel), then what this kernel lacks."""
     if ev.name in explicit:
         return "its event is in a `pairs:` entry, which streams"
-    if pair is not None:
-        if not support.synthetic:
-            return "latency needs synthetic events, which this kernel lacks (CONFIG_SYNTH_EVENTS)"
-        if p.recursive:
-            return "recursive: one pending timestamp per thread cannot pair nested calls"
-        if pair.spans is not None:
-            return "spans from kernel mode are not built yet"
-    return _kernel_keys(ev)
+    if pair is not None and p.recursive:
+        return "recursive: one pending timestamp per thread cannot pair nested calls"
+    if pair is not None and pair.spans is not None:
+        return "spans from kernel mode are not built yet"
+    keys = _kernel_keys(ev)
+    if isinstance(keys, str):
+        return keys
+    if not support.hist:
+        return "this kernel has no hist triggers (CONFIG_HIST_TRIGGERS)"
+    if pair is not None and not support.synthetic:
+        return "latency needs synthetic events, which this kernel lacks (CONFIG_SYNTH_EVENTS)"
+    return keys
 
 
 def resolve(config: Config, probes: ProbeSet, support: KernelSupport, path: str = "") -> dict[str, ProbeMode]:

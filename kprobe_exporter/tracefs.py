@@ -574,15 +574,16 @@ _TRACE_TO = re.compile(r"\.trace\(([A-Za-z_][A-Za-z0-9_]*),|onmatch\([^)]*\)\.([
 
 
 def strip_instance(root: Path, inst: Path) -> tuple[list[str], list[str]]:
-    """A dead agent's triggers out of its own instance (every trigger there is its own), newest first.
+    """A dead agent's triggers out of its own instance (every trigger there is its own).
 
-    Returns (the synthetic events those triggers fed or sat on, problems)."""
+    A trigger that defines a variable is busy while another reads it (seen on 6.1: the entry's
+    timestamp trigger answers EBUSY until the return's `onmatch` trigger is gone), so removal goes
+    round in passes until one removes nothing. Returns (the synthetic events they fed or sat on, problems).
+    """
     synthetics: list[str] = []
-    problems: list[str] = []
+    pending: list[tuple[Path, str]] = []
     events = inst / "events"
-    if not events.is_dir():
-        return synthetics, problems
-    for trig in sorted(events.glob("*/*/trigger")):
+    for trig in sorted(events.glob("*/*/trigger")) if events.is_dir() else []:
         try:
             lines = [ln for ln in read_text(trig).splitlines() if ln.strip() and not ln.startswith("#")]
         except OSError:
@@ -591,11 +592,19 @@ def strip_instance(root: Path, inst: Path) -> tuple[list[str], list[str]]:
             synthetics.append(trig.parent.name)
         for line in reversed(lines):
             synthetics += [m.group(1) for m in _TRACE_TO.finditer(line) if m.group(1)]
+            pending.append((trig, "!" + triggers.listed(line)))
+    failed: list[tuple[Path, str, str]] = []
+    while pending:
+        failed = []
+        for trig, line in pending:
             try:
-                write_file(trig, "!" + triggers.listed(line) + "\n", append=True)
+                write_file(trig, line + "\n", append=True)
             except OSError as e:
-                problems.append(f"!{triggers.listed(line)} in {trig}: {e.strerror}")
-    return list(dict.fromkeys(synthetics)), problems
+                failed.append((trig, line, e.strerror or str(e)))
+        if len(failed) == len(pending):
+            break
+        pending = [(t, ln) for t, ln, _ in failed]
+    return list(dict.fromkeys(synthetics)), [f"{line} in {trig}: {why}" for trig, line, why in failed]
 
 
 def remove_synthetics(root: Path, names: Iterable[str]) -> list[str]:

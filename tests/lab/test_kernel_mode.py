@@ -11,6 +11,7 @@ Then a SIGHUP reload that replaces one probe's triggers, a second workload, SIGT
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -159,7 +160,9 @@ def test_modes_are_stated(lab: GuestResult) -> None:
         assert metric(lab, "m1", "kprobe_exporter_probe_aggregation", probe=probe, mode="kernel") == 1
     assert metric(lab, "m1", "kprobe_exporter_probe_aggregation", probe="open_s", mode="stream") == 1
     check = text(lab, "check.out")
-    assert "open: aggregation kernel" in check and "open_s: aggregation stream" in check, check
+    said = {b.split(":", 1)[0]: m.group(1) for b in re.split(r"\n  (?=\w+: )", check)
+            if (m := re.search(r"aggregation: (\w+)", b))}
+    assert said == {"open": "kernel", "open_f": "kernel", "open_k": "kernel", "open_s": "stream"}, check
     assert "<td>open_k</td><td>kernel</td>" in text(lab, "landing.html")
 
 
@@ -186,8 +189,14 @@ def test_kernel_and_stream_agree_on_a_rate_streaming_keeps_up_with(lab: GuestRes
         assert metric(lab, "m1", "kprobe_events_total", probe=probe) == M
         assert metric(lab, "m1", "kprobe_latency_seconds_count", probe=probe) == M
     k, s = cumulative(lab, "m1", "open_k"), cumulative(lab, "m1", "open_s")
-    for le, n in s.items():  # each stream bucket lies between the kernel's one bucket below and one above
-        assert k.get(le / 2, 0) <= n <= k.get(le * 2, M), (le, n, k.get(le / 2), k.get(le * 2))
+    les = sorted(s)
+    assert sorted(k)[: len(les)] == les  # the stream buckets were set on the kernel's own bounds
+    # The two are separate probes on one function (their handlers run one after the other, so each
+    # measures a little of the other's work): their quantiles must fall in the same bucket or the next.
+    for q in (0.1, 0.25, 0.5, 0.75, 0.9, 0.99):
+        ik = next(i for i, le in enumerate(les) if k[le] >= q * M)
+        is_ = next(i for i, le in enumerate(les) if s[le] >= q * M)
+        assert abs(ik - is_) <= 1, (q, les[ik], les[is_])
 
 
 def test_reload_keeps_counts_and_carries_a_replaced_trigger_forward(lab: GuestResult) -> None:

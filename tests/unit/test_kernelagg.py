@@ -148,3 +148,27 @@ def test_labels_come_from_the_count_table_and_a_full_table_is_counted_and_logged
     assert len(view.events) == 128 and all(dict(k[1])["n"].isdigit() for k in view.events)
     logged = [r.message for r in caplog.records if "full hist table" in r.message]
     assert len(logged) == 1 and "352" in logged[0], logged
+
+
+AGENT = HIST / "agent"  # the agent's own triggers on 6.1 (tests/lab/test_kernel_mode.py, KPE_KAGG_KEEP)
+
+
+def test_the_agents_own_tables_as_6_1_printed_them(tmp_path: Path) -> None:
+    """Probe `open` (labels [comm], latency) and `open_f` (a filter, latency) after 2 x 10,000 opens of
+    kpe_opener, 2,000 of kpe_slow and the guest's own: per-comm counts from the string-keyed table, the
+    latency count from the synthetic event's `.log2` table."""
+    cfg = (f"instance: {GROUP}\nprobes:\n  - name: open\n    kprobe: do_sys_openat2\n    labels: [comm]\n"
+           "    latency: true\n  - name: open_f\n    kprobe: do_sys_openat2\n    latency: true\n"
+           "    filter: 'comm == \"kpe_opener\"'\n")
+    c = config.load_text(cfg)
+    ms = aggmode.resolve(c, probes.build_probe_set(c, resolve=None), KernelSupport(True, True))
+    text = {f"{GROUP}/open": (AGENT / "open.hist").read_text(), f"{GROUP}/open_f": (AGENT / "open_f.hist").read_text(),
+            f"synthetic/{GROUP}_open_lat": (AGENT / "kpe_k_open_lat.hist").read_text(),
+            f"synthetic/{GROUP}_open_f_lat": (AGENT / "kpe_k_open_f_lat.hist").read_text()}
+    opened = kernelagg.raw_values(kernelagg.probe_triggers(GROUP, ms["open"]), text)
+    assert opened.events[(("comm", "kpe_opener"),)] == 20000 and opened.events[(("comm", "kpe_slow"),)] == 2000
+    assert sum(opened.events.values()) == 22134 and opened.dropped == 0
+    f = kernelagg.raw_values(kernelagg.probe_triggers(GROUP, ms["open_f"]), text)
+    assert f.events == {(): 20000} and sum(n for n, _ in f.lat.values()) == 20000
+    lat = kernelagg.latency_of(f.lat)
+    assert lat.counts[16] == 17053 and lat.bounds_ns[16] == 65536  # `~ 2^16`: 17,053 calls of at most 65.5 µs
