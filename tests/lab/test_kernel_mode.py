@@ -190,7 +190,7 @@ def test_kernel_and_stream_agree_on_a_rate_streaming_keeps_up_with(lab: GuestRes
         assert metric(lab, "m1", "kprobe_latency_seconds_count", probe=probe) == M
     k, s = cumulative(lab, "m1", "open_k"), cumulative(lab, "m1", "open_s")
     les = sorted(s)
-    assert sorted(k)[: len(les)] == les  # the stream buckets were set on the kernel's own bounds
+    assert set(les) <= set(k)  # the stream buckets were set on the kernel's own bounds
     # The two are separate probes on one function (their handlers run one after the other, so each
     # measures a little of the other's work): their quantiles must fall in the same bucket or the next.
     for q in (0.1, 0.25, 0.5, 0.75, 0.9, 0.99):
