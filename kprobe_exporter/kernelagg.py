@@ -120,9 +120,9 @@ def raw_values(pt: ProbeTriggers, hist_text: dict[str, str]) -> _Raw:
             for row in count.rows:
                 labels = tuple((k.label, k.value(v)) for k, v in zip(keys, row.keys, strict=True))
                 out.events[labels] = out.events.get(labels, 0) + row.values.get("hitcount", 0)
-            out.dropped += count.dropped
         else:
-            out.events[()] = count.events
+            out.events[()] = count.events  # every event, the ones a full table refused too
+        out.dropped += count.dropped
     for trig in pt.plan.triggers:
         if trig is not pt.count and trig is not pt.latency and (t := _table(tables.get(trig.event, []), trig)):
             out.dropped += t.dropped  # a full thread table: calls whose latency was not measured

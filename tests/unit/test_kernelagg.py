@@ -172,3 +172,14 @@ def test_the_agents_own_tables_as_6_1_printed_them(tmp_path: Path) -> None:
     assert f.events == {(): 20000} and sum(n for n, _ in f.lat.values()) == 20000
     lat = kernelagg.latency_of(f.lat)
     assert lat.counts[16] == 17053 and lat.bounds_ns[16] == 65536  # `~ 2^16`: 17,053 calls of at most 65.5 µs
+
+
+def test_without_labels_a_full_thread_table_still_counts_every_event(tmp_path: Path) -> None:
+    """full-table.hist: a 128-entry table keyed by thread refused 352 events it still saw (6.1): the
+    probe's count is Hits + Dropped, and the 352 are latency samples lost, counted as dropped."""
+    full = (HIST / "full-table.hist").read_text()
+    root, inst = instance(tmp_path, {f"{GROUP}/open": full})
+    src = KernelSource(root, inst, GROUP, 100)
+    src.install([mode(LAT)])
+    view = src.read()
+    assert view.events == {("open", ()): 255 + 352} and view.dropped == {"open": 352}
