@@ -149,6 +149,9 @@ class LabelFold:
     admitted: dict[tuple[str, str], dict[str, None]] = field(default_factory=dict)  # ordered sets
 
     def fold(self, probe: str, events: dict[Labels, int], view: KernelView) -> None:
+        if self._all_admitted(probe, events):  # the usual scrape: every value already has its place
+            view.events.update({(probe, labels): n for labels, n in events.items()})
+            return
         # most counted first on the first sight: the values that matter get the places
         for labels, n in sorted(events.items(), key=lambda kv: (-kv[1], kv[0])):
             out = []
@@ -162,6 +165,16 @@ class LabelFold:
                 out.append((label, v))
             key = (probe, tuple(out))
             view.events[key] = view.events.get(key, 0) + n
+
+    def _all_admitted(self, probe: str, events: dict[Labels, int]) -> bool:
+        if not events:
+            return True
+        first = next(iter(events))
+        for i, (label, _) in enumerate(first):
+            seen = self.admitted.get((probe, label))
+            if seen is None or any(labels[i][1] not in seen for labels in events):
+                return False
+        return True
 
 
 class KernelSource:
