@@ -24,6 +24,8 @@ pytestmark = pytest.mark.kernel_lab
 
 HERE = Path(__file__).resolve().parents[1]
 OPENER_SRC = HERE / "progs" / "kpe_opener.c"
+RECURSE_SRC = HERE / "progs" / "kpe_recurse.c"
+R, D = 300, 4  # kpe_recurse: R top-level calls of rec, each D levels deep: R * (D + 1) calls
 N = 10_000  # opens per guest CPU, full rate
 M = 2_000  # opens of the slow workload both modes see
 POW2 = [2**k / 1e9 for k in range(8, 34)]  # stream buckets on the kernel's own bounds (256 ns .. 8.6 s)
@@ -39,14 +41,17 @@ def config(open_f_filter: str) -> str:
             + probe("open", extra="\n    labels: [comm]")
             + probe("open_f", open_f_filter)
             + probe("open_k", 'comm == "kpe_slow"')
-            + probe("open_s", 'comm == "kpe_slow"', "\n    aggregation: stream"))
+            + probe("open_s", 'comm == "kpe_slow"', "\n    aggregation: stream")
+            # a recursive function both ways: kernel mode forced, and `recursive: true` (auto streams it)
+            + "  - {name: rec_k, uprobe: '/job/in/kpe_recurse:rec', latency: true, aggregation: kernel}\n"
+            + "  - {name: rec_s, uprobe: '/job/in/kpe_recurse:rec', latency: true, recursive: true}\n")
 
 
 SCRIPT = r"""
 set -eux
 T=/sys/kernel/tracing
 cd "$LAB_OUT"
-chmod +x "$LAB_IN/kpe_opener"
+chmod +x "$LAB_IN/kpe_opener" "$LAB_IN/kpe_recurse"
 cp "$LAB_IN/kpe_opener" /tmp/kpe_slow
 cp "$LAB_IN/kernel.yaml" /tmp/cfg.yaml
 NCPU=$(nproc)
@@ -84,6 +89,7 @@ start run1
 for c in $(seq 0 $((NCPU - 1))); do taskset -c $c "$LAB_IN/kpe_opener" /proc/version @N@ > work1.$c & done
 for j in $(jobs -p); do [ "$j" = "$PID" ] || wait "$j"; done
 /tmp/kpe_slow /proc/version @M@ > slow.out
+"$LAB_IN/kpe_recurse" @R@ @D@ > recurse.out
 sleep 2
 scrape m1
 mkdir -p hist
@@ -119,9 +125,13 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> GuestResult:
         pytest.fail("gcc is needed to build the kernel-lab workload (tests/setup.sh installs it)", pytrace=False)
     opener = tmp_path_factory.mktemp("lab") / "kpe_opener"
     subprocess.run(["gcc", "-O1", "-static", "-o", str(opener), str(OPENER_SRC)], check=True)
+    recurse = opener.with_name("kpe_recurse")
+    subprocess.run(["gcc", "-O0", "-static", "-o", str(recurse), str(RECURSE_SRC)], check=True)
     require_guest()
     script = SCRIPT.replace("@PORT@", str(PORT)).replace("@N@", str(N)).replace("@M@", str(M))
-    files = {"kpe_opener": opener.read_bytes(), "kernel.yaml": config('comm == "kpe_opener"').encode(),
+    script = script.replace("@R@", str(R)).replace("@D@", str(D))
+    files = {"kpe_opener": opener.read_bytes(), "kpe_recurse": recurse.read_bytes(),
+             "kernel.yaml": config('comm == "kpe_opener"').encode(),
              "kernel2.yaml": config('comm == "kpe_opener" || comm == "kpe_none"').encode()}
     r = run_in_guest(script, files, timeout=900)
     if keep := os.environ.get("KPE_KAGG_KEEP"):  # the guest's files, e.g. to refresh the unit fixtures
@@ -166,7 +176,8 @@ def test_modes_are_stated(lab: GuestResult) -> None:
             said[event] = rest.split()[0]
         elif word != "kernel":
             event = word
-    assert said == {"open": "kernel", "open_f": "kernel", "open_k": "kernel", "open_s": "stream"}, check
+    assert said == {"open": "kernel", "open_f": "kernel", "open_k": "kernel", "open_s": "stream",
+                    "rec_k": "kernel", "rec_s": "stream"}, check
     assert "<td>open_k</td><td>kernel</td>" in text(lab, "landing.html")
 
 
@@ -239,3 +250,20 @@ def test_a_killed_agent_leaves_triggers_for_cleanup_to_find(lab: GuestResult) ->
     s = snap(lab, "after_kill")
     assert s["defs"] and s.get("our triggers") and len(s["synthetic"]) > 1, s  # else cleanup proved nothing
     assert text(lab, "cleanup.out").strip() == "", text(lab, "cleanup.out")
+
+
+def test_recursion_kernel_mode_counts_calls_but_mismeasures_latency(lab: GuestResult) -> None:
+    """What the README says of `recursive: true`, measured: the kernel keeps one pending timestamp per
+    thread, so nested calls are counted exactly but not timed as the stream mode's per-thread stack
+    times them (fewer samples, or outer calls timed from an inner entry: less time in total)."""
+    assert text(lab, "recurse.out").startswith(f"kpe_recurse: {R} calls of depth {D}")
+    calls_ = R * (D + 1)
+    assert metric(lab, "m1", "kprobe_events_total", probe="rec_k") == calls_
+    assert metric(lab, "m1", "kprobe_events_total", probe="rec_s") == calls_
+    assert metric(lab, "m1", "kprobe_latency_seconds_count", probe="rec_s") == calls_
+    k_n = metric(lab, "m1", "kprobe_latency_seconds_count", probe="rec_k")
+    k_sum = metric(lab, "m1", "kprobe_latency_seconds_sum", probe="rec_k")
+    s_sum = metric(lab, "m1", "kprobe_latency_seconds_sum", probe="rec_s")
+    print(f"recursion: {calls_} calls; kernel mode {k_n:.0f} latency samples, {k_sum:.6f} s in all; "
+          f"stream mode {calls_} samples, {s_sum:.6f} s")
+    assert k_sum < s_sum
