@@ -44,7 +44,8 @@ def config(open_f_filter: str) -> str:
             + probe("open_s", 'comm == "kpe_slow"', "\n    aggregation: stream")
             # a recursive function both ways: kernel mode forced, and `recursive: true` (auto streams it)
             + "  - {name: rec_k, uprobe: '/job/in/kpe_recurse:rec', latency: true, aggregation: kernel}\n"
-            + "  - {name: rec_s, uprobe: '/job/in/kpe_recurse:rec', latency: true, recursive: true, aggregation: auto}\n")
+            + "  - {name: rec_s, uprobe: '/job/in/kpe_recurse:rec', latency: true, recursive: true,\n"
+            + "     aggregation: auto}\n")
 
 
 SCRIPT = r"""
