@@ -17,13 +17,15 @@ from typing import TYPE_CHECKING
 
 from prometheus_client.registry import CollectorRegistry
 
-from kprobe_exporter import raw
+from kprobe_exporter import aggmode, raw
 from kprobe_exporter import reload as reload_mod
 from kprobe_exporter import tracefs as tfs_mod
+from kprobe_exporter.aggmode import KernelSupport, ProbeMode
 from kprobe_exporter.aggregate import Aggregate, Snapshot
 from kprobe_exporter.cgroups import CgroupOf, Rewrite, SavedTgids
 from kprobe_exporter.config import Config, split_host_port
 from kprobe_exporter.errors import TracefsError, UserError
+from kprobe_exporter.kernelagg import KernelSource, KernelView
 from kprobe_exporter.kinds import PROBE_FILES, parse_definition
 from kprobe_exporter.kube import KUBE_LABELS, PodMetadata, PodSource
 from kprobe_exporter.labels import LabelContext, needs_tgid
@@ -62,6 +64,22 @@ def pod_list(probes: ProbeSet) -> PodMetadata | None:
     return PodMetadata(src.fetch) if src is not None else None
 
 
+def kernel_support() -> KernelSupport:
+    """What this kernel offers for kernel aggregation (nothing when tracefs is not there to tell)."""
+    try:
+        return KernelSupport.detect(tfs_mod.find_tracefs())
+    except TracefsError:
+        return KernelSupport(False, False)
+
+
+def resolve_modes(config: Config, probes: ProbeSet, support: KernelSupport | None = None,
+                  ) -> tuple[dict[str, ProbeMode], ProbeSet]:
+    """Each probe's aggregation mode and the probe set that streams (raises UserError for an
+    unhonourable `kernel`)."""
+    modes = aggmode.resolve(config, probes, support if support is not None else kernel_support())
+    return modes, aggmode.streamed(probes, modes)
+
+
 def own_tids() -> list[int]:
     try:
         return [int(t) for t in os.listdir("/proc/self/task")]
@@ -89,12 +107,16 @@ class Agent:
     authorize: Callable[..., bool] | None = None
     # SIGHUP reloads from here: the config file read again and its probe set (raises UserError)
     reload_source: Callable[[], tuple[Config, ProbeSet]] | None = None
+    support: KernelSupport | None = None  # None: detected from tracefs
 
     def __post_init__(self) -> None:
         self.stop_event = threading.Event()
         self.cgroup_of = CgroupOf()
         self.pods = pod_list(self.probes)
-        self.aggregate = make_aggregate(self.config, self.probes, self.cgroup_of, self.pods)
+        # self.probes: every event the agent defines; self.stream: the ones the reader and aggregate get
+        self.modes, self.stream = resolve_modes(self.config, self.probes, self.support)
+        self.kernel: KernelSource | None = None
+        self.aggregate = make_aggregate(self.config, self.stream, self.cgroup_of, self.pods)
         self.heartbeat = time.time()
         self.tracefs: Tracefs | None = None
         self.profile: dict[str, tuple[int, int]] = {}
@@ -109,7 +131,7 @@ class Agent:
         self._stats_offset: dict[int, int] = {}  # the part of them counted by aggregates before a reload
         self._binaries: dict[str, tuple[int, int] | None] = {}  # uprobe -> the binary it was defined on
         self.shipper: SpanShipper | None = None
-        self._attach_spans(self.aggregate, self.probes)
+        self._attach_spans(self.aggregate, self.stream)
         self.containers = container_targets(self.config, self.probes)  # issue #16: see _recontain
 
     def _attach_spans(self, agg: Aggregate, probes: ProbeSet) -> None:
@@ -173,12 +195,16 @@ class Agent:
             try:
                 # process.pid of a span is the tgid: the trace prints it only with record-tgid on
                 tfs.install(self.probes, self.config.buffer_size_kb,
-                            record_tgid=self.shipper is not None or needs_tgid(self.probes.events),
-                            own_tids=own_tids())
+                            record_tgid=self.shipper is not None or needs_tgid(self.stream.events),
+                            own_tids=own_tids(), define_only=self._kernel_names(self.modes))
+                self.kernel = KernelSource(tfs.root, tfs.inst, self.probes.group, self.config.label_limit)
+                self.kernel.install(self.modes.values())
                 reader = self._open_reader(tfs)
                 self._binaries = {ev.name: reload_mod.file_identity(ev) for ev in self.probes.events}
             except BaseException:
                 web.httpd.server_close()
+                if self.kernel is not None:
+                    self.kernel.remove()
                 tfs.remove()
                 raise
             web.start()
@@ -204,6 +230,16 @@ class Agent:
                 self.tracefs.close()
             lock.release()
 
+    @staticmethod
+    def _kernel_names(modes: dict[str, ProbeMode]) -> frozenset[str]:
+        return frozenset(ev.name for ev in aggmode.kernel_events(modes))
+
+    def probe_modes(self) -> list[tuple[str, str, str]]:
+        return [(name, m.mode, m.reason) for name, m in self.modes.items()]
+
+    def kernel_view(self) -> KernelView | None:
+        return self.kernel.read() if self.kernel is not None else None
+
     def _web(self, tfs: Tracefs, host: str, port: int) -> tuple[WebServer, OtlpMetricsPush | None]:
         """The collector's sources, the web server (bound, not yet serving) and the OTLP metrics push."""
         sources = self.sources = Sources(
@@ -214,11 +250,14 @@ class Agent:
             heartbeat=lambda: self.heartbeat,
             spans=self.span_counts,
             exemplar=self.exemplar,
+            kernel=self.kernel_view,
+            modes=lambda: self.modes,
         )
         registry = make_registry(sources)
         push = self._metrics_push(registry, sources)
         try:
-            web = WebServer(host, port, make_handler(registry, self.healthy, self.authorize), self.wrap_socket)
+            handler = make_handler(registry, self.healthy, self.authorize, self.probe_modes)
+            web = WebServer(host, port, handler, self.wrap_socket)
         except OSError as e:
             raise UserError(f"cannot listen on {self.listen}: {e.strerror}", "", "web.listen-address") from None
         return web, push
@@ -226,7 +265,8 @@ class Agent:
     def _stop(self, reader: EventReader, tfs: Tracefs, web: WebServer, push: OtlpMetricsPush | None) -> None:
         self.notifier.send("STOPPING=1")
         reader.close()
-        problems = tfs.remove()
+        problems = self.kernel.remove() if self.kernel is not None else []  # triggers before probes
+        problems += tfs.remove()
         if self.shipper is not None:
             self.shipper.shutdown(timeout_s=5.0)  # flush what is queued, bounded
         if push is not None:
@@ -252,7 +292,7 @@ class Agent:
         reader, with the reason logged (no numbers at all beat wrong ones, and text is never wrong)."""
         if self.config.reader == "raw":
             try:
-                reader = raw.RawReader.open(tfs.inst, tfs.root, self.probes, tfs.event_dir,
+                reader = raw.RawReader.open(tfs.inst, tfs.root, self.stream, tfs.event_dir,
                                              spans=self.shipper is not None)
                 log.info("reader: raw (per-CPU trace_pipe_raw, %d-byte pages, nanosecond timestamps)",
                          reader.layout.page_size)
@@ -260,7 +300,7 @@ class Agent:
             except raw.RawUnsupported as e:
                 log.warning("reader: the raw reader cannot serve this config here (%s); reading trace_pipe text", e)
         # live: a `<...>` the kernel printed can still be named, from /proc (its tables had no entry)
-        return TextReader(str(tfs.inst / "trace_pipe"), self.probes, Tasks())
+        return TextReader(str(tfs.inst / "trace_pipe"), self.stream, Tasks())
 
     def _loop(self, reader: EventReader, tfs: Tracefs) -> None:
         agg = self.aggregate
@@ -337,7 +377,7 @@ class Agent:
         if checked is None:
             log.info("reload: the config is unchanged")
             return
-        new_cfg, new_probes, plan = checked
+        new_cfg, new_probes, plan, (modes, stream) = checked
         for problem in tfs.disable_events(plan.remove):
             log.warning("reload: %s", problem)
         self._drain(reader)  # what the removed events left in the buffer still counts, in the old aggregate
@@ -351,29 +391,40 @@ class Agent:
         if self.pods is None and (pods := pod_list(new_probes)) is not None:
             self.pods = pods
             pods.start()
-        agg = make_aggregate(new_cfg, new_probes, self.cgroup_of, self.pods)
-        self._attach_spans(agg, new_probes)
+        agg = make_aggregate(new_cfg, stream, self.cgroup_of, self.pods)
+        self._attach_spans(agg, stream)
         self._stats_offset = dict(self._stats_seen)
         self.config, self.probes, self.aggregate, self.base = new_cfg, new_probes, agg, base
+        self.modes, self.stream = modes, stream
         self._view = (base, agg, new_cfg.label_limit)
         if self.sources is not None:
             self.sources.probes = new_probes
-        for problem in tfs.undefine_events(plan.remove):
-            log.warning("reload: %s", problem)
-        try:
-            tfs.add_events(plan.add)
-        except TracefsError as e:  # the trial passed a moment ago: a race with someone else's change
-            log.error("reload: the new probes could not be installed (%s); the kept ones run on, "
-                      "kprobe_exporter_probe_installed shows which are missing", e.message)
-        self._set_events(reader, new_probes)
+        self._swap_events(tfs, plan, modes, new_cfg.label_limit)
+        self._set_events(reader, stream)
         added = {ev.name for ev in plan.add}
         self._binaries = {ev.name: reload_mod.file_identity(ev) if ev.name in added else self._binaries.get(ev.name)
                           for ev in new_probes.events}
         self.containers = container_targets(new_cfg, new_probes)
         log.info("reloaded: %s", plan.summary())
 
-    def _checked_reload(self, reader: EventReader, tfs: Tracefs) -> tuple[Config, ProbeSet, reload_mod.Plan] | None:
-        """The new config, its probe set and the plan, once all of it passed (None: nothing changed)."""
+    def _swap_events(self, tfs: Tracefs, plan: reload_mod.Plan, modes: dict[str, ProbeMode], label_limit: int) -> None:
+        """Triggers of changed kernel-mode probes out (their values carried), old events out, new in,
+        then the new triggers: the order the kernel needs (an event with a trigger is busy)."""
+        if self.kernel is not None:
+            self.kernel.retire(modes, (ev.name for ev in plan.remove), label_limit)
+        for problem in tfs.undefine_events(plan.remove):
+            log.warning("reload: %s", problem)
+        try:
+            tfs.add_events(plan.add, define_only=self._kernel_names(modes))
+            if self.kernel is not None:
+                self.kernel.install(self.kernel.missing(modes))
+        except TracefsError as e:  # the trial passed a moment ago: a race with someone else's change
+            log.error("reload: the new probes could not be installed (%s); the kept ones run on, "
+                      "kprobe_exporter_probe_installed shows which are missing", e.message)
+
+    def _checked_reload(self, reader: EventReader, tfs: Tracefs,
+                        ) -> tuple[Config, ProbeSet, reload_mod.Plan, tuple[dict[str, ProbeMode], ProbeSet]] | None:
+        """The new config, its probe set, the plan and the modes, once all of it passed (None: nothing changed)."""
         assert self.reload_source is not None
         new_cfg, new_probes = self.reload_source()
         plan = reload_mod.plan(self.config, self.probes, new_cfg, new_probes, self._binaries)
@@ -381,13 +432,17 @@ class Agent:
             raise UserError(f"{', '.join(plan.restart)} cannot change without a restart")
         if not plan.changed:
             return None
+        modes, stream = resolve_modes(new_cfg, new_probes, self.support)
+        moved = sorted(n for n, m in modes.items() if n in self.modes and self.modes[n].mode != m.mode)
+        if moved:
+            raise UserError(f"the aggregation mode of {', '.join(moved)} cannot change without a restart")
         tfs.check_kinds(plan.add)
         try:
-            reader.check(new_probes, spans=any(p.spans is not None for p in new_probes.pairs))
+            reader.check(stream, spans=any(p.spans is not None for p in stream.pairs))
         except raw.RawUnsupported as e:
             raise UserError(f"the raw reader: {e}; such probes need `reader: text` (a restart)") from None
         self._trial(tfs, plan.add)
-        return new_cfg, new_probes, plan
+        return new_cfg, new_probes, plan, (modes, stream)
 
     def _set_events(self, reader: EventReader, probes: ProbeSet) -> None:
         try:  # the new set's events (a redefined probe gets a new id)
@@ -433,12 +488,15 @@ def check(config: Config, probes_for: Callable[[Config], ProbeSet]) -> list[str]
     cfg = config.model_copy(update={"instance": scratch})
     probes = probes_for(cfg)
     root = tfs_mod.find_tracefs()
+    modes, _ = resolve_modes(cfg, probes, KernelSupport.detect(root))
     tfs = Tracefs(root, scratch)
     tfs.check_kinds(probes.events)
+    ksrc = KernelSource(root, tfs.inst, scratch, cfg.label_limit)
     out: list[str] = []
     try:
         try:
-            tfs.install(probes, 64, record_tgid=False, own_tids=[])
+            tfs.install(probes, 64, record_tgid=False, own_tids=[], define_only=Agent._kernel_names(modes))
+            ksrc.install(modes.values())  # the kernel's verdict on the triggers too
         except TracefsError as e:  # name the user's group, not the scratch one
             raise TracefsError(e.message.replace(scratch, config.instance), e.probe, e.field) from None
         readback = {}
@@ -457,11 +515,19 @@ def check(config: Config, probes_for: Callable[[Config], ProbeSet]) -> list[str]
                 out.append(f"{ev.name}: {mine}\n  kernel: {kernel}")
             else:
                 out.append(f"{ev.name}: tracepoint {ev.target} (enabled in instance {config.instance})")
+        out = [line + _mode_line(modes.get(line.split(":", 1)[0])) for line in out]
     finally:
-        problems = tfs.remove()
+        problems = ksrc.remove() + tfs.remove()
     if problems:
         raise TracefsError("; ".join(problems))
     return out
+
+
+def _mode_line(m: ProbeMode | None) -> str:
+    """`check`'s line on a probe's aggregation mode, and why `auto` chose streaming."""
+    if m is None:
+        return ""
+    return f"\n  aggregation: {m.mode}" + ("" if m.reason in ("auto", "configured") else f" ({m.reason})")
 
 
 def leftovers(instance: str) -> list[str]:

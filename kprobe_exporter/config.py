@@ -21,6 +21,9 @@ MAX_NAME_LEN = 63  # kernel MAX_EVENT_NAME_LEN (64) minus the NUL
 MAX_ARGS = 128  # kernel MAX_TRACE_ARGS
 PROBE_KINDS = CONFIG_KEYS  # one key per accepted kind of the table in kinds.py, then `raw`
 OVERFLOW_VALUE = "__overflow__"
+# Where a probe's counts and latency are kept (aggmode.py): in the kernel (hist triggers), by streaming
+# every event to the agent, or `auto`: the kernel where it can express the probe, else streaming.
+Aggregation = Literal["auto", "kernel", "stream"]
 # Characters that would let a field end one tracefs command and start another.
 _INJECTION = re.compile(r"[\n\r\x00;]|-:")
 
@@ -96,6 +99,10 @@ class ProbeConfig(_Strict):
     # a uprobe's binary as seen inside a container: by runtime name, or a cgroup path regexp (issue #16)
     container: str | None = None
     cgroup: str | None = None
+    # kernel aggregation (aggmode.py): this probe's mode, over the top-level one; `recursive: true`
+    # makes `auto` stream it (the kernel keeps one pending timestamp per thread: nested calls cannot pair)
+    aggregation: Aggregation | None = None
+    recursive: bool = False
 
     @field_validator("cgroup")
     @classmethod
@@ -206,6 +213,7 @@ class Config(_Strict):
     label_limit: int = Field(default=100, ge=1, le=100000)
     listen_address: str = "0.0.0.0:10111"
     reader: Literal["text", "raw"] = "text"
+    aggregation: Aggregation = "auto"  # each probe's default; see aggmode.py
     pending: PendingConfig = Field(default_factory=PendingConfig)
     probes: list[ProbeConfig] = Field(default_factory=list)
     pairs: list[PairConfig] = Field(default_factory=list)

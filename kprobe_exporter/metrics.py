@@ -17,7 +17,9 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.samples import Exemplar
 
 from kprobe_exporter import __version__
+from kprobe_exporter.aggmode import ProbeMode
 from kprobe_exporter.aggregate import EVICT_REASONS, Snapshot
+from kprobe_exporter.kernelagg import KernelView
 from kprobe_exporter.probes import ProbeSet
 from kprobe_exporter.spans import DROP_REASONS
 
@@ -41,6 +43,8 @@ class Sources:
     exemplar: Callable[[str], tuple[str, float, float] | None] = lambda pair: None
     heartbeat: Callable[[], float] = time.time
     extra: list[Callable[[], Iterator[Metric]]] = field(default_factory=list)
+    kernel: Callable[[], KernelView | None] = lambda: None  # kernel-mode probes (kernelagg)
+    modes: Callable[[], dict[str, ProbeMode]] = dict  # each probe's aggregation mode
 
 
 def _fmt_le(b: float) -> str:
@@ -53,19 +57,21 @@ class ExporterCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         snap = self.s.snapshot()
+        kv = self.s.kernel() or KernelView()
         probes = self.s.probes
-        yield from self._events(snap)
-        yield from self._latency(snap)
+        yield from self._events({**snap.events, **kv.events})
+        yield from self._latency(snap, kv)
         yield from self._read_metrics(snap)
-        yield from self._pair_metrics(snap)
+        yield from self._pair_metrics(snap, {**snap.label_overflow, **kv.label_overflow})
         yield from self._probe_metrics(probes)
+        yield from self._kernel_metrics(kv)
         yield from self._span_metrics()
         for extra in self.s.extra:
             yield from extra()
 
-    def _events(self, snap: Snapshot) -> Iterator[Metric]:
+    def _events(self, events: dict[tuple[str, tuple[tuple[str, str], ...]], int]) -> Iterator[Metric]:
         by_labels: dict[tuple[str, ...], CounterMetricFamily] = {}
-        for (probe, labels), value in sorted(snap.events.items()):
+        for (probe, labels), value in sorted(events.items()):
             names = ("probe", *(k for k, _ in labels))
             fam = by_labels.get(names)
             if fam is None:
@@ -81,7 +87,7 @@ class ExporterCollector(Collector):
             first.samples.extend(fam.samples)
         yield first
 
-    def _latency(self, snap: Snapshot) -> Iterator[Metric]:
+    def _latency(self, snap: Snapshot, kv: KernelView) -> Iterator[Metric]:
         fam = HistogramMetricFamily("kprobe_latency_seconds", "Time from entry to exit of paired events.",
                                     labels=["probe"])
         bounds = snap.bounds_s
@@ -100,6 +106,14 @@ class ExporterCollector(Collector):
                 else:
                     buckets.append((le, cum))
             fam.add_metric([name], buckets, st.sum_ns / 1e9)
+        for name, kl in sorted(kv.latency.items()):
+            # the kernel's own buckets: `~ 2^N` holds (2^(N-1), 2^N] ns, so le is 2^N ns in seconds
+            cum, kb = 0, []
+            for bound_ns, n in zip(kl.bounds_ns, kl.counts, strict=True):
+                cum += n
+                kb.append((_fmt_le(bound_ns / 1e9), float(cum)))
+            kb.append(("+Inf", float(cum)))
+            fam.add_metric([name], kb, kl.sum_ns / 1e9)
         yield fam
 
     def _read_metrics(self, snap: Snapshot) -> Iterator[Metric]:
@@ -117,7 +131,7 @@ class ExporterCollector(Collector):
             lost.add_metric([str(cpu)], n)
         yield lost
 
-    def _pair_metrics(self, snap: Snapshot) -> Iterator[Metric]:
+    def _pair_metrics(self, snap: Snapshot, label_overflow: dict[tuple[str, str], int]) -> Iterator[Metric]:
         pending = GaugeMetricFamily("kprobe_exporter_pairs_pending", "Entries waiting for their exit.",
                                     labels=["probe"])
         evicted = CounterMetricFamily("kprobe_exporter_pairs_evicted",
@@ -136,7 +150,7 @@ class ExporterCollector(Collector):
         overflow = CounterMetricFamily("kprobe_exporter_label_overflow",
                                        "Label values replaced by __overflow__ because the cap was reached.",
                                        labels=["probe", "label"])
-        for (probe, label), n in sorted(snap.label_overflow.items()):
+        for (probe, label), n in sorted(label_overflow.items()):
             overflow.add_metric([probe, label], n)
         yield overflow
 
@@ -161,6 +175,20 @@ class ExporterCollector(Collector):
             misses.add_metric([name], m)
         yield hits
         yield misses
+
+    def _kernel_metrics(self, kv: KernelView) -> Iterator[Metric]:
+        mode = GaugeMetricFamily("kprobe_exporter_probe_aggregation",
+                                 "1 for the mode each probe is aggregated in: kernel (hist triggers) or stream.",
+                                 labels=["probe", "mode"])
+        for name, m in sorted(self.s.modes().items()):
+            mode.add_metric([name, m.mode], 1)
+        yield mode
+        dropped = CounterMetricFamily("kprobe_exporter_kernel_dropped",
+                                      "Events a full hist table in the kernel refused, per kernel-mode probe.",
+                                      labels=["probe"])
+        for name, n in sorted(kv.dropped.items()):
+            dropped.add_metric([name], n)
+        yield dropped
 
     def _span_metrics(self) -> Iterator[Metric]:
         spans = self.s.spans()

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from kprobe_exporter import kernel
+from kprobe_exporter import kernel, triggers
 from kprobe_exporter.errors import TracefsError
 from kprobe_exporter.kinds import PROBE_FILES, ProbeFile, parse_definition
 from kprobe_exporter.labels import arg_labels
@@ -359,36 +359,41 @@ class Tracefs:
         write_file(self.event_dir(ev) / "enable", "1")
         self._enabled.append(ev)
 
-    def install(self, probes: ProbeSet, buffer_size_kb: int, record_tgid: bool, own_tids: Iterable[int]) -> None:
-        """Instance, definitions, filters, enable; on any failure remove all of it and raise."""
+    def install(self, probes: ProbeSet, buffer_size_kb: int, record_tgid: bool, own_tids: Iterable[int],
+                define_only: frozenset[str] = frozenset()) -> None:
+        """Instance, definitions, filters, enable; on any failure remove all of it and raise.
+
+        `define_only`: events hist triggers aggregate in the kernel: defined, never enabled for reading."""
         try:
             self.create_instance()
             self.configure(buffer_size_kb, record_tgid, own_tids)
-            self._add(probes.events)
+            self._add(probes.events, define_only)
         except BaseException as e:
             self.remove()
             if isinstance(e, OSError):
                 raise TracefsError(f"{self.show(e.filename or self.inst)}: {e.strerror}") from None
             raise
 
-    def _add(self, events: Iterable[EventSpec]) -> None:
+    def _add(self, events: Iterable[EventSpec], define_only: frozenset[str] = frozenset()) -> None:
         events = list(events)
         for ev in events:
             if ev.dynamic:
                 self.define(ev)
         for ev in events:
             self.check_labels(ev)
+        streamed = [ev for ev in events if ev.name not in define_only]
+        for ev in streamed:
             self.set_filter(ev)
-        for ev in events:
+        for ev in streamed:
             self.enable(ev)
 
     # --- changes on a live instance (reload) ----------------------------------------------
-    def add_events(self, events: Iterable[EventSpec]) -> None:
+    def add_events(self, events: Iterable[EventSpec], define_only: frozenset[str] = frozenset()) -> None:
         """Define, filter and enable more events in the live instance; on failure take them back out."""
         events = list(events)
         defined, enabled = len(self._defined), len(self._enabled)
         try:
-            self._add(events)
+            self._add(events, define_only)
         except BaseException as e:
             with self._lock:
                 for ev in self._enabled[enabled:]:
@@ -554,12 +559,64 @@ def remove_instance(inst: Path) -> list[str]:
 def cleanup(root: Path, instance: str, group: str | None = None) -> list[str]:
     """Remove what a dead agent of this instance left: its instance, then its group's definitions."""
     tfs = Tracefs(root, instance, group)
-    problems = remove_instance(tfs.inst)
+    synthetics, problems = strip_instance(root, tfs.inst)  # triggers before the synthetic events they feed
+    problems += remove_instance(tfs.inst)
+    problems += remove_synthetics(root, synthetics)
     for probe_file, name in tfs.own_definitions():
         try:
             tfs.undefine(probe_file, name)
         except TracefsError as e:
             problems.append(e.message)
+    return problems
+
+
+_TRACE_TO = re.compile(r"\.trace\(([A-Za-z_][A-Za-z0-9_]*),|onmatch\([^)]*\)\.([A-Za-z_][A-Za-z0-9_]*)\(")
+
+
+def strip_instance(root: Path, inst: Path) -> tuple[list[str], list[str]]:
+    """A dead agent's triggers out of its own instance (every trigger there is its own).
+
+    A trigger that defines a variable is busy while another reads it (seen on 6.1: the entry's
+    timestamp trigger answers EBUSY until the return's `onmatch` trigger is gone), so removal goes
+    round in passes until one removes nothing. Returns (the synthetic events they fed or sat on, problems).
+    """
+    synthetics: list[str] = []
+    pending: list[tuple[Path, str]] = []
+    events = inst / "events"
+    for trig in sorted(events.glob("*/*/trigger")) if events.is_dir() else []:
+        try:
+            lines = [ln for ln in read_text(trig).splitlines() if ln.strip() and not ln.startswith("#")]
+        except OSError:
+            continue
+        if lines and trig.parent.parent.name == "synthetic":
+            synthetics.append(trig.parent.name)
+        for line in reversed(lines):
+            synthetics += [m.group(1) for m in _TRACE_TO.finditer(line) if m.group(1)]
+            pending.append((trig, "!" + triggers.listed(line)))
+    failed: list[tuple[Path, str, str]] = []
+    while pending:
+        failed = []
+        for trig, line in pending:
+            try:
+                write_file(trig, line + "\n", append=True)
+            except OSError as e:
+                failed.append((trig, line, e.strerror or str(e)))
+        if len(failed) == len(pending):
+            break
+        pending = [(t, ln) for t, ln, _ in failed]
+    return list(dict.fromkeys(synthetics)), [f"{line} in {trig}: {why}" for trig, line, why in failed]
+
+
+def remove_synthetics(root: Path, names: Iterable[str]) -> list[str]:
+    problems = []
+    path = root / triggers.SYNTHETIC_EVENTS
+    defined = {ln.split()[0] for ln in read_text(path).splitlines() if ln.strip()} if path.exists() else set()
+    for name in names:
+        if name in defined:
+            try:
+                write_file(path, f"!{name}\n", append=True)
+            except OSError as e:
+                problems.append(f"!{name} in synthetic_events: {e.strerror}")
     return problems
 
 

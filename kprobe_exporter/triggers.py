@@ -80,19 +80,25 @@ def count_trigger(event: str, labels: tuple[str, ...] = (), where: str = "") -> 
     return Trigger(event, f"hist:keys={_keys(labels)}:vals=hitcount:sort=hitcount:size={HIST_SIZE}{_filter(where)}")
 
 
-def latency_plan(group: str, entry: str, exit_: str, pair: str, where: str = "") -> KernelPlan:
+def latency_plan(group: str, entry: str, exit_: str, pair: str, where: str = "",
+                 exit_where: str | None = None) -> KernelPlan:
     """Entry → return latency of `pair` per thread, as a `.log2` hist of ns with the sum.
 
-    `entry`/`exit_` are event names in `group`. The timestamp variable is named for the pair: the kernel
-    refuses a `$var` that more than one trigger defines unless it is fully qualified.
+    `entry`/`exit_` are "GROUP/EVENT" (a bare EVENT is in `group`); the synthetic event is named for
+    `group` and the pair. The timestamp variable is named for the pair: the kernel refuses a `$var`
+    that more than one trigger defines unless it is fully qualified. `exit_where` filters the return
+    (default: `where`); a filter on entry arguments cannot apply there, so the agent passes "".
     """
+    exit_filter = where if exit_where is None else exit_where
+    entry, exit_ = (e if "/" in e else f"{group}/{e}" for e in (entry, exit_))
     ts, lat = f"{pair}_ts0", f"{pair}_lat"
     synth = Synthetic(f"{group}_{pair}_lat")
-    on_entry = Trigger(f"{group}/{entry}", f"hist:keys=common_pid:{ts}=common_timestamp:clock={CLOCK}{_filter(where)}")
+    on_entry = Trigger(entry, f"hist:keys=common_pid:{ts}=common_timestamp:clock={CLOCK}{_filter(where)}")
     on_exit = Trigger(
-        f"{group}/{exit_}",
+        exit_,
         f"hist:keys=common_pid:{lat}=common_timestamp-${ts}"
-        f":clock={CLOCK}:onmatch({group}.{entry}).trace({synth.name},${lat},common_pid){_filter(where)}",
+        f":clock={CLOCK}:onmatch({entry.replace('/', '.')})"
+        f".trace({synth.name},${lat},common_pid){_filter(exit_filter)}",
     )
     buckets = Trigger(f"synthetic/{synth.name}", f"hist:keys=lat.log2:vals=hitcount,lat:sort=lat:size={HIST_SIZE}")
     return KernelPlan((synth,), (on_entry, on_exit, buckets))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import socket
 import threading
 from collections.abc import Callable
@@ -18,8 +19,18 @@ LANDING = """<!doctype html>
 <body><h1>kprobe-exporter {version}</h1>
 <p>Linux dynamic probes as Prometheus metrics.</p>
 <ul><li><a href="/metrics">/metrics</a></li><li><a href="/healthz">/healthz</a></li></ul>
-</body></html>
+{probes}</body></html>
 """
+# (probe, aggregation mode, why) for the landing page
+ProbeModes = Callable[[], list[tuple[str, str, str]]]
+
+
+def probes_table(rows: list[tuple[str, str, str]]) -> str:
+    if not rows:
+        return ""
+    body = "".join(f"<tr><td>{html.escape(p)}</td><td>{html.escape(m)}</td><td>{html.escape(w)}</td></tr>\n"
+                   for p, m, w in rows)
+    return f"<table><tr><th>probe</th><th>aggregation</th><th>why</th></tr>\n{body}</table>\n"
 
 RequestCheck = Callable[[BaseHTTPRequestHandler], bool]
 
@@ -61,7 +72,8 @@ class _Server(ThreadingHTTPServer):
 
 
 def make_handler(registry: CollectorRegistry, healthy: Callable[[], tuple[bool, str]],
-                 authorize: RequestCheck | None = None) -> type[BaseHTTPRequestHandler]:
+                 authorize: RequestCheck | None = None,
+                 probe_modes: ProbeModes | None = None) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = f"kprobe-exporter/{__version__}"
         timeout = 10  # a client that connects and stalls loses its thread after this, not the reader
@@ -78,7 +90,8 @@ def make_handler(registry: CollectorRegistry, healthy: Callable[[], tuple[bool, 
                 ok, why = healthy()
                 self._send(200 if ok else 503, "text/plain; charset=utf-8", (why + "\n").encode())
             elif path == "/":
-                self._send(200, "text/html; charset=utf-8", LANDING.format(version=__version__).encode())
+                self._send(200, "text/html; charset=utf-8", LANDING.format(
+                    version=__version__, probes=probes_table(probe_modes() if probe_modes else [])).encode())
             else:
                 self._send(404, "text/plain; charset=utf-8", b"not found\n")
 

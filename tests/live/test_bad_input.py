@@ -33,6 +33,7 @@ TRACEFS = Path("/sys/kernel/tracing")
 VICTIM = "kpe_t_victim/keep"  # a probe of someone else's group that injected commands aim to remove
 HELD = "kpe_t_bad_held"  # an instance held by a live agent during the run
 HAS_KPROBES = (TRACEFS / "kprobe_events").exists()
+HAS_HIST = (TRACEFS / "events" / "sched" / "sched_switch" / "hist").exists()  # CONFIG_HIST_TRIGGERS (not here)
 KERNEL_LAB_NOTE = ("this kernel has no kprobes: the kernel-lab tier (Debian 6.1 under qemu) gets the real "
                    "'unknown symbol ... did you mean' line")
 
@@ -219,6 +220,28 @@ CASES: list[Case] = [
          "must not contain a newline, ';', NUL or '-:'", probe="a", field="uretprobe"),
     Case("inject-comment-arg", "Injection", P(name="a", uprobe=PIE + ":compute", args={"x": "%di#"}),
          "must not contain '#' (the kernel reads the rest of the line as a comment)", probe="a", field="args.x"),
+    # --- kernel aggregation (aggregation: auto | kernel | stream) ---------------------------------------
+    Case("aggregation-bad-value", "Kernel aggregation", P(name="a", uprobe=PIE + ":compute", aggregation="kernal"),
+         "Input should be 'auto', 'kernel' or 'stream'", probe="a", field="aggregation"),
+    Case("aggregation-bad-value-top", "Kernel aggregation", {"aggregation": "fast", "probes": []},
+         "Input should be 'auto', 'kernel' or 'stream'", field="aggregation"),
+    Case("aggregation-kernel-no-hist", "Kernel aggregation",
+         P(name="a", uprobe=PIE + ":compute", aggregation="kernel"),
+         "'kernel' cannot be honoured: this kernel has no hist triggers (CONFIG_HIST_TRIGGERS)",
+         probe="a", field="aggregation", note="" if not HAS_HIST else "this kernel has hist triggers: the config runs"),
+    Case("aggregation-kernel-recursive", "Kernel aggregation",
+         P(name="a", uprobe=PIE + ":recurse", latency=True, recursive=True, aggregation="kernel"),
+         "'kernel' cannot be honoured: recursive: one pending timestamp per thread cannot pair nested calls",
+         probe="a", field="aggregation"),
+    Case("aggregation-kernel-too-many-keys", "Kernel aggregation",
+         {"aggregation": "kernel", "probes": [{"name": "a", "uprobe": PIE + ":compute", "labels": ["w", "x", "y", "z"],
+                                               "args": {"w": "%di:u8", "x": "%si:u8", "y": "%dx:u8", "z": "%cx:u8"}}]},
+         "'kernel' cannot be honoured: 4 labels: a hist key takes at most 3 fields (TRACING_MAP_KEYS_MAX)",
+         probe="a", field="aggregation"),
+    Case("aggregation-kernel-user-space-label", "Kernel aggregation",
+         P(name="a", uprobe=PIE + ":compute", labels=["container_id"], aggregation="kernel"),
+         "'kernel' cannot be honoured: label 'container_id' is known only in user space",
+         probe="a", field="aggregation"),
     # --- environment ------------------------------------------------------------------------------
     Case("not-root", "Environment", P(name="a", uprobe=PIE + ":compute"),
          "must run as root (writing kprobe_events/uprobe_events needs it)", how="user",

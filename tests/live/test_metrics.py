@@ -114,3 +114,32 @@ probes:
             assert got == 77
             res = query(prom, 'kprobe_latency_seconds_count{probe="compute"}')
             assert float(res[0]["value"][1]) == 77
+
+
+@pytest.mark.root
+def test_auto_aggregation_streams_here_and_says_why(tracefs: Path, progs: dict[str, Path], write_config) -> None:
+    """This kernel has no hist triggers: `auto` streams every probe, counts exactly, and the self-metric
+    and the landing page say so, with the reason (the kernel mode itself: tests/lab/test_kernel_mode.py)."""
+    import urllib.request
+
+    cfg = write_config(f"""
+instance: kpe_t_metrics_agg
+probes:
+  - {{name: compute, uprobe: '{progs["pie"]}:compute', latency: true}}
+  - {{name: forced, uprobe: '{progs["pie"]}:compute', aggregation: stream}}
+""")
+    hist = any((tracefs / "events").glob("*/*/hist"))
+    with running_agent(cfg) as agent:
+        subprocess.run([progs["pie"], "compute", "10"], check=True)
+        agent.wait_value("kprobe_latency_seconds_count", 10, probe="compute")
+        m = samples(agent.scrape())
+        assert value(m, "kprobe_events_total", probe="forced") == 10
+        assert value(m, "kprobe_exporter_probe_aggregation", probe="compute",
+                     mode="kernel" if hist else "stream") == 1
+        assert value(m, "kprobe_exporter_probe_aggregation", probe="forced", mode="stream") == 1
+        with urllib.request.urlopen(agent.url + "/") as r:
+            page = r.read().decode()
+        if not hist:
+            assert "<td>compute</td><td>stream</td><td>this kernel has no hist triggers (CONFIG_HIST_TRIGGERS)</td>" \
+                in page, page
+        assert "<td>forced</td><td>stream</td><td>configured</td>" in page, page

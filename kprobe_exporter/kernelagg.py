@@ -1,0 +1,304 @@
+"""Kernel aggregation: the third source. Kernel-mode probes counted and timed by hist triggers in the
+agent's instance, read at scrape time into the same series the streaming aggregate exports.
+
+No event of a kernel-mode probe reaches user space: its triggers keep counts per label set and a
+`.log2` latency histogram with the sum; `read()` parses the hist files (hist.py). Values never go
+back: a trigger replaced by a reload leaves its last values as an offset, and the admitted label
+values stay admitted, so `label_limit` folds the same ones into `__overflow__` from scrape to scrape.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kprobe_exporter import hist, triggers
+from kprobe_exporter.aggmode import ProbeMode
+from kprobe_exporter.config import OVERFLOW_VALUE
+from kprobe_exporter.errors import TracefsError
+from kprobe_exporter.tracefs import error_log_entries, kernel_reason, read_text, write_file
+from kprobe_exporter.triggers import KernelPlan, Trigger
+
+log = logging.getLogger("kprobe_exporter")
+
+LOG2_MIN_TOP = 34  # le buckets always run 2^0 .. at least 2^34 ns (17 s), so the series stay the same
+Labels = tuple[tuple[str, str], ...]
+
+
+def _event_path(ev_group: str, ev_name: str) -> str:
+    return f"{ev_group}/{ev_name}"
+
+
+@dataclass(frozen=True)
+class ProbeTriggers:
+    """A kernel-mode probe's plan and which of its tables answer what."""
+
+    mode: ProbeMode
+    plan: KernelPlan
+    count: Trigger  # the table whose rows (or totals, without labels) count the probe's events
+    latency: Trigger | None  # the `.log2` table on the synthetic event
+
+    @property
+    def probe(self) -> str:
+        return self.mode.probe
+
+
+def probe_triggers(group: str, mode: ProbeMode) -> ProbeTriggers:
+    """The lines for one kernel-mode probe. Without labels a latency probe's entry table (keyed by thread,
+    saving the timestamp) also counts its events in `Hits`: one trigger fewer on the traced path."""
+    ev = mode.event
+    assert ev is not None
+    where = ev.filter or ""
+    entry = _event_path(ev.group, ev.name)
+    count = triggers.count_trigger(entry, tuple(k.field for k in mode.keys), where)
+    if mode.pair is None or mode.exit is None:
+        return ProbeTriggers(mode, KernelPlan((), (count,)), count, None)
+    lat = triggers.latency_plan(group, entry, _event_path(mode.exit.group, mode.exit.name), mode.pair.name, where, "")
+    if not mode.keys:
+        return ProbeTriggers(mode, lat, lat.triggers[0], lat.triggers[-1])
+    return ProbeTriggers(mode, KernelPlan(lat.synthetics, (*lat.triggers, count)), count, lat.triggers[-1])
+
+
+@dataclass(frozen=True)
+class KernelLatency:
+    """A latency histogram in the kernel's own buckets: counts[i] holds (bounds_ns[i-1], bounds_ns[i]]."""
+
+    bounds_ns: tuple[int, ...]
+    counts: tuple[int, ...]
+    sum_ns: int
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
+@dataclass
+class KernelView:
+    """What kernel-mode probes add to one scrape."""
+
+    events: dict[tuple[str, Labels], int] = field(default_factory=dict)
+    latency: dict[str, KernelLatency] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)  # events a full table refused, per probe
+    label_overflow: dict[tuple[str, str], int] = field(default_factory=dict)
+
+
+@dataclass
+class _Raw:
+    """One probe's values as the kernel holds them (plus what replaced triggers left), before folding."""
+
+    events: dict[Labels, int] = field(default_factory=dict)
+    lat: dict[int, tuple[int, int]] = field(default_factory=dict)  # log2 exponent -> (count, sum ns)
+    dropped: int = 0
+
+    def add(self, other: _Raw) -> _Raw:
+        out = _Raw(dict(self.events), dict(self.lat), self.dropped + other.dropped)
+        for k, n in other.events.items():
+            out.events[k] = out.events.get(k, 0) + n
+        for e, (n, s) in other.lat.items():
+            n0, s0 = out.lat.get(e, (0, 0))
+            out.lat[e] = (n0 + n, s0 + s)
+        return out
+
+
+def _table(tables: list[hist.HistTable], trig: Trigger) -> hist.HistTable | None:
+    """Our table on an event: the one keyed as the trigger is (each of ours on an event has its own keys)."""
+    want = hist.key_names(trig.line)
+    return next((t for t in tables if t.key_names == want), None)
+
+
+def raw_values(pt: ProbeTriggers, hist_text: dict[str, str]) -> _Raw:
+    """A probe's values from the hist files' text (event path -> text), unfolded."""
+    out = _Raw()
+    tables = {ev: hist.parse(text) for ev, text in hist_text.items()}
+    count = _table(tables.get(pt.count.event, []), pt.count)
+    if count is not None:
+        keys = pt.mode.keys
+        if keys:
+            for row in count.rows:
+                labels = tuple((k.label, k.value(v)) for k, v in zip(keys, row.keys, strict=True))
+                out.events[labels] = out.events.get(labels, 0) + row.values.get("hitcount", 0)
+        else:
+            out.events[()] = count.events  # every event, the ones a full table refused too
+        out.dropped += count.dropped
+    for trig in pt.plan.triggers:
+        if trig is not pt.count and trig is not pt.latency and (t := _table(tables.get(trig.event, []), trig)):
+            out.dropped += t.dropped  # a full thread table: calls whose latency was not measured
+    if pt.latency is not None and (lat := _table(tables.get(pt.latency.event, []), pt.latency)) is not None:
+        for row in lat.rows:
+            exp = hist.log2_upper_bound(row.keys[0]).bit_length() - 1
+            out.lat[exp] = (row.values.get("hitcount", 0), row.values.get("lat", 0))
+        out.dropped += lat.dropped
+    return out
+
+
+def latency_of(lat: dict[int, tuple[int, int]]) -> KernelLatency:
+    top = max([LOG2_MIN_TOP, *lat])
+    bounds = tuple(1 << e for e in range(top + 1))
+    counts = tuple(lat.get(e, (0, 0))[0] for e in range(top + 1))
+    return KernelLatency(bounds, counts, sum(s for _, s in lat.values()))
+
+
+@dataclass
+class LabelFold:
+    """label_limit at export: the first `limit` values of a label stay theirs, the rest are __overflow__."""
+
+    limit: int
+    admitted: dict[tuple[str, str], dict[str, None]] = field(default_factory=dict)  # ordered sets
+
+    def fold(self, probe: str, events: dict[Labels, int], view: KernelView) -> None:
+        if self._all_admitted(probe, events):  # the usual scrape: every value already has its place
+            view.events.update({(probe, labels): n for labels, n in events.items()})
+            return
+        # most counted first on the first sight: the values that matter get the places
+        for labels, n in sorted(events.items(), key=lambda kv: (-kv[1], kv[0])):
+            out = []
+            for label, v in labels:
+                seen = self.admitted.setdefault((probe, label), {})
+                if v not in seen and len(seen) < self.limit:
+                    seen[v] = None
+                if v not in seen:
+                    view.label_overflow[(probe, label)] = view.label_overflow.get((probe, label), 0) + n
+                    v = OVERFLOW_VALUE
+                out.append((label, v))
+            key = (probe, tuple(out))
+            view.events[key] = view.events.get(key, 0) + n
+
+    def _all_admitted(self, probe: str, events: dict[Labels, int]) -> bool:
+        if not events:
+            return True
+        first = next(iter(events))
+        for i, (label, _) in enumerate(first):
+            seen = self.admitted.get((probe, label))
+            if seen is None or any(labels[i][1] not in seen for labels in events):
+                return False
+        return True
+
+
+class KernelSource:
+    """The kernel-mode probes of one agent: their triggers in its instance, read at scrape."""
+
+    def __init__(self, root: Path, inst: Path, group: str, label_limit: int) -> None:
+        self.root, self.inst, self.group = root, inst, group
+        self.installed: dict[str, ProbeTriggers] = {}
+        self.offsets: dict[str, _Raw] = {}  # what replaced triggers of a kept probe had counted
+        self.fold = LabelFold(label_limit)
+        self._dropped_logged: set[str] = set()
+        self._lock = threading.Lock()  # scrapes read while a reload installs
+
+    # --- install and remove -------------------------------------------------------------
+    def install(self, modes: Iterable[ProbeMode]) -> None:
+        """Triggers for every kernel-mode probe; on a refusal take this call's back out and raise."""
+        added: list[ProbeTriggers] = []
+        try:
+            for m in modes:
+                if m.kernel:
+                    pt = probe_triggers(self.group, m)
+                    added.append(pt)
+                    self._write_plan(pt)
+                    with self._lock:
+                        self.installed[m.probe] = pt
+        except BaseException:
+            for pt in reversed(added):
+                self._remove_plan(pt)
+                self.installed.pop(pt.probe, None)
+            raise
+
+    def _write_plan(self, pt: ProbeTriggers) -> None:
+        for s in pt.plan.synthetics:
+            self._write(self.root / triggers.SYNTHETIC_EVENTS, s.line, pt.probe, self.root)
+        for t in pt.plan.triggers:
+            self._write(self.inst / t.path, t.line, pt.probe, self.inst)
+
+    def _write(self, path: Path, line: str, probe: str, log_dir: Path) -> None:
+        before = _error_log(log_dir)
+        try:
+            write_file(path, line + "\n", append=True)
+        except OSError as e:
+            new = _error_log(log_dir)[len(before):]
+            why = kernel_reason(new[-1]) if new else (e.strerror or str(e))
+            raise TracefsError(f"the kernel refused {line!r} in {path.name}: {why}", probe, "aggregation") from None
+
+    def _remove_plan(self, pt: ProbeTriggers) -> list[str]:
+        problems = []
+        for file, line in pt.plan.removal():
+            path = self.root / file if file == triggers.SYNTHETIC_EVENTS else self.inst / file
+            try:
+                write_file(path, line + "\n", append=True)
+            except OSError as e:
+                if not (e.errno == 2 or (file != triggers.SYNTHETIC_EVENTS and e.errno == 22)):  # already gone
+                    problems.append(f"{line} in {file}: {e.strerror}")
+        return problems
+
+    def remove(self) -> list[str]:
+        """Every trigger (newest probe first), then their synthetic events. Problems."""
+        problems: list[str] = []
+        with self._lock:
+            for pt in reversed(list(self.installed.values())):
+                problems += self._remove_plan(pt)
+            self.installed.clear()
+        return problems
+
+    # --- reload -------------------------------------------------------------------------
+    def retire(self, modes: dict[str, ProbeMode], redefined: Iterable[str], label_limit: int) -> None:
+        """A reload's first half, before events go: unchanged probes keep their triggers untouched; a
+        changed one (or one whose event is defined again) leaves its last values as an offset; a gone
+        one takes its values with it. `install` then adds what is missing."""
+        new = {name: probe_triggers(self.group, m) for name, m in modes.items() if m.kernel}
+        redefined = set(redefined)
+        self.fold.limit = label_limit
+        for name, pt in list(self.installed.items()):
+            events = {e.name for e in (pt.mode.event, pt.mode.exit) if e is not None}
+            if new.get(name) == pt and not events & redefined:
+                continue
+            if name in new:
+                last = raw_values(pt, self._hist_text([pt]))
+                self.offsets[name] = self.offsets.get(name, _Raw()).add(last)
+            else:
+                self.offsets.pop(name, None)
+            for problem in self._remove_plan(pt):
+                log.warning("reload: %s", problem)
+            with self._lock:
+                del self.installed[name]
+
+    def missing(self, modes: dict[str, ProbeMode]) -> list[ProbeMode]:
+        return [m for name, m in modes.items() if m.kernel and name not in self.installed]
+
+    # --- scrape -------------------------------------------------------------------------
+    def _hist_text(self, pts: Iterable[ProbeTriggers]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for pt in pts:
+            for t in pt.plan.triggers:
+                if t.event not in out:
+                    try:
+                        out[t.event] = read_text(self.inst / "events" / t.event / "hist")
+                    except OSError:
+                        out[t.event] = ""
+        return out
+
+    def read(self) -> KernelView:
+        with self._lock:
+            pts = list(self.installed.values())
+            offsets = dict(self.offsets)
+            view = KernelView()
+            text = self._hist_text(pts)
+            for pt in pts:
+                raw = offsets.get(pt.probe, _Raw()).add(raw_values(pt, text))
+                self.fold.fold(pt.probe, raw.events, view)
+                if pt.mode.pair is not None:
+                    view.latency[pt.mode.pair.name] = latency_of(raw.lat)
+                view.dropped[pt.probe] = raw.dropped
+                if raw.dropped and pt.probe not in self._dropped_logged:
+                    self._dropped_logged.add(pt.probe)
+                    log.warning("probe %s: a full hist table in the kernel refused %d events (counted in "
+                                "kprobe_exporter_kernel_dropped_total)", pt.probe, raw.dropped)
+        return view
+
+
+def _error_log(where: Path) -> list[str]:
+    try:
+        return error_log_entries(read_text(where / "error_log"))
+    except OSError:
+        return []
