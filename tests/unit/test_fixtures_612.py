@@ -5,10 +5,9 @@ tests/fixtures/linux-6.12-debian (tests/make_612_fixtures.py) holds, per scenari
 instances with the agent's options (irq-info off; record-tgid off and on) that traced the same events; also
 every line of a definition corpus as the kernel listed it back or refused it (definitions.json, error_log.txt).
 
-The config cannot declare fprobes, tprobes, eprobes or `SYM%return` yet, so the events are described here as
-the kinds they print like: an entry as a kprobe `(ip)`, an exit as a kretprobe `(ret_ip <- func)`, with the
-argument names the kernel gave them (its format file). What the parser or decoder cannot read yet is left out
-and listed in the issue's note (an eprobe's pages: its print fmt has no `(ip)`).
+Each event is of the kind its definition line makes (kinds.py: fprobe, fretprobe, tprobe, eprobe, kretprobe for
+`SYM%return`), with the argument names the kernel gave them (its format file); an eprobe's print fmt has no
+`(ip)`: its text prints `(SYSTEM.EVENT)` there.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ import pytest
 
 import raw_reference
 from kprobe_exporter import kernel, parser, tracefs
+from kprobe_exporter.kinds import parse_definition
 from kprobe_exporter.probes import ArgSpec, EventSpec, ProbeSet
 from kprobe_exporter.raw import args as raw_args
 from kprobe_exporter.raw import formats as raw_formats
@@ -31,7 +31,7 @@ from kprobe_exporter.raw import pages as raw_pages
 K612 = Path(__file__).resolve().parents[1] / "fixtures" / "linux-6.12-debian"
 RAW = K612 / "raw"
 SCENARIOS = sorted(p.name for p in RAW.iterdir() if (p / "meta.json").exists())
-DECODED = [s for s in SCENARIOS if not s.startswith("eprobe")]  # an eprobe's pages: no renderer yet
+DECODED = SCENARIOS
 TEXT_FILES = [(s, f.name) for s in SCENARIOS for f in sorted((RAW / s).glob("*trace*"))]
 
 
@@ -44,13 +44,11 @@ class Scenario:
 
 
 def event_spec(line: str, fmt: raw_formats.EventFormat) -> EventSpec:
-    """An event of a definition line, as the kind it prints like, with the args the kernel named in its format."""
-    head, target = line.split()[:2]
-    name = head.split("/")[1]
-    ret = head.startswith("r") or "%return" in target
+    """An event of a definition line, of the kind the line makes, with the args the kernel named in its format."""
+    d = parse_definition(line)
+    assert d is not None and d.kind is not None and d.event is not None
     args = tuple(ArgSpec(f.name, "", f.data_loc) for f in fmt.own_fields if not f.name.startswith("__probe"))
-    return EventSpec(name, "kretprobe" if ret else "kprobe", "kpe612", target, target.split("%")[0], line, args,
-                     key=name.encode() + b":")
+    return EventSpec(d.event, d.kind.key, "kpe612", d.target, d.target, line, args, key=d.event.encode() + b":")
 
 
 def load(name: str) -> Scenario:
