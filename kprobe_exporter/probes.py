@@ -199,7 +199,9 @@ def _raw(probe_cfg: ProbeConfig, group: str, resolve: Resolver | None) -> EventS
 
 
 _BTF_NAME_RE = re.compile(r"([A-Za-z_]\w*)(?::[^=]*)?")
-ARGS_ALL = "$arg*"
+# `$arg*` and an unnamed `$argN`: the kernel names (and, with BTF, types) them by the function's parameters,
+# and refuses a `$argN` past them that it would take once named (6.12: `$arg9` no, `a=$arg9` yes)
+_KERNEL_NAMED_RE = re.compile(r"\$arg(?:\*|\d+(?::[^=]*)?)")
 
 
 def _raw_args(probe: str, kind: ProbeKind, tokens: tuple[str, ...]) -> tuple[tuple[ArgSpec, ...], tuple[str, ...]]:
@@ -207,13 +209,13 @@ def _raw_args(probe: str, kind: ProbeKind, tokens: tuple[str, ...]) -> tuple[tup
 
     A named arg keeps its name; a bare BTF name (`count`) is named by itself, as the kernel names it; any
     other unnamed arg is written `argN=...` by its position, the kernel's own name for it where BTF does not
-    name it. `$arg*` is written as it is: the kernel expands it to names only it knows, so the event's args
-    are not read (its text would run into theirs).
+    name it. `$arg*` and an unnamed `$argN` are written as they are: the kernel names them after parameters
+    only it knows, so the event's args are not read (their text would run into the others').
     """
     args: list[ArgSpec] = []
     written: list[str] = []
     for i, tok in enumerate(tokens, 1):
-        if tok == ARGS_ALL:
+        if _KERNEL_NAMED_RE.fullmatch(tok):
             check_field(probe, RAW_KEY, tok)
             written.append(tok)
             continue
@@ -223,7 +225,7 @@ def _raw_args(probe: str, kind: ProbeKind, tokens: tuple[str, ...]) -> tuple[tup
             name, fetch = (m.group(1) if m else f"arg{i}"), tok
         args.append(parse_fetcharg(probe, kind, name, fetch))
         written.append(tok if eq or m else f"{name}={fetch}")
-    if ARGS_ALL in tokens:
+    if any(_KERNEL_NAMED_RE.fullmatch(t) for t in tokens):
         args = []
     return tuple(args), tuple(written)
 

@@ -271,3 +271,25 @@ REASONS = {  # the refused line's event: what the agent shows the user (tracefs.
 def test_error_log_reason(line: str) -> None:
     entry = next(e for e in ENTRIES if e.splitlines()[1] == "  Command: " + line)
     assert tracefs.kernel_reason(entry) == REASONS[line]
+
+
+def test_the_agent_refuses_before_the_kernel_nothing_6_12_took() -> None:
+    """Every line 6.12 accepted goes through the agent's config and probe checks to the kernel, and the args
+    the agent will read are named as 6.12 listed them where the line leaves the naming to the kernel."""
+    from kprobe_exporter import config, probes
+
+    for a in CORPUS:
+        if not a["accepted"]:
+            continue
+        ev = probes.build_probe_set(config.load_text(json.dumps({"probes": [{"raw": a["line"]}]})),
+                                    resolve=None).events[0]
+        d, kernel = parse_definition(a["line"]), parse_definition(a["listed"][0])
+        assert d is not None and kernel is not None and kernel.kind is not None
+        assert ev.kind == kernel.kind.key, (a["line"], a["listed"])
+        if any(t.startswith("$arg") for t in d.fetchargs):  # named after parameters only the kernel knows
+            assert ev.args == ()
+            continue
+        listed = [t.partition("=")[0] for t in kernel.fetchargs]
+        for i, (tok, arg) in enumerate(zip(d.fetchargs, ev.args, strict=True)):
+            if "=" not in tok:  # the agent writes a named arg as it is; it names the others as the kernel does
+                assert arg.name == listed[i], (a["line"], a["listed"], arg)

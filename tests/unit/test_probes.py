@@ -189,6 +189,9 @@ probes:
     ("e:e syscalls.sys_enter_openat $dfd", "e:kprobe_exporter/e syscalls.sys_enter_openat arg1=$dfd", ["arg1"],
      "eprobe"),
     ("f:e vfs_read $arg* n=count", "f:kprobe_exporter/e vfs_read $arg* n=count", [], "fprobe"),  # names unknown
+    # 6.12 names an unnamed $argN after the parameter, and refuses `$arg9` that it takes as `a=$arg9`
+    ("p:e vfs_read $arg1 n=count", "p:kprobe_exporter/e vfs_read $arg1 n=count", [], "kprobe"),
+    ("f:e vfs_read $arg9", "f:kprobe_exporter/e vfs_read $arg9", [], "fprobe"),
 ])
 def test_raw_lines_name_args_as_the_kernel_lists_them(line: str, written: str, names: list[str], kind: str) -> None:
     ev = build(f"probes:\n  - raw: '{line}'\n").events[0]
