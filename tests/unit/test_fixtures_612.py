@@ -293,3 +293,52 @@ def test_the_agent_refuses_before_the_kernel_nothing_6_12_took() -> None:
         for i, (tok, arg) in enumerate(zip(d.fetchargs, ev.args, strict=True)):
             if "=" not in tok:  # the agent writes a named arg as it is; it names the others as the kernel does
                 assert arg.name == listed[i], (a["line"], a["listed"], arg)
+
+
+def _replay(scenario: str, text: str, extra: str = "") -> tuple[object, Counter[str]]:
+    """The agent's own config, text reader and aggregate over a scenario's text, and its raw pages' counts."""
+    from kprobe_exporter import agent, config, probes
+    from kprobe_exporter.text import TextSource
+
+    sc = load(scenario)
+    lines = "".join(f"  - raw: '{line}'\n" for _, line in sc.meta["scenario"]["definitions"])  # type: ignore
+    cfg = config.load_text(f"instance: kpe612\nprobes:\n{lines}{extra}")
+    ps = probes.build_probe_set(cfg, resolve=None)
+    agg = agent.make_aggregate(cfg, ps)
+    source = TextSource(ps)
+    for batch in source.batches((sc.path / text).read_bytes()):
+        agg.feed(batch)
+    # the records of the same instance's binary pages, counted per event by their ids (no text involved)
+    formats = {f.id: f.name for f in sc.formats}
+    layout = raw_formats.parse_header_page((sc.path / "header_page").read_text())
+    events = raw_args.RawEvents(sc.probes, sc.formats, kernel.version(str(sc.meta["release"])))
+    files = sorted(sc.path.glob("cpu*.raw"))
+    runs, off, data = [], 0, b""
+    for f in files:
+        page = f.read_bytes()
+        runs.append((int(f.stem[3:]), off, len(page) // layout.page_size))
+        off, data = off + len(page), data + page
+    batch = raw_pages.batch_from_pages(data, runs, layout, events.lut)
+    raw_counts = Counter(sc.probes.events[int(e)].name for e in batch.ev if e >= 0)
+    assert set(formats.values()) >= set(raw_counts)
+    return agg.snapshot(), raw_counts
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_the_agent_counts_each_new_kind_as_its_raw_records(scenario: str) -> None:
+    """`raw:` lines of every kind through the agent's text reader and aggregate: each event counted exactly
+    as many times as the same instance's binary pages hold its records."""
+    snap, raw_counts = _replay(scenario, "trace.txt")
+    counted = {name: n for (name, labels), n in snap.events.items()}  # type: ignore[attr-defined]
+    assert counted == dict(raw_counts) and sum(raw_counts.values()) > 0
+    assert not any(snap.parse_errors.values())  # type: ignore[attr-defined]
+
+
+def test_fprobe_latency_pairs_and_string_labels_from_the_text() -> None:
+    """fprobe entry and %return exit paired per thread; a label from a BTF-fed user string."""
+    snap, raw_counts = _replay("fprobe", "kpe_text.trace_pipe",
+                               "pairs:\n  - {name: openat2, entry: open, exit: open_ret}\n")
+    pair = snap.pairs["openat2"]  # type: ignore[attr-defined]
+    # every exit follows its entry on the thread (the last opens, of tracing_on, have their entry only)
+    assert pair.count == raw_counts["open_ret"] and pair.unmatched == 0
+    assert 0 < raw_counts["open"] - pair.count <= 6
