@@ -44,6 +44,7 @@ class ArgSpec:
     name: str
     fetch: str
     is_string: bool
+    named: bool = True  # False: unnamed in a raw line, written `argN=FETCH` by the agent (the kernel's name)
 
 
 @dataclass(frozen=True)
@@ -223,7 +224,8 @@ def _raw_args(probe: str, kind: ProbeKind, tokens: tuple[str, ...]) -> tuple[tup
         m = None if eq else _BTF_NAME_RE.fullmatch(tok)
         if not eq:
             name, fetch = (m.group(1) if m else f"arg{i}"), tok
-        args.append(parse_fetcharg(probe, kind, name, fetch))
+        arg = parse_fetcharg(probe, kind, name, fetch)
+        args.append(arg if eq or m else replace(arg, named=False))
         written.append(tok if eq or m else f"{name}={fetch}")
     if any(_KERNEL_NAMED_RE.fullmatch(t) for t in tokens):
         args = []

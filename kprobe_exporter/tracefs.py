@@ -263,6 +263,9 @@ class Tracefs:
             # error_log is global: another writer's error can land meanwhile; ours echoes our command
             mine = [x for x in new if f"Command: {ev.definition}" in x] or new
             reason = kernel_reason(mine[-1]) if mine else os.strerror(e.errno or 0)
+            for a in ev.args:  # the kernel points at the token as the user wrote it, not at the name we added
+                if not a.named:
+                    reason = reason.replace(f"(at '{a.name}={a.fetch}')", f"(at '{a.fetch}')")
             hint = self._symbol_hint(ev) if ev.probe_kind.symbol else ""
             hint += register_hint(reason) + version_hint(ev.probe_kind, kernel.release())
             raise TracefsError(f"the kernel rejected '{ev.definition}': {reason}{hint}", ev.name,
