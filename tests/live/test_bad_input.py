@@ -124,7 +124,8 @@ CASES: list[Case] = [
     Case("illegal-instance", "Probe names and kinds", {"instance": "kpe/../x", "probes": []},
          "must match [A-Za-z_][A-Za-z0-9_]*", field="instance"),
     Case("no-kind", "Probe names and kinds", P(name="a", args={"x": "%di"}),
-         "needs exactly one kind: one of kprobe, kretprobe, uprobe, uretprobe, tracepoint, raw", probe="a"),
+         "needs exactly one kind: one of kprobe, kretprobe, uprobe, uretprobe, tracepoint, fprobe, fretprobe, tprobe, "
+         "eprobe, raw", probe="a"),
     Case("two-kinds", "Probe names and kinds", P(name="a", uprobe=PIE + ":compute", tracepoint="sched/sched_switch"),
          "has two kinds (uprobe and tracepoint); a probe has exactly one", probe="a"),
     Case("raw-with-name", "Probe names and kinds", P(name="a", raw="p:b " + PIE + ":0x1139"),
