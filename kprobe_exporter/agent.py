@@ -499,20 +499,21 @@ def check(config: Config, probes_for: Callable[[Config], ProbeSet]) -> list[str]
             ksrc.install(modes.values())  # the kernel's verdict on the triggers too
         except TracefsError as e:  # name the user's group, not the scratch one
             raise TracefsError(e.message.replace(scratch, config.instance), e.probe, e.field) from None
-        readback = {}
+        readback: dict[str, tuple[str, str]] = {}  # event: (the kernel's line, the kind it makes)
         for probe_file in PROBE_FILES:
             path = root / probe_file.name
             if path.exists():
                 for line in tfs_mod.read_text(path).splitlines():
                     d = parse_definition(line)
                     if d is not None and d.group == scratch and d.event is not None:
-                        readback[d.event] = line
+                        readback[d.event] = (line, d.kind.key if d.kind else "?")
         for ev in probes.events:
             if ev.dynamic:
                 assert ev.definition is not None
                 mine = ev.definition.replace(scratch, config.instance)
-                kernel = readback.get(ev.name, "(missing)").replace(scratch, config.instance)
-                out.append(f"{ev.name}: {mine}\n  kernel: {kernel}")
+                kernel, kind = readback.get(ev.name, ("(missing)", "?"))
+                out.append(f"{ev.name}: {mine}\n  kernel: {kernel.replace(scratch, config.instance)}\n"
+                           f"  kind: {kind} (in {ev.probe_file})")
             else:
                 out.append(f"{ev.name}: tracepoint {ev.target} (enabled in instance {config.instance})")
         out = [line + _mode_line(modes.get(line.split(":", 1)[0])) for line in out]

@@ -90,6 +90,10 @@ class ProbeConfig(_Strict):
     uprobe: str | None = None
     uretprobe: str | None = None
     tracepoint: str | None = None
+    fprobe: str | None = None  # kinds.py's rows: f: (6.5), its %return, t: (6.5), e: (5.15)
+    fretprobe: str | None = None
+    tprobe: str | None = None
+    eprobe: str | None = None
     raw: str | None = None
     args: dict[str, str] = Field(default_factory=dict)
     filter: str | None = None

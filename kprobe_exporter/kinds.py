@@ -69,8 +69,9 @@ class ProbeKind:
 
     def written_as(self, letter: str, suffix: bool) -> bool:
         """Whether a line with this letter (and a %return suffix or not) defines this kind."""
-        if suffix:
-            return RETURN_SUFFIX in self.return_forms and self.entry is not None and KIND[self.entry].letter == letter
+        if suffix:  # `p:... SYM%return`, and `r:... SYM%return` (the kernel takes both)
+            return RETURN_SUFFIX in self.return_forms and self.entry is not None and letter in (
+                KIND[self.entry].letter, self.letter)
         return bool(self.letter) and self.letter == letter and (not self.returns or self.letter in self.return_forms
                                                                  or self.maxactive)
 
@@ -79,21 +80,19 @@ KINDS: tuple[ProbeKind, ...] = (
     ProbeKind("kprobe", "p", KPROBE_EVENTS, False, (), False, True, "CONFIG_KPROBE_EVENTS", (2, 6, 33),
               "SYMBOL[+OFFSET]", exit="kretprobe"),
     ProbeKind("kretprobe", "r", KPROBE_EVENTS, True, ("r<N>", RETURN_SUFFIX), False, True, "CONFIG_KPROBE_EVENTS",
-              (2, 6, 33), "SYMBOL", entry="kprobe", suffix_since=(5, 11)),
+              (2, 6, 33), "SYMBOL", entry="kprobe", suffix_since=(5, 10)),
     ProbeKind("uprobe", "p", UPROBE_EVENTS, False, (), True, False, "CONFIG_UPROBE_EVENTS", (3, 5),
               "PATH:SYMBOL or PATH:0xOFFSET", exit="uretprobe"),
     ProbeKind("uretprobe", "r", UPROBE_EVENTS, True, ("r", RETURN_SUFFIX), True, False, "CONFIG_UPROBE_EVENTS",
-              (3, 5), "PATH:SYMBOL or PATH:0xOFFSET", entry="uprobe", suffix_since=(5, 11)),
+              (3, 5), "PATH:SYMBOL or PATH:0xOFFSET", entry="uprobe", suffix_since=(5, 10)),
     ProbeKind("tracepoint", "", None, False, (), False, False, "CONFIG_EVENT_TRACING", (2, 6, 30), "GROUP/EVENT"),
-    # Recognised in definition lines, not yet offered in the config (issue 13).
     ProbeKind("fprobe", "f", DYNAMIC_EVENTS, False, (), False, True, "CONFIG_FPROBE_EVENTS", (6, 5), "SYMBOL",
-              exit="fretprobe", accepted=False),
+              exit="fretprobe"),
     ProbeKind("fretprobe", "f", DYNAMIC_EVENTS, True, (RETURN_SUFFIX,), False, True, "CONFIG_FPROBE_EVENTS", (6, 5),
-              "SYMBOL", entry="fprobe", accepted=False, suffix_since=(6, 5)),
-    ProbeKind("tprobe", "t", DYNAMIC_EVENTS, False, (), False, False, "CONFIG_FPROBE_EVENTS", (6, 5), "TRACEPOINT",
-              accepted=False),
+              "SYMBOL", entry="fprobe", suffix_since=(6, 5)),
+    ProbeKind("tprobe", "t", DYNAMIC_EVENTS, False, (), False, False, "CONFIG_FPROBE_EVENTS", (6, 5), "TRACEPOINT"),
     ProbeKind("eprobe", "e", DYNAMIC_EVENTS, False, (), False, False, "CONFIG_EPROBE_EVENTS", (5, 15),
-              "SYSTEM.EVENT", accepted=False),
+              "SYSTEM/EVENT"),
 )
 KIND: dict[str, ProbeKind] = {k.key: k for k in KINDS}
 # The config's kind keys, in the order messages list them: the accepted kinds, then a raw definition line.

@@ -24,15 +24,8 @@ from kprobe_exporter.errors import UserError
 from kprobe_exporter.kinds import KIND, RAW_KEY, ProbeKind, definition_line, parse_definition
 from kprobe_exporter.kube import KUBE_LABELS
 
-# x86_64 pt_regs names the kernel's regs_query_register_offset() accepts.
-X86_64_REGS = (
-    "ax bx cx dx si di bp sp ip flags cs ss orig_ax "
-    "r8 r9 r10 r11 r12 r13 r14 r15 ds es fs gs"
-).split()
-_TYPE_RE = re.compile(r"^(?:[usx](?:8|16|32|64)|char|string|ustring|symbol|symstr|b\d+@\d+/\d+)(?:\[\d+\])?$")
 _STRING_TYPES = ("string", "ustring", "symstr")
 _TRACEPOINT_RE = re.compile(r"^([A-Za-z0-9_]+)/([A-Za-z0-9_]+)$")
-_KSYM_RE = re.compile(r"^([A-Za-z_.][A-Za-z0-9_.$]*)(?:\+(0x[0-9a-fA-F]+|\d+))?$")
 _PID_LABEL_RE = re.compile(r"(?:^|_)(?:pid|tid|tgid)$", re.IGNORECASE)
 # The task's name, recorded with the event where a `comm` label or spans need it: the trace text names a
 # task from the kernel's bounded comm cache when it is read, by then `<...>` for one that has exited.
@@ -51,6 +44,7 @@ class ArgSpec:
     name: str
     fetch: str
     is_string: bool
+    named: bool = True  # False: unnamed in a raw line, written `argN=FETCH` by the agent (the kernel's name)
 
 
 @dataclass(frozen=True)
@@ -122,29 +116,18 @@ def event_key(kind: ProbeKind, event: str) -> bytes:
 
 
 def parse_fetcharg(probe: str, kind: ProbeKind, name: str, fetch: str) -> ArgSpec:
-    """Check one fetcharg against the grammar of kprobetrace.rst/uprobetracer.rst."""
+    """One fetcharg as the agent reads it back: its name, and whether it prints as a quoted string.
+
+    Its grammar is the kernel's to judge (it grows: BTF names, `->`, eprobe fields, new types). Only what
+    no kernel can parse is refused here: whitespace, a second command, a comment, unbalanced parentheses.
+    """
     fld = f"args.{name}"
     check_field(probe, fld, fetch)
-    body, sep, typ = fetch.rpartition(":") if re.search(r":[A-Za-z][\w@/\[\]]*$", fetch) else (fetch, "", "")
-    if sep and not _TYPE_RE.match(typ):
-        raise probe_error(probe, fld, f"unknown type {typ!r}; use u8..u64, s8..s64, x8..x64, char, string, "
-                         "ustring, symbol, symstr, bN@O/S, with [N] for arrays")
-    base = typ.split("[", 1)[0]
-    if kind.user and base in ("symbol", "symstr"):
-        raise probe_error(probe, fld, f"type {base!r} is for kernel probes only; a uprobe cannot take it")
-    for reg in re.findall(r"%([A-Za-z0-9_]+)", body):
-        if reg not in X86_64_REGS:
-            near = difflib.get_close_matches(reg, X86_64_REGS, n=1, cutoff=0.5)
-            hint = f"; did you mean %{near[0]}?" if near else ""
-            raise probe_error(probe, fld, f"unknown register %{reg}{hint}")
-    if "$retval" in body and not kind.returns:
-        raise probe_error(probe, fld, "$retval is only available on return probes")
-    for var in re.findall(r"\$([A-Za-z_]+)", body):
-        if var not in ("stack", "retval", "comm", "arg", "current"):
-            raise probe_error(probe, fld, f"unknown variable ${var}; use $argN, $stackN, $stack, $retval, $comm")
-    if body.count("(") != body.count(")"):
+    if fetch.count("(") != fetch.count(")"):
         raise probe_error(probe, fld, "unbalanced parentheses")
-    return ArgSpec(name, fetch, base in _STRING_TYPES or (body == "$comm" and not sep))
+    body, _, typ = fetch.rpartition(":") if re.search(r":[A-Za-z][\w@/\[\]]*$", fetch) else (fetch, "", "")
+    base = typ.split("[", 1)[0]
+    return ArgSpec(name, fetch, base in _STRING_TYPES or (body == "$comm" and base in ("", "string")))
 
 
 def check_field(probe: str, fld: str, value: str) -> None:
@@ -189,11 +172,11 @@ def _definition(kind: ProbeKind, group: str, name: str, target: str, args: tuple
 
 
 def _raw(probe_cfg: ProbeConfig, group: str, resolve: Resolver | None) -> EventSpec:
-    """A `raw:` definition line, put into our group; `%return` on an entry letter makes a return probe."""
+    """A definition line of any kind, put into our group; the kernel judges the rest of it."""
     line = probe_cfg.target
     d = parse_definition(line)
-    if d is None or d.kind is None or not d.kind.accepted or not d.kind.dynamic or not d.target:
-        raise probe_error("raw line", RAW_KEY, f"{line!r} is not 'p|r[:[GRP/]EVENT] TARGET [FETCHARGS]'")
+    if d is None or d.kind is None or not d.kind.dynamic or not d.target:
+        raise probe_error("raw line", RAW_KEY, f"{line!r} is not 'p|r|f|t|e[:[GRP/]EVENT] TARGET [FETCHARGS]'")
     if d.event is None:
         raise probe_error("raw line", RAW_KEY, "the line needs an event name: 'p:NAME TARGET ...'")
     event, kind, probe = d.event, d.kind, f"{d.event!r}"
@@ -203,22 +186,50 @@ def _raw(probe_cfg: ProbeConfig, group: str, resolve: Resolver | None) -> EventS
         raise probe_error(probe, RAW_KEY, f"event name {e}") from None
     if len(d.fetchargs) > MAX_ARGS:
         raise probe_error(probe, RAW_KEY, f"has {len(d.fetchargs)} args; the kernel takes at most {MAX_ARGS}")
-    args: list[ArgSpec] = []
-    for i, tok in enumerate(d.fetchargs, 1):
-        name, eq, fetch = tok.partition("=")
-        if not eq:
-            name, fetch = f"arg{i}", tok
-        args.append(parse_fetcharg(probe, kind, name, fetch))
+    if kind.exit and KIND[kind.exit].letter == kind.letter and any("$retval" in t for t in d.fetchargs):
+        kind = KIND[kind.exit]  # `f:E SYM $retval` is an exit probe: the kernel adds the %return itself
+    args, written = _raw_args(probe, kind, d.fetchargs)
     if kind.user:
         target, function = _uprobe_target(probe, RAW_KEY, d.target, resolve)
     else:
-        target = d.target
-        if not _KSYM_RE.match(target) and not re.fullmatch(r"0x[0-9a-fA-F]+", target):
-            raise probe_error(probe, RAW_KEY, f"{target!r} is not SYMBOL[+OFFSET] or an address")
-        function = target.split("+", 1)[0]
-    definition = replace(d, target=target).line(group, event, tuple(f"{a.name}={a.fetch}" for a in args))
-    return EventSpec(event, kind.key, group, target, function, definition, tuple(args), probe_cfg.filter,
+        check_field(probe, RAW_KEY, d.target)
+        target, function = d.target, d.target.split("+", 1)[0]
+    definition = replace(d, target=target).line(group, event, written)
+    return EventSpec(event, kind.key, group, target, function, definition, args, probe_cfg.filter,
                      tuple(probe_cfg.labels), key=event_key(kind, event), raw=True)
+
+
+_BTF_NAME_RE = re.compile(r"([A-Za-z_]\w*)(?::[^=]*)?")
+# `$arg*` and an unnamed `$argN`: the kernel names (and, with BTF, types) them by the function's parameters,
+# and refuses a `$argN` past them that it would take once named (6.12: `$arg9` no, `a=$arg9` yes)
+_KERNEL_NAMED_RE = re.compile(r"\$arg(?:\*|\d+(?::[^=]*)?)")
+
+
+def _raw_args(probe: str, kind: ProbeKind, tokens: tuple[str, ...]) -> tuple[tuple[ArgSpec, ...], tuple[str, ...]]:
+    """The args the agent reads and the fetchargs it writes, named as the kernel lists them.
+
+    A named arg keeps its name; a bare BTF name (`count`) is named by itself, as the kernel names it; any
+    other unnamed arg is written `argN=...` by its position, the kernel's own name for it where BTF does not
+    name it. `$arg*` and an unnamed `$argN` are written as they are: the kernel names them after parameters
+    only it knows, so the event's args are not read (their text would run into the others').
+    """
+    args: list[ArgSpec] = []
+    written: list[str] = []
+    for i, tok in enumerate(tokens, 1):
+        if _KERNEL_NAMED_RE.fullmatch(tok):
+            check_field(probe, RAW_KEY, tok)
+            written.append(tok)
+            continue
+        name, eq, fetch = tok.partition("=")
+        m = None if eq else _BTF_NAME_RE.fullmatch(tok)
+        if not eq:
+            name, fetch = (m.group(1) if m else f"arg{i}"), tok
+        arg = parse_fetcharg(probe, kind, name, fetch)
+        args.append(arg if eq or m else replace(arg, named=False))
+        written.append(tok if eq or m else f"{name}={fetch}")
+    if any(_KERNEL_NAMED_RE.fullmatch(t) for t in tokens):
+        args = []
+    return tuple(args), tuple(written)
 
 
 def _probe_events(p: ProbeConfig, group: str, resolve: Resolver | None) -> tuple[list[EventSpec], PairSpec | None]:
@@ -278,11 +289,7 @@ def _entry_event(p: ProbeConfig, group: str, resolve: Resolver | None) -> EventS
         target, function = _uprobe_target(probe, kind.key, _in_container(probe, p, resolve), resolve)
         function = p.target if _selector(p) and function.startswith("/") else function  # no PID in it
     else:
-        check_field(probe, kind.key, p.target)
-        if not _KSYM_RE.match(p.target):
-            raise probe_error(probe, kind.key, f"{p.target!r} is not SYMBOL[+OFFSET]")
-        if kind.returns and "+" in p.target:
-            raise probe_error(probe, kind.key, f"a {kind.key} goes on a function entry: no +OFFSET")
+        check_field(probe, kind.key, p.target)  # the kernel judges the target: SYMBOL[+OFFS], MOD:SYM, ...
         target, function = p.target, p.target.split("+", 1)[0]
     args = _args(probe, kind, p.args)
     return EventSpec(name, kind.key, group, target, function, _definition(kind, group, name, target, args), args,
@@ -320,6 +327,8 @@ def default_name(p: ProbeConfig) -> str:
         return target.rpartition("/")[2]
     if kind.user:
         target = target.rpartition(":")[2]
+    if kind.key == "eprobe":  # SYSTEM/EVENT or SYSTEM.EVENT: the event's name
+        target = re.split(r"[/.]", target)[-1]
     return re.sub(r"\W", "_", target.split("+", 1)[0])
 
 
@@ -339,7 +348,8 @@ def _return_event(ev: EventSpec, group: str) -> EventSpec:
                          None, (), counted=False, key=event_key(kind, exit_event))
     if "+" in ev.target.rpartition(":")[2] and not kind.user:
         raise probe_error(probe, "latency", "latency needs the function entry: drop +OFFSET")
-    assert kind.exit is not None, f"{kind.key} has no return kind in the table"
+    if kind.exit is None:
+        raise probe_error(probe, "latency", f"a {kind.key} has no return event; declare a pair under 'pairs:'")
     ret_kind = KIND[kind.exit]
     ret_arg = (ArgSpec("ret", "$retval", False),)
     return EventSpec(name, ret_kind.key, group, ev.target, ev.function,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from kprobe_exporter import kernel, triggers
 from kprobe_exporter.errors import TracefsError
-from kprobe_exporter.kinds import PROBE_FILES, ProbeFile, parse_definition
+from kprobe_exporter.kinds import PROBE_FILES, ProbeFile, ProbeKind, parse_definition
 from kprobe_exporter.labels import arg_labels
 from kprobe_exporter.probes import EventSpec, ProbeSet
 from kprobe_exporter.raw.formats import field_names
@@ -95,6 +95,26 @@ def kernel_reason(entry: str) -> str:
             token = cmd_line[col:].split(" ", 1)[0]
             head += f" (at {token!r})"
     return head
+
+
+# x86_64 pt_regs names the kernel's regs_query_register_offset() accepts, for a hint after it refused one.
+X86_64_REGS = "ax bx cx dx si di bp sp ip flags cs ss orig_ax r8 r9 r10 r11 r12 r13 r14 r15 ds es fs gs".split()
+
+
+def register_hint(reason: str) -> str:
+    """`; did you mean %di?` after the kernel's `Invalid register name (at '%rdi')`."""
+    m = re.search(r"Invalid register name \(at '%(\w+)", reason)
+    near = difflib.get_close_matches(m.group(1), X86_64_REGS, n=1, cutoff=0.5) if m else []
+    return f"; did you mean %{near[0]}?" if near else ""
+
+
+def version_hint(kind: ProbeKind, release: str) -> str:
+    """Why a kernel older than the kind may refuse it (the README's version table, from kinds.py's rows)."""
+    have = kernel.version(release)
+    if have == (0, 0) or have >= kind.since[:2]:
+        return ""
+    since = ".".join(map(str, kind.since))
+    return f"; {kind.key} events came in Linux {since} ({kind.option}), this kernel is {release}"
 
 
 def rejected_field(ev: EventSpec, entry: str) -> str:
@@ -216,15 +236,18 @@ class Tracefs:
     def own_definitions(self, group: str | None = None) -> list[tuple[str, str]]:
         """(probe file, event) of every definition in our group, from the probe files (kinds.PROBE_FILES)."""
         group = group or self.group
-        found = []
+        found: list[tuple[str, str]] = []
+        seen: set[str] = set()
         for probe_file in PROBE_FILES:
             path = self.root / probe_file.name
             if not path.exists():
                 continue
             for line in read_text(path).splitlines():
                 d = parse_definition(line)
-                if d is not None and d.group == group and d.event is not None:
+                # dynamic_events lists the other files' definitions again: each event once, by its own file
+                if d is not None and d.group == group and d.event is not None and d.event not in seen:
                     found.append((probe_file.name, d.event))
+                    seen.add(d.event)
         return found
 
     def define(self, ev: EventSpec) -> None:
@@ -240,7 +263,11 @@ class Tracefs:
             # error_log is global: another writer's error can land meanwhile; ours echoes our command
             mine = [x for x in new if f"Command: {ev.definition}" in x] or new
             reason = kernel_reason(mine[-1]) if mine else os.strerror(e.errno or 0)
+            for a in ev.args:  # the kernel points at the token as the user wrote it, not at the name we added
+                if not a.named:
+                    reason = reason.replace(f"(at '{a.name}={a.fetch}')", f"(at '{a.fetch}')")
             hint = self._symbol_hint(ev) if ev.probe_kind.symbol else ""
+            hint += register_hint(reason) + version_hint(ev.probe_kind, kernel.release())
             raise TracefsError(f"the kernel rejected '{ev.definition}': {reason}{hint}", ev.name,
                                rejected_field(ev, mine[-1] if mine else "")) from None
         self._defined.append((ev.probe_file, ev.name))

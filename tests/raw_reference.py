@@ -82,9 +82,10 @@ def probe_renderer(ev: EventSpec, fmt: EventFormat) -> Renderer:
     The ip prints as hex, where a kprobe's text has `sym+off/size`: the arg readers skip it.
     """
     head, ip_offs, parts = _probe_parts(ev, fmt)
+    target = ev.target.replace("/", ".").encode()  # an eprobe prints the event it is on where others print ip
 
     def render(rec: bytes) -> bytes:
-        ipt = b" <- ".join(b"0x%x" % _int_at(rec, o, s, False) for o, s in ip_offs)
+        ipt = b" <- ".join(b"0x%x" % _int_at(rec, o, s, False) for o, s in ip_offs) or target
         out = [head, b" (", ipt, b")"]
         for label, kind, f in parts:
             out.append(label)

@@ -65,17 +65,19 @@ _ProbePart = tuple[bytes, str, Field]  # (` name=`, conversion kind, field)
 def _probe_parts(ev: EventSpec, fmt: EventFormat) -> tuple[bytes, list[tuple[int, int]], list[_ProbePart]]:
     """A kprobe/uprobe format's head, ip fields (offset, size) and args, or FormatError."""
     pf = fmt.print_fmt
-    m = re.match(r'^"\((%lx|%lx <- %lx)\)(?P<rest>.*)",', pf)
+    # an eprobe's print fmt has no ip: its text prints `(SYSTEM.EVENT)` there, from the event it is on
+    m = re.match(r'^"\((%lx|%lx <- %lx)\)(?P<rest>.*)",', pf) if ev.kind != "eprobe" else re.match(
+        r'^"(?P<rest>.*)",', pf)
     if not m:
         raise FormatError(f"{fmt.name}: print fmt {pf[:60]!r} is not a probe's")
-    ret = "<-" in m.group(1)
+    ret = ev.kind != "eprobe" and "<-" in m.group(1)
     rest = m.group("rest")
     segs = list(_SEG_RE.finditer(rest))
     if "".join(s.group(0) for s in segs) != rest:
         raise FormatError(f"{fmt.name}: probe arg formats {rest!r} not understood")
     head = ev.key if ev.key.endswith(b":") else ev.name.encode() + b":"
     # print_*retprobe_event() print `(ret_ip <- func)`, the other way round from the format's print fmt
-    ip_fields = ("__probe_ret_ip", "__probe_func") if ret else ("__probe_ip",)
+    ip_fields = ("__probe_ret_ip", "__probe_func") if ret else ("__probe_ip",) if ev.kind != "eprobe" else ()
     ips = [fmt.field(n) for n in ip_fields]
     if any(f is None for f in ips):
         raise FormatError(f"{fmt.name}: no {', '.join(ip_fields)} field")

@@ -134,11 +134,17 @@ def test_check_installs_in_scratch_group_and_removes_it(tracefs: Path, progs: di
 probes:
   - {{name: a, uprobe: '{progs["pie"]}:compute', args: {{x: '%di:s32', s: '+0(%si):string'}}, latency: true}}
   - {{name: openat, tracepoint: syscalls/sys_enter_openat, latency: true}}
+  - {{raw: 'p:b {progs["pie"]}:compute%return $retval'}}
 """)
     r = kpe("check", "--config", str(cfg))
     assert r.returncode == 0, r.stderr
-    assert "OK, 4 events" in r.stdout
+    assert "OK, 5 events" in r.stdout
     assert f"kernel: p:{INSTANCE}/a {progs['pie']}:0x" in r.stdout
+    # per probe, the kind the kernel's listing makes: `p:...%return` is listed back as `r:`
+    kinds = [ln.strip() for ln in r.stdout.splitlines() if ln.strip().startswith("kind: ")]
+    assert kinds == ["kind: uprobe (in uprobe_events)", "kind: uretprobe (in uprobe_events)",
+                     "kind: uretprobe (in uprobe_events)"], r.stdout
+    assert f"kernel: r:{INSTANCE}/b {progs['pie']}:0x" in r.stdout
     assert not any("kpe_check_" in ln for ln in (tracefs / "uprobe_events").read_text().splitlines())
     assert not list((tracefs / "instances").glob("kpe_check_*"))
     assert nothing_installed(tracefs)

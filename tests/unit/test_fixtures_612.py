@@ -5,10 +5,9 @@ tests/fixtures/linux-6.12-debian (tests/make_612_fixtures.py) holds, per scenari
 instances with the agent's options (irq-info off; record-tgid off and on) that traced the same events; also
 every line of a definition corpus as the kernel listed it back or refused it (definitions.json, error_log.txt).
 
-The config cannot declare fprobes, tprobes, eprobes or `SYM%return` yet, so the events are described here as
-the kinds they print like: an entry as a kprobe `(ip)`, an exit as a kretprobe `(ret_ip <- func)`, with the
-argument names the kernel gave them (its format file). What the parser or decoder cannot read yet is left out
-and listed in the issue's note (an eprobe's pages: its print fmt has no `(ip)`).
+Each event is of the kind its definition line makes (kinds.py: fprobe, fretprobe, tprobe, eprobe, kretprobe for
+`SYM%return`), with the argument names the kernel gave them (its format file); an eprobe's print fmt has no
+`(ip)`: its text prints `(SYSTEM.EVENT)` there.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ import pytest
 
 import raw_reference
 from kprobe_exporter import kernel, parser, tracefs
+from kprobe_exporter.kinds import parse_definition
 from kprobe_exporter.probes import ArgSpec, EventSpec, ProbeSet
 from kprobe_exporter.raw import args as raw_args
 from kprobe_exporter.raw import formats as raw_formats
@@ -31,7 +31,7 @@ from kprobe_exporter.raw import pages as raw_pages
 K612 = Path(__file__).resolve().parents[1] / "fixtures" / "linux-6.12-debian"
 RAW = K612 / "raw"
 SCENARIOS = sorted(p.name for p in RAW.iterdir() if (p / "meta.json").exists())
-DECODED = [s for s in SCENARIOS if not s.startswith("eprobe")]  # an eprobe's pages: no renderer yet
+DECODED = SCENARIOS
 TEXT_FILES = [(s, f.name) for s in SCENARIOS for f in sorted((RAW / s).glob("*trace*"))]
 
 
@@ -44,13 +44,11 @@ class Scenario:
 
 
 def event_spec(line: str, fmt: raw_formats.EventFormat) -> EventSpec:
-    """An event of a definition line, as the kind it prints like, with the args the kernel named in its format."""
-    head, target = line.split()[:2]
-    name = head.split("/")[1]
-    ret = head.startswith("r") or "%return" in target
+    """An event of a definition line, of the kind the line makes, with the args the kernel named in its format."""
+    d = parse_definition(line)
+    assert d is not None and d.kind is not None and d.event is not None
     args = tuple(ArgSpec(f.name, "", f.data_loc) for f in fmt.own_fields if not f.name.startswith("__probe"))
-    return EventSpec(name, "kretprobe" if ret else "kprobe", "kpe612", target, target.split("%")[0], line, args,
-                     key=name.encode() + b":")
+    return EventSpec(d.event, d.kind.key, "kpe612", d.target, d.target, line, args, key=d.event.encode() + b":")
 
 
 def load(name: str) -> Scenario:
@@ -273,3 +271,74 @@ REASONS = {  # the refused line's event: what the agent shows the user (tracefs.
 def test_error_log_reason(line: str) -> None:
     entry = next(e for e in ENTRIES if e.splitlines()[1] == "  Command: " + line)
     assert tracefs.kernel_reason(entry) == REASONS[line]
+
+
+def test_the_agent_refuses_before_the_kernel_nothing_6_12_took() -> None:
+    """Every line 6.12 accepted goes through the agent's config and probe checks to the kernel, and the args
+    the agent will read are named as 6.12 listed them where the line leaves the naming to the kernel."""
+    from kprobe_exporter import config, probes
+
+    for a in CORPUS:
+        if not a["accepted"]:
+            continue
+        ev = probes.build_probe_set(config.load_text(json.dumps({"probes": [{"raw": a["line"]}]})),
+                                    resolve=None).events[0]
+        d, kernel = parse_definition(a["line"]), parse_definition(a["listed"][0])
+        assert d is not None and kernel is not None and kernel.kind is not None
+        assert ev.kind == kernel.kind.key, (a["line"], a["listed"])
+        if any(t.startswith("$arg") for t in d.fetchargs):  # named after parameters only the kernel knows
+            assert ev.args == ()
+            continue
+        listed = [t.partition("=")[0] for t in kernel.fetchargs]
+        for i, (tok, arg) in enumerate(zip(d.fetchargs, ev.args, strict=True)):
+            if "=" not in tok:  # the agent writes a named arg as it is; it names the others as the kernel does
+                assert arg.name == listed[i], (a["line"], a["listed"], arg)
+
+
+def _replay(scenario: str, text: str, extra: str = "") -> tuple[object, Counter[str]]:
+    """The agent's own config, text reader and aggregate over a scenario's text, and its raw pages' counts."""
+    from kprobe_exporter import agent, config, probes
+    from kprobe_exporter.text import TextSource
+
+    sc = load(scenario)
+    lines = "".join(f"  - raw: '{line}'\n" for _, line in sc.meta["scenario"]["definitions"])  # type: ignore
+    cfg = config.load_text(f"instance: kpe612\nprobes:\n{lines}{extra}")
+    ps = probes.build_probe_set(cfg, resolve=None)
+    agg = agent.make_aggregate(cfg, ps)
+    source = TextSource(ps)
+    for batch in source.batches((sc.path / text).read_bytes()):
+        agg.feed(batch)
+    # the records of the same instance's binary pages, counted per event by their ids (no text involved)
+    formats = {f.id: f.name for f in sc.formats}
+    layout = raw_formats.parse_header_page((sc.path / "header_page").read_text())
+    events = raw_args.RawEvents(sc.probes, sc.formats, kernel.version(str(sc.meta["release"])))
+    files = sorted(sc.path.glob("cpu*.raw"))
+    runs, off, data = [], 0, b""
+    for f in files:
+        page = f.read_bytes()
+        runs.append((int(f.stem[3:]), off, len(page) // layout.page_size))
+        off, data = off + len(page), data + page
+    batch = raw_pages.batch_from_pages(data, runs, layout, events.lut)
+    raw_counts = Counter(sc.probes.events[int(e)].name for e in batch.ev if e >= 0)
+    assert set(formats.values()) >= set(raw_counts)
+    return agg.snapshot(), raw_counts
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_the_agent_counts_each_new_kind_as_its_raw_records(scenario: str) -> None:
+    """`raw:` lines of every kind through the agent's text reader and aggregate: each event counted exactly
+    as many times as the same instance's binary pages hold its records."""
+    snap, raw_counts = _replay(scenario, "trace.txt")
+    counted = {name: n for (name, labels), n in snap.events.items()}  # type: ignore[attr-defined]
+    assert counted == dict(raw_counts) and sum(raw_counts.values()) > 0
+    assert not any(snap.parse_errors.values())  # type: ignore[attr-defined]
+
+
+def test_fprobe_latency_pairs_and_string_labels_from_the_text() -> None:
+    """fprobe entry and %return exit paired per thread; a label from a BTF-fed user string."""
+    snap, raw_counts = _replay("fprobe", "kpe_text.trace_pipe",
+                               "pairs:\n  - {name: openat2, entry: open, exit: open_ret}\n")
+    pair = snap.pairs["openat2"]  # type: ignore[attr-defined]
+    # every exit follows its entry on the thread (the last opens, of tracing_on, have their entry only)
+    assert pair.count == raw_counts["open_ret"] and pair.unmatched == 0
+    assert 0 < raw_counts["open"] - pair.count <= 6

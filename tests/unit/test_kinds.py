@@ -19,7 +19,8 @@ def test_keys_are_unique_and_the_config_takes_each_accepted_one() -> None:
     fields = set(config.ProbeConfig.model_fields)
     for kind in KINDS:
         assert (kind.key in fields) == kind.accepted, kind.key
-    assert kinds.CONFIG_KEYS == ("kprobe", "kretprobe", "uprobe", "uretprobe", "tracepoint", "raw")
+    assert kinds.CONFIG_KEYS == ("kprobe", "kretprobe", "uprobe", "uretprobe", "tracepoint", "fprobe", "fretprobe",
+                                 "tprobe", "eprobe", "raw")
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=[k.key for k in KINDS])
@@ -78,7 +79,8 @@ def test_every_return_form_is_recognised(kind: ProbeKind) -> None:
     ("f:g/ev do_sys_openat2%return ret=$retval", "fretprobe", "g", "ev", "do_sys_openat2"),
     ("t:g/ev sched_switch prev->pid", "tprobe", "g", "ev", "sched_switch"),
     ("e:g/ev syscalls.sys_enter_openat fn=+0($filename):ustring", "eprobe", "g", "ev", "syscalls.sys_enter_openat"),
-    ("r:g/ev vfs_read%return", "kretprobe", "g", "ev", "vfs_read%return"),  # no kind has it: the kernel says
+    ("r:g/ev vfs_read%return", "kretprobe", "g", "ev", "vfs_read"),  # 6.12 takes it (listed as r10:g/ev vfs_read)
+    ("t:g/ev sched_switch%return", "tprobe", "g", "ev", "sched_switch%return"),  # no kind has it: the kernel says
 ])
 def test_lines_of_every_kind(line: str, kind: str, group: str | None, event: str | None, target: str) -> None:
     d = parse_definition(line)
@@ -95,3 +97,19 @@ def test_removal_lines_and_lines_without_the_shape() -> None:
     x = parse_definition("x:e t")  # the shape, but no kind writes `x`
     assert x is not None and x.kind is None
     assert parse_definition("p:e").target == ""  # type: ignore[union-attr]
+
+
+def test_a_kernel_older_than_a_kind_is_named_in_the_refusal() -> None:
+    from kprobe_exporter.tracefs import version_hint
+    assert version_hint(KIND["fprobe"], "6.1.0-56-amd64") == (
+        "; fprobe events came in Linux 6.5 (CONFIG_FPROBE_EVENTS), this kernel is 6.1.0-56-amd64")
+    assert version_hint(KIND["eprobe"], "5.10.0-1-amd64").startswith("; eprobe events came in Linux 5.15 ")
+    assert version_hint(KIND["fprobe"], "6.12.95+deb12-amd64") == version_hint(KIND["eprobe"], "5.15.0") == ""
+    assert version_hint(KIND["fprobe"], "weird") == ""
+
+
+def test_an_invalid_register_the_kernel_refused_gets_a_suggestion() -> None:
+    from kprobe_exporter.tracefs import register_hint
+    assert register_hint("trace_uprobe: error: Invalid register name (at '%rdi:s32')") == "; did you mean %di?"
+    assert register_hint("trace_kprobe: error: Invalid register name (at '%zzzz')") == ""
+    assert register_hint("trace_kprobe: error: Unknown type is specified (at 'u7')") == ""
