@@ -14,9 +14,11 @@ import argparse
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
-from common import OUT, build, ensure_tracefs
+from common import OUT, build, cpu_stats_lost, ensure_tracefs
 
 from kprobe_exporter import config as config_mod
 from kprobe_exporter import probes as probes_mod
@@ -50,31 +52,23 @@ def corpus_config(exe: Path, instance: str = INSTANCE) -> str:
     return CONFIG.format(exe=exe, instance=instance)
 
 
-def capture(lines: int) -> tuple[Path, Path]:
-    exe = build("fxgen")
-    root = ensure_tracefs()
-    cfg_path = OUT / "corpus.yaml"
-    cfg_path.write_text(corpus_config(exe))
+T = TypeVar("T")
+
+
+def stream(cfg_path: Path, instance: str, buffer_kb: int, out: Path, workload: Callable[[], T]) -> tuple[T, int]:
+    """Install a config in an instance of our own, run `workload` while `cat trace_pipe` streams into
+    `out` until it stops growing, remove the instance: the workload's result and the events the per-CPU
+    stats say were lost."""
     cfg = config_mod.load(str(cfg_path))
     ps = probes_mod.build_probe_set(cfg, str(cfg_path))
-    tfs = Tracefs(root, INSTANCE)
+    tfs = Tracefs(ensure_tracefs(), instance)
     # no own_tids: with event-fork an excluded pid takes its children (the workload) along
-    tfs.install(ps, 65536, record_tgid=False, own_tids=[])
-    out = OUT / "corpus.trace"
+    tfs.install(ps, buffer_kb, record_tgid=False, own_tids=[])
     try:
         with open(out, "wb") as f:
             cat = subprocess.Popen(["cat", str(tfs.inst / "trace_pipe")], stdout=f)
             try:
-                # ~6 lines per `threads` iteration (compute, open_path, openat pairs), 10 per recurse 4
-                rounds = max(1, lines // 50_000)
-                for i in range(rounds):
-                    procs = [subprocess.Popen([str(exe), "threads", "2000", "4"]),
-                             subprocess.Popen([str(exe), "recurse", "300", "4"]),
-                             subprocess.Popen([str(exe), "open", "200", f"/no/such dir/\"q\"\t{i}"])]
-                    for p in procs:
-                        p.wait()
-                    if i % 10 == 0:
-                        print(f"round {i + 1}/{rounds}: {out.stat().st_size / 1e6:.0f} MB", file=sys.stderr)
+                result = workload()
                 last = -1
                 while out.stat().st_size != last:  # drained when the file stops growing
                     last = out.stat().st_size
@@ -82,10 +76,32 @@ def capture(lines: int) -> tuple[Path, Path]:
             finally:
                 cat.terminate()
                 cat.wait()
+        return result, cpu_stats_lost(tfs.inst)
     finally:
         problems = tfs.remove()
         if problems:
             print("cleanup problems:", problems, file=sys.stderr)
+
+
+def capture(lines: int) -> tuple[Path, Path]:
+    exe = build("fxgen")
+    cfg_path = OUT / "corpus.yaml"
+    cfg_path.write_text(corpus_config(exe))
+    out = OUT / "corpus.trace"
+
+    def workload() -> None:
+        # ~6 lines per `threads` iteration (compute, open_path, openat pairs), 10 per recurse 4
+        rounds = max(1, lines // 50_000)
+        for i in range(rounds):
+            procs = [subprocess.Popen([str(exe), "threads", "2000", "4"]),
+                     subprocess.Popen([str(exe), "recurse", "300", "4"]),
+                     subprocess.Popen([str(exe), "open", "200", f"/no/such dir/\"q\"\t{i}"])]
+            for p in procs:
+                p.wait()
+            if i % 10 == 0:
+                print(f"round {i + 1}/{rounds}: {out.stat().st_size / 1e6:.0f} MB", file=sys.stderr)
+
+    stream(cfg_path, INSTANCE, 65536, out, workload)
     n = sum(1 for _ in open(out, "rb"))
     print(f"{out}: {n} lines, {out.stat().st_size / 1e6:.0f} MB", file=sys.stderr)
     return out, cfg_path

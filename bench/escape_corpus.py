@@ -22,14 +22,10 @@ import argparse
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from common import OUT, build, cpu_stats_lost, ensure_tracefs
-
-from kprobe_exporter import config as config_mod
-from kprobe_exporter import probes as probes_mod
-from kprobe_exporter.tracefs import Tracefs
+from capture import stream
+from common import OUT, build
 
 INSTANCE = "kpe_bench_escape"
 THREADS, CALLS, K, PREFIX = 4, 12_500, 9, 12_500  # 50k entries pending after the prefix
@@ -52,29 +48,13 @@ HEAD = re.compile(rb"^(.{16}-)(\d+)(.*? )(\d+)\.(\d{6}): (\w+)")
 
 def capture(exe: Path, cfg_path: Path) -> list[bytes]:
     """One run of escaper under uprobe+uretprobe: its trace lines (raises on any loss)."""
-    cfg = config_mod.load(str(cfg_path))
-    ps = probes_mod.build_probe_set(cfg, str(cfg_path))
-    tfs = Tracefs(ensure_tracefs(), INSTANCE)
-    tfs.install(ps, 131072, record_tgid=False, own_tids=[])
     out = OUT / "escape-capture.trace"
-    try:
-        with open(out, "wb") as f:
-            cat = subprocess.Popen(["cat", str(tfs.inst / "trace_pipe")], stdout=f)
-            try:
-                made = int(subprocess.run([str(exe), str(THREADS), str(CALLS), str(K), str(PREFIX)], check=True,
-                                          capture_output=True, text=True).stdout)
-                last = -1
-                while out.stat().st_size != last:  # drained when the file stops growing
-                    last = out.stat().st_size
-                    time.sleep(0.5)
-            finally:
-                cat.terminate()
-                cat.wait()
-            lost = cpu_stats_lost(tfs.inst)
-    finally:
-        problems = tfs.remove()
-        if problems:
-            print("cleanup problems:", problems, file=sys.stderr)
+
+    def workload() -> int:
+        return int(subprocess.run([str(exe), str(THREADS), str(CALLS), str(K), str(PREFIX)], check=True,
+                                  capture_output=True, text=True).stdout)
+
+    made, lost = stream(cfg_path, INSTANCE, 131072, out, workload)
     lines = out.read_bytes().splitlines()
     out.unlink()
     if lost or any(b"LOST" in ln for ln in lines):

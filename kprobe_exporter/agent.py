@@ -300,7 +300,7 @@ class Agent:
             except raw.RawUnsupported as e:
                 log.warning("reader: the raw reader cannot serve this config here (%s); reading trace_pipe text", e)
         # live: a `<...>` the kernel printed can still be named, from /proc (its tables had no entry)
-        return TextReader(str(tfs.inst / "trace_pipe"), self.stream, Tasks())
+        return TextReader(str(tfs.inst / "trace_pipe"), self.stream, Tasks(tfs.root))
 
     def _loop(self, reader: EventReader, tfs: Tracefs) -> None:
         agg = self.aggregate

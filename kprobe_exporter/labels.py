@@ -58,17 +58,17 @@ class CommSource:
         self.ev_idx = ev_idx
 
     def keys(self, batch: EventBatch, rows: Sequence[int]) -> Sequence[Hashable]:
-        comms = batch.records.comms(rows)
         if not self.recorded:
-            return comms
-        return list(zip(batch.records.payloads(rows), comms, strict=True))
+            return batch.records.comms(rows)
+        pick, seen = batch.records.picker(self.ev_idx, (COMM_ARG,)), dict[bytes, bytes]()
+        comms = [seen[p] if p in seen else seen.setdefault(p, pick(p)[0]) for p in batch.records.payloads(rows)]
+        if missing := [i for i, c in enumerate(comms) if not c]:  # text of a config without it (replay)
+            for i, c in zip(missing, batch.records.comms([rows[i] for i in missing]), strict=True):
+                comms[i] = c
+        return comms  # the trace's comm asked for only where none was recorded
 
     def values(self, batch: EventBatch, keys: Sequence[Hashable]) -> list[tuple[str, ...]]:
-        if not self.recorded:
-            return [(_text(k),) for k in keys]  # type: ignore[arg-type]
-        pick = batch.records.picker(self.ev_idx, (COMM_ARG,))
-        pairs = cast("Sequence[tuple[bytes, bytes]]", keys)
-        return [(_text(pick(payload)[0] or comm),) for payload, comm in pairs]
+        return [(_text(k),) for k in keys]  # type: ignore[arg-type]
 
 
 class ArgSource:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import os
 import select
 import time
+from pathlib import Path
 from typing import Any, Protocol
 
 from kprobe_exporter.events import EventBatch
 from kprobe_exporter.probes import ProbeSet
-from kprobe_exporter.tasks import Tasks
+from kprobe_exporter.tasks import Tasks, record_tgid
 from kprobe_exporter.text import TextSource
 
 MIN_FREE = 16 << 10  # stop filling when less than this is free: a read takes up to ~8 KB
@@ -136,17 +137,33 @@ class TextReader:
     def __init__(self, path: str, probes: ProbeSet, tasks: Tasks | None = None, **pipe: Any) -> None:
         self.pipe = TracePipeReader(path, **pipe)
         self.source = TextSource(probes, tasks)
+        self.inst = Path(path).parent
+        self.settle_tgids = tasks is not None and record_tgid(self.inst)
+        self.carry = b""  # lines held over for the next read (their tgid waits for a table read)
 
     def read(self, timeout_s: float = 0.1) -> EventBatch | None:
         """The complete lines read now, or None after waiting up to timeout_s for any."""
+        return self._read(timeout_s, force=False)
+
+    def _read(self, timeout_s: float, force: bool) -> EventBatch | None:
         chunk = self.pipe.read_chunk(timeout_s)
-        return self.source.batch(chunk) if chunk else None
+        if self.source.tasks is not None:
+            self.source.tasks.batch_read()
+        if self.carry:
+            chunk, self.carry = self.carry + chunk, b""
+        if not chunk:
+            return None
+        if not self.settle_tgids:
+            return self.source.batch(chunk)
+        b, self.carry = self.source.settled(chunk, force)
+        return b if len(b) else None
 
     def flush(self) -> EventBatch | None:
-        return self.read(0)
+        return self._read(0, force=True)
 
     def set_events(self, probes: ProbeSet) -> None:
         self.source = TextSource(probes, self.source.tasks)
+        self.settle_tgids = self.source.tasks is not None and record_tgid(self.inst)
 
     def check(self, probes: ProbeSet, spans: bool) -> None:
         """Text serves every probe set."""

@@ -8,7 +8,9 @@ is only good if it was read after the event was: the tables keep old incarnation
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 UNKNOWN_COMM = "<...>"
@@ -36,6 +38,7 @@ class Tasks:
         self._saved: dict[str, dict[int, str]] = {}
         self._read_at: dict[str, float] = {}
         self._batch_at = 0.0
+        self._gone_at: dict[int, float] = {}  # when /proc first had no such thread
         self._stamp = time.monotonic()
 
     def batch_read(self, at: float | None = None) -> None:
@@ -47,6 +50,7 @@ class Tasks:
         if now - self._stamp > self.TTL_S:
             self._comm.clear()
             self._tgid.clear()
+            self._gone_at.clear()
             self._stamp = now
 
     def comm(self, tid: int) -> str:
@@ -67,19 +71,68 @@ class Tasks:
         """comm as the trace text's 16 columns show it (the last 16 bytes, leading blanks trimmed)."""
         return self.comm(tid).encode("utf-8", "backslashreplace")[-16:].lstrip()
 
+    def tgids(self, tids: Iterable[int], force: bool = False) -> tuple[dict[int, int], set[int]]:
+        """The tgid of each thread of a batch just read (-1: the kernel does not know), and the threads
+        that must wait for a later batch.
+
+        With record-tgid on, the kernel saves a thread's tgid in saved_tgids when it switches the
+        thread out after it wrote events, so a thread gone from /proc is in the table, unless another
+        holder of its id wrote over it since. Before that first switch the entry (and the `(tgid)` of a
+        text line formatted then) is a previous holder's or none: the table is only asked about a
+        thread if it was read after /proc was seen without the thread. One read serves a batch; reads
+        are REREAD_S apart, so a thread gone just after one waits for the next (`force`: read now).
+        """
+        self._fresh()
+        out: dict[int, int] = {}
+        gone: list[int] = []
+        for tid in tids:
+            t = self._tgid.get(tid)
+            if t is None:
+                t = self._live_tgid(tid)
+                if t < 0:
+                    gone.append(tid)
+                    continue
+                self._tgid[tid] = t
+            out[tid] = t
+        if not gone:
+            return out, set()
+        now = time.monotonic()
+        for tid in gone:
+            self._gone_at.setdefault(tid, now)
+        read_at = self._read_at.get("saved_tgids", -math.inf)
+        stale = {t for t in gone if self._gone_at[t] > read_at}  # seen gone after the last read began
+        if stale and self.root is not None:
+            if not force and now - read_at < self.REREAD_S:
+                out.update(self._from_table([t for t in gone if t not in stale]))
+                return out, stale
+            self._read_at["saved_tgids"] = now
+            self._saved["saved_tgids"] = self._read("saved_tgids")
+        out.update(self._from_table(gone))
+        return out, set()
+
+    def _from_table(self, tids: list[int]) -> dict[int, int]:
+        table = self._saved.get("saved_tgids", {}) if self.root is not None else {}
+        out = {}
+        for tid in tids:
+            s = table.get(tid, "")
+            out[tid] = self._tgid[tid] = int(s) if s.isdigit() and s != "0" else -1
+        return out
+
+    def _live_tgid(self, tid: int) -> int:
+        try:
+            with open(f"/proc/{tid}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"Tgid:"):
+                        return int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
+        return -1
+
     def tgid(self, tid: int) -> int:
         self._fresh()
         t = self._tgid.get(tid)
         if t is None:
-            t = -1
-            try:
-                with open(f"/proc/{tid}/status", "rb") as f:
-                    for line in f:
-                        if line.startswith(b"Tgid:"):
-                            t = int(line.split()[1])
-                            break
-            except (OSError, ValueError, IndexError):
-                pass
+            t = self._live_tgid(tid)
             if t < 0:
                 s = self._lookup("saved_tgids", tid)
                 if s is None or not s.isdigit() or s == "0":
@@ -91,7 +144,7 @@ class Tasks:
     def _lookup(self, name: str, tid: int) -> str | None:
         if self.root is None:
             return None
-        read_at = self._read_at.get(name, -1.0)
+        read_at = self._read_at.get(name, -math.inf)
         if read_at < self._batch_at:  # older than the events: it may hold a previous incarnation
             now = time.monotonic()
             if now - read_at < self.REREAD_S:
@@ -112,3 +165,12 @@ class Tasks:
             if k.isdigit():
                 out[int(k)] = v
         return out
+
+
+def record_tgid(inst: Path) -> bool:
+    """Whether an instance has record-tgid on: only then does the kernel keep tgids (saved_tgids, the text's
+    `(tgid)` column), and a reader settles each batch's tgids when it reads it (Tasks.tgids)."""
+    try:
+        return (inst / "options" / "record-tgid").read_text().strip() == "1"
+    except OSError:
+        return False

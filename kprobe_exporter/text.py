@@ -24,10 +24,11 @@ PIECE = 4 << 20  # bytes per columnar pass: ~40k lines, big enough to amortise n
 class TextRecord:
     """One line, kept for a span: comm, tgid, args and return value are read from it when asked."""
 
-    __slots__ = ("body", "ev", "line", "tasks", "tid")
+    __slots__ = ("_tgid", "body", "ev", "line", "tasks", "tid")
 
-    def __init__(self, line: bytes, body: int, ev: EventSpec, tid: int, tasks: Tasks | None) -> None:
-        self.line, self.body, self.ev, self.tid, self.tasks = line, body, ev, tid, tasks
+    def __init__(self, line: bytes, body: int, ev: EventSpec, tid: int, tasks: Tasks | None,
+                 tgid: int | None = None) -> None:
+        self.line, self.body, self.ev, self.tid, self.tasks, self._tgid = line, body, ev, tid, tasks, tgid
 
     def comm(self) -> str:
         comm = parser.comm_of(self.line).decode("utf-8", "backslashreplace")
@@ -37,8 +38,11 @@ class TextRecord:
 
     def tgid(self) -> int:
         # The kernel prints the tgid its table had when it formatted the line: for a thread not yet
-        # switched out since it started, a previous holder's of that id. A live thread knows better.
-        if self.tasks is not None and (t := self.tasks.tgid(self.tid)) >= 0:
+        # switched out since it started, a previous holder's of that id. The tgid settled when the
+        # batch was read (Tasks.tgids), else a live thread, knows better.
+        if self._tgid is not None and self._tgid >= 0:
+            return self._tgid
+        if self._tgid is None and self.tasks is not None and (t := self.tasks.tgid(self.tid)) >= 0:
             return t
         try:
             return parser.parse_head(self.line)[1]
@@ -67,6 +71,7 @@ class TextRecords:
         self._starts: list[int] | None = None
         self._ends: list[int] | None = None
         self._pickers: dict[tuple[int, tuple[str, ...]], ArgPicker] = {}
+        self.tgids: dict[int, int] | None = None  # settled when read (TextSource.settled)
 
     def _lists(self) -> tuple[list[int], list[int]]:
         if self._starts is None or self._ends is None:
@@ -116,14 +121,21 @@ class TextRecords:
         if name not in ("cpu", "tgid"):
             raise KeyError(name)
         out = np.full(len(self.ev), -1, np.int64)
+        known = self.tgids if name == "tgid" and self.tgids is not None else {}
+        tids = self.tid.tolist()
         for i in np.flatnonzero(self.ev != EV_NONE).tolist():
-            _, tgid, cpu, _, _ = parser.parse_head(self.line(i))
-            out[i] = cpu if name == "cpu" else tgid
+            t = known.get(tids[i], -1)
+            if t < 0:
+                _, tgid, cpu, _, _ = parser.parse_head(self.line(i))
+                t = cpu if name == "cpu" else tgid
+            out[i] = t
         return out
 
     def detach(self, row: int) -> TextRecord:
-        return TextRecord(self.line(row), self.slow_body.get(row, self.body), self.events[int(self.ev[row])],
-                          int(self.tid[row]), self.tasks)
+        tid = int(self.tid[row])
+        tgid = self.tgids.get(tid) if self.tgids is not None else None
+        return TextRecord(self.line(row), self.slow_body.get(row, self.body), self.events[int(self.ev[row])], tid,
+                          self.tasks, tgid)
 
 
 class TextSource:
@@ -155,6 +167,24 @@ class TextSource:
                 cut = len(chunk)
             yield self.batch(chunk[start:cut])
             start = cut
+
+    def settled(self, buf: bytes, force: bool) -> tuple[EventBatch, bytes]:
+        """A batch of `buf` with its threads' tgids settled now (Tasks.tgids: a live agent with record-tgid
+        on), and the lines from the first of a thread that must wait for the next table read on."""
+        b = self.batch(buf)
+        rec = b.records
+        assert isinstance(rec, TextRecords) and self.tasks is not None
+        rows = b.ev >= 0
+        tgids, wait = self.tasks.tgids(np.unique(b.tid[rows]).tolist(), force)
+        rest = b""
+        if wait:
+            cut = int(np.flatnonzero(rows & np.isin(b.tid, list(wait)))[0])
+            at = int(rec.starts[cut])
+            b, rest = self.batch(buf[:at]), buf[at:]
+            rec = b.records
+            assert isinstance(rec, TextRecords)
+        rec.tgids = tgids
+        return b, rest
 
     def batch(self, buf: bytes) -> EventBatch:
         starts, ends = fastparse.lines_of(buf)

@@ -86,17 +86,6 @@ SCENARIOS: dict[str, dict[str, object]] = {
         "workload": [OPENER, FAILER],
         "text_instances": {},
     },
-    "eprobe-record-tgid": {
-        "definitions": [
-            dyn(f"e:{G}/eopen syscalls.sys_enter_openat fn=+0($filename):ustring flags=$flags:x32 dfd=$dfd"),
-            dyn(f"e:{G}/eopen_ret syscalls.sys_exit_openat ret=$ret"),
-        ],
-        "events": [f"{G}/eopen", f"{G}/eopen_ret"],
-        "buffer_size_kb": 1024,
-        "workload": [OPENER, FAILER],
-        "text_instances": {},
-        "options": {"record-tgid": 1},
-    },
     # strings that fault: a user pointer read as a kernel string, on an fprobe and a kprobe
     "fault": {
         "definitions": [
@@ -108,6 +97,9 @@ SCENARIOS: dict[str, dict[str, object]] = {
         "workload": [FAILER, READER],
     },
 }
+
+# the same eprobes with record-tgid on in the capture's own instance (the `(tgid)` column of its text)
+SCENARIOS["eprobe-record-tgid"] = {**SCENARIOS["eprobe"], "options": {"record-tgid": 1}}
 
 C = f"{G}c"  # the corpus' own group
 CORPUS: list[list[str]] = [

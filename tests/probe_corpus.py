@@ -17,15 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path("/sys/kernel/tracing")
-
-
-def write(path: Path, text: str, append: bool = True) -> None:
-    fd = os.open(path, os.O_WRONLY | (os.O_APPEND if append else os.O_TRUNC))
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
+from raw_capture import ROOT, write  # sent into the guest alongside (make_612_fixtures.py)
 
 
 def ask(probe_file: str, line: str) -> dict[str, object]:
@@ -33,7 +25,7 @@ def ask(probe_file: str, line: str) -> dict[str, object]:
     before = set((ROOT / "dynamic_events").read_text().splitlines())
     result: dict[str, object] = {"file": probe_file, "line": line}
     try:
-        write(ROOT / probe_file, line + "\n")
+        write(ROOT / probe_file, line + "\n", append=True)
     except OSError as e:
         result.update(accepted=False, errno=e.errno, error=os.strerror(e.errno or 0))
         result["error_log"] = (ROOT / "error_log").read_text()
@@ -42,7 +34,7 @@ def ask(probe_file: str, line: str) -> dict[str, object]:
     result.update(accepted=True, listed=listed)
     for ln in listed:
         event = ln.split()[0].split(":", 1)[1]
-        write(ROOT / "dynamic_events", f"-:{event}\n")
+        write(ROOT / "dynamic_events", f"-:{event}\n", append=True)
     return result
 
 

@@ -5,7 +5,8 @@ The text path lets the kernel format every event inside our read() of `trace_pip
 `cat` (bench/README.md) and keeps only microseconds. The raw pages carry the events as the
 probes wrote them, with nanosecond timestamps, and cost the kernel one page swap per read. A
 record's args are decoded from its fields (raw.args) only where a label or a span asks; comm and
-tgid, which records do not carry, come from the live threads and the kernel's tables (tasks.py).
+tgid, which records do not carry, come from the live threads and the kernel's tables (tasks.py):
+with record-tgid on, each batch's tgids are settled when it is read, as the text's are.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from kprobe_exporter.raw.pages import (
     slice_batch,
 )
 from kprobe_exporter.reader import ReaderError
-from kprobe_exporter.tasks import Tasks
+from kprobe_exporter.tasks import Tasks, record_tgid
 
 # Instance clocks with a userspace clock to compare against (for the cross-CPU merge watermark).
 CLOCKS = {"mono": time.CLOCK_MONOTONIC, "mono_raw": time.CLOCK_MONOTONIC_RAW, "boot": time.CLOCK_BOOTTIME}
@@ -46,16 +47,16 @@ if hasattr(time, "CLOCK_TAI"):
 class RawRecord:
     """One record, kept for a span: its args decoded through its format's fields when asked."""
 
-    __slots__ = ("ev", "events", "rec", "tasks", "tid")
+    __slots__ = ("_tgid", "ev", "events", "rec", "tasks", "tid")
 
-    def __init__(self, events: RawEvents, ev: int, rec: bytes, tid: int, tasks: Tasks) -> None:
-        self.events, self.ev, self.rec, self.tid, self.tasks = events, ev, rec, tid, tasks
+    def __init__(self, events: RawEvents, ev: int, rec: bytes, tid: int, tasks: Tasks, tgid: int | None) -> None:
+        self.events, self.ev, self.rec, self.tid, self.tasks, self._tgid = events, ev, rec, tid, tasks, tgid
 
     def comm(self) -> str:
         return self.tasks.comm16(self.tid).decode("utf-8", "backslashreplace")
 
     def tgid(self) -> int:
-        return self.tasks.tgid(self.tid)
+        return self._tgid if self._tgid is not None else self.tasks.tgid(self.tid)
 
     def args(self) -> tuple[tuple[str, str], ...]:
         values = self.events.args(self.ev, self.rec)
@@ -77,10 +78,11 @@ class RawRecord:
 
 class RawRecords:
     """A batch's records behind an event batch: args from the record through its format's fields,
-    comm and tgid from the live threads and the kernel's tables (records carry neither)."""
+    comm and tgid from the live threads and the kernel's tables (records carry neither); `tgids`, the
+    tgids settled when the batch was read (Tasks.tgids), where they were."""
 
-    def __init__(self, b: Batch, events: RawEvents, tasks: Tasks) -> None:
-        self.b, self.events, self.tasks = b, events, tasks
+    def __init__(self, b: Batch, events: RawEvents, tasks: Tasks, tgids: dict[int, int] | None = None) -> None:
+        self.b, self.events, self.tasks, self.tgids = b, events, tasks, tgids
 
     def payloads(self, rows: Sequence[int]) -> list[bytes]:
         # the common fields never print, so records equal past them have equal args
@@ -107,19 +109,22 @@ class RawRecords:
             raise KeyError(name)
         tids = self.b.tid.astype(np.int64)
         uniq, inv = np.unique(tids, return_inverse=True)
-        tg = np.array([self.tasks.tgid(t) for t in uniq.tolist()], np.int64)
+        known = self.tgids or {}
+        tg = np.array([known[t] if t in known else self.tasks.tgid(t) for t in uniq.tolist()], np.int64)
         return np.where(self.b.ev != EV_LOST, tg[inv], -1).astype(np.int64)
 
     def detach(self, row: int) -> RawRecord:
-        return RawRecord(self.events, int(self.b.ev[row]), self.b.record(row), int(self.b.tid[row]), self.tasks)
+        tid = int(self.b.tid[row])
+        tgid = self.tgids.get(tid) if self.tgids is not None else None
+        return RawRecord(self.events, int(self.b.ev[row]), self.b.record(row), tid, self.tasks, tgid)
 
 
-def event_batch(b: Batch, events: RawEvents, tasks: Tasks) -> EventBatch:
+def event_batch(b: Batch, events: RawEvents, tasks: Tasks, tgids: dict[int, int] | None = None) -> EventBatch:
     """The aggregate's view of a batch: its columns, its loss markers, its records behind them."""
     ev = b.ev.astype(np.int64)
     at = np.flatnonzero(ev == EV_LOST)
     lost = list(zip(at.tolist(), b.cpu[at].tolist(), b.rlen[at].tolist(), strict=True))
-    return EventBatch(ev, b.tid.astype(np.int64), b.ts.astype(np.int64), RawRecords(b, events, tasks), lost,
+    return EventBatch(ev, b.tid.astype(np.int64), b.ts.astype(np.int64), RawRecords(b, events, tasks, tgids), lost,
                       len(ev) - len(at), cpu=b.cpu.astype(np.int64))
 
 
@@ -182,6 +187,7 @@ class RawReader:
         self.pages = [view[i * ps:(i + 1) * ps] for i in range(max_pages_per_cpu * len(self.fds))]
         self.held = empty_batch()
         self._short = False
+        self.settle_tgids = record_tgid(inst)
 
     @classmethod
     def open(cls, inst: Path, root: Path, probes: ProbeSet, event_dir: Callable[[EventSpec], Path],
@@ -211,10 +217,20 @@ class RawReader:
                 self.poll.poll(int(timeout_s * 1000))
             except InterruptedError:
                 pass
-        return self._events(self._read(flush=False))
+        return self._events(self._read(flush=False), flush=False)
 
-    def _events(self, b: Batch) -> EventBatch | None:
-        return event_batch(b, self.events, self.tasks) if len(b) else None
+    def _events(self, b: Batch, flush: bool) -> EventBatch | None:
+        tgids = None
+        if self.settle_tgids and len(b):
+            # each thread's tgid as it was when read (Tasks.tgids); the events from the first of a
+            # thread that must wait for the next table read on are held over with those past the watermark
+            is_rec = b.ev != EV_LOST
+            tgids, wait = self.tasks.tgids(np.unique(b.tid[is_rec]).tolist(), force=flush)
+            if wait:
+                cut = int(np.flatnonzero(is_rec & np.isin(b.tid, list(wait)))[0])
+                self.held = compact_batch(merge_batches(slice_batch(b, cut, len(b)), self.held))
+                b = slice_batch(b, 0, cut)
+        return event_batch(b, self.events, self.tasks, tgids) if len(b) else None
 
     def set_events(self, probes: ProbeSet) -> None:
         """A new probe set's ids (after a reload); events held over are re-dispatched by their ids.
@@ -225,10 +241,11 @@ class RawReader:
                               else 0 for i in range(len(self.held))], np.int64)
             self.held.ev = np.where(self.held.ev == EV_LOST, EV_LOST, events.lut[types]).astype(np.int32)
         self.events = events
+        self.settle_tgids = record_tgid(self.inst)
 
     def flush(self) -> EventBatch | None:
         """Everything buffered, held events included (at stop, or before a reload); None when nothing is."""
-        return self._events(self._read(flush=True))
+        return self._events(self._read(flush=True), flush=True)
 
     def _read(self, flush: bool) -> Batch:
         ps = self.layout.page_size

@@ -3,6 +3,9 @@ the record (the live reader itself is tests/live/test_raw_reader.py)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -51,3 +54,52 @@ def test_records_args_are_the_texts() -> None:
     r = names.index("open_path_ret")
     want = next(t for t in text if t.token == b"open_path_ret:").body.rsplit(b"=", 1)[1].decode()
     assert eb.records.detach(r).retval() == want
+
+
+def test_threads_gone_after_the_last_table_read_wait_for_the_next_one(tmp_path: Path) -> None:
+    """The reader on a fixture's real pages served from files, as trace_pipe_raw serves them, with its
+    threads renamed: one live (this process), the rest gone. With record-tgid on, each batch's tgids are
+    settled as it is read (Tasks.tgids): a thread seen gone after the last saved_tgids read waits, with
+    every event after its first, for the next read (a flush reads at once)."""
+    fx = load(K618 / "uprobes-syscalls")
+    b = fx.batch
+    old = sorted(set(b.tid[b.ev != raw_pages.EV_LOST].tolist()))
+    me = os.getpid()
+    new = {t: me if k == 0 else dead_tid() for k, t in enumerate(old)}
+    data = bytearray(b"".join(fx.pages.values()))
+    for i in np.flatnonzero(b.ev != raw_pages.EV_LOST).tolist():  # common_pid: bytes 4-8 of a record
+        o = int(b.rec[i]) + 4
+        data[o:o + 4] = new[int.from_bytes(data[o:o + 4], "little")].to_bytes(4, "little")
+    inst, off = tmp_path / "inst", 0
+    for cpu, pages in fx.pages.items():
+        (inst / "per_cpu" / f"cpu{cpu}").mkdir(parents=True)
+        (inst / "per_cpu" / f"cpu{cpu}" / "trace_pipe_raw").write_bytes(bytes(data[off:off + len(pages)]))
+        off += len(pages)
+    (inst / "trace_clock").write_text("local global [mono] boot\n")
+    (inst / "options").mkdir()
+    (inst / "options" / "record-tgid").write_text("1\n")
+    gone = [new[t] for t in old[1:]]
+    (tmp_path / "saved_tgids").write_text("".join(f"{t} {t + 1}\n" for t in gone))
+    reader = raw_reader.RawReader(inst, fx.events, tracefs_root=tmp_path, layout=fx.layout)
+    try:
+        reader.tasks.REREAD_S = 1e9  # the next read only when forced, however slow the machine
+        reader.tasks._read_at["saved_tgids"] = time.monotonic()  # a read just before: stale for them
+        first = reader.read(0)
+        rest = reader.flush()
+    finally:
+        reader.close()
+    tids = [new[t] for t in b.tid.tolist() if t in new]
+    cut = next(i for i, t in enumerate(tids) if t != me)
+    assert first is not None and first.tid.tolist() == tids[:cut] and cut > 0
+    assert rest is not None and rest.tid[rest.ev >= 0].tolist() == tids[cut:]
+    want = {me: me, **{t: t + 1 for t in gone}}
+    for batch in (first, rest):
+        rows = np.flatnonzero(batch.ev >= 0).tolist()
+        assert batch.tgid[rows].tolist() == [want[t] for t in batch.tid[rows].tolist()]
+        assert [batch.records.detach(i).tgid() for i in rows] == [want[t] for t in batch.tid[rows].tolist()]
+
+
+def dead_tid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid  # reaped: /proc has no such entry

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 from kprobe_exporter.tasks import UNKNOWN_COMM, Tasks
@@ -41,13 +40,15 @@ def test_gone_threads_come_from_tables_read_after_their_events(tmp_path: Path) -
     gone = dead_tid()
     tables(tmp_path, f"{gone} old-one\n", f"{gone} 777\n")  # a previous incarnation of that tid
     t = Tasks(tmp_path)
+    t.REREAD_S = 1e9  # the reads below come "too soon" however slow the machine
     assert (t.comm(gone), t.tgid(gone)) == ("old-one", 777)  # no batch yet: the first read stands
     tables(tmp_path, f"{gone} new-one\n", f"{gone} 888\n")  # the thread that wrote the next events
     t.batch_read()  # those events: the tables in hand predate them
     t._comm.clear(), t._tgid.clear()  # (as after TTL_S)
     # read again only after REREAD_S: until then, unknown rather than the old incarnation's name
     assert (t.comm(gone), t.tgid(gone)) == (UNKNOWN_COMM, -1)
-    time.sleep(Tasks.REREAD_S + 0.05)
+    for name in ("saved_cmdlines", "saved_tgids"):
+        t._read_at[name] -= t.REREAD_S  # (as after REREAD_S)
     assert (t.comm(gone), t.tgid(gone)) == ("new-one", 888)
 
 
@@ -86,11 +87,43 @@ def test_answers_expire(tmp_path: Path) -> None:
     gone = dead_tid()
     tables(tmp_path, f"{gone} first\n")
     t = Tasks(tmp_path)
+    t.TTL_S = 1e9  # expiry only as the test says, however slow the machine
     assert t.comm(gone) == "first"
     tables(tmp_path, f"{gone} second\n")
-    t.batch_read(time.monotonic() - 1)  # events older than the table read: it stays good
+    t.batch_read(t._read_at["saved_cmdlines"] - 1)  # events older than the table read: it stays good
     assert t.comm(gone) == "first"  # and the answer is kept
-    t._stamp -= Tasks.TTL_S + 1  # as if TTL_S had passed
+    t._stamp -= t.TTL_S + 1  # as if TTL_S had passed
     t.batch_read()
-    time.sleep(Tasks.REREAD_S + 0.05)
+    t._read_at["saved_cmdlines"] -= t.REREAD_S  # (as after REREAD_S)
     assert t.comm(gone) == "second"
+
+
+def test_a_batch_s_gone_threads_come_from_one_table_read_after_they_were_seen_gone(tmp_path: Path) -> None:
+    # record-tgid: the kernel saves a thread's tgid when it switches it out after its events; before
+    # that, the table holds a previous holder's of the id. A table read before the thread was seen gone
+    # from /proc may be that; one read after it is the thread's own.
+    gone, other = dead_tid(), dead_tid()
+    tables(tmp_path, "", f"{gone} 777\n")
+    t = Tasks(tmp_path)
+    t.REREAD_S = 1e9  # however slow the machine, the second call comes "too soon"
+    me = os.getpid()
+    assert t.tgids([me, gone]) == ({me: me, gone: 777}, set())  # seen gone now: the table is read now
+    tables(tmp_path, "", f"{gone} 777\n{other} 888\n")  # `other` was switched out since
+    got, wait = t.tgids([gone, other])  # `other` seen gone after that read: it waits for the next
+    assert (got, wait) == ({gone: 777}, {other})
+    t._read_at["saved_tgids"] -= t.REREAD_S  # (as after REREAD_S)
+    assert t.tgids([other]) == ({other: 888}, set())
+    tables(tmp_path, "", "")
+    assert t.tgids([gone, other]) == ({gone: 777, other: 888}, set())  # answers kept for TTL_S
+
+
+def test_force_reads_the_table_at_once_and_unknown_is_minus_one(tmp_path: Path) -> None:
+    gone, other = dead_tid(), dead_tid()
+    tables(tmp_path, "", f"{gone} 0\n")  # 0: no tgid saved for it
+    t = Tasks(tmp_path)
+    t.REREAD_S = 1e9
+    assert t.tgids([gone]) == ({gone: -1}, set())
+    tables(tmp_path, "", f"{other} 5\n")
+    assert t.tgids([other])[1] == {other}
+    assert t.tgids([other], force=True) == ({other: 5}, set())  # a flush: nothing left to wait for
+    assert Tasks().tgids([dead_tid()])[1] == set()  # without tables nothing can be waited for

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -95,3 +96,35 @@ def test_big_chunks_are_cut_at_lines(monkeypatch: pytest.MonkeyPatch) -> None:
     batches = list(source().batches(chunk))
     assert len(batches) > 1
     assert sum(b.read for b in batches) == 20 and all(np.all(b.ev == 0) for b in batches)
+
+
+def test_settled_tgids_from_the_table_read_after_the_thread_was_gone_not_the_line(tmp_path: Path) -> None:
+    # The `(tgid)` the kernel printed is its table's when it formatted the line: for a thread not yet
+    # switched out, a previous holder's (here 1). A thread gone from /proc has its own from a table
+    # read after that (Tasks.tgids); a live one answers for itself.
+    gone = [dead_tid(), dead_tid()]
+    me = os.getpid()
+    (tmp_path / "saved_tgids").write_text(f"{gone[0]} 4242\n")
+    tasks = Tasks(tmp_path)
+    tasks.REREAD_S = 1e9  # no second read but a forced one, however slow the machine
+    src = source(tasks)
+    text = b"\n".join([line("a", gone[0], 1_000_001, "f: (0x1) n=1 s=\"\"", tgid=1),
+                       line("a", me, 1_000_002, "f: (0x1) n=2 s=\"\"", tgid=1),
+                       line("a", gone[0], 1_000_003, "f_ret: (0x2 <- 0x1) ret=0", tgid=1)]) + b"\n"
+    b, rest = src.settled(text, force=False)
+    assert rest == b"" and b.tgid.tolist() == [4242, me, 4242]
+    assert [b.records.detach(i).tgid() for i in range(3)] == [4242, me, 4242]
+    # a thread seen gone after the last table read waits, with every line after its first, for the next
+    later = line("c", me, 1_000_004, "f: (0x1) n=3 s=\"\"", tgid=1) + b"\n"
+    held = line("c", gone[1], 1_000_005, "f: (0x1) n=4 s=\"\"", tgid=1) + b"\n"
+    (tmp_path / "saved_tgids").write_text(f"{gone[0]} 4242\n{gone[1]} 99\n")
+    b, rest = src.settled(later + held + later, force=False)
+    assert (len(b), rest) == (1, held + later) and b.tgid.tolist() == [me]
+    b, rest = src.settled(rest, force=True)
+    assert rest == b"" and b.tgid.tolist() == [99, me]
+
+
+def dead_tid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid  # reaped: /proc has no such entry
