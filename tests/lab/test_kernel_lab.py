@@ -208,6 +208,33 @@ scenario() {  # NAME BASE_S: $LAB_IN/NAME.sh runs in $LAB_OUT/NAME, limited to B
 """
 
 
+def prelude() -> str:
+    return PRELUDE.replace("@MAX_SLOW_PCT@", str(MAX_SLOW_PCT))
+
+
+def test_a_limit_that_runs_out_stretches_when_the_guest_has_slowed_down(tmp_path: Path) -> None:
+    """The prelude's `within`, run by the host's bash (no boot): once a limit has run out it times the bash
+    loop again; a guest slower now than at calibrate (its loop's time at 100 % set far below now's) stretches
+    the limit, scaled up to MAX_SLOW_PCT, and the stop limit with it; one as fast as then does not."""
+    (tmp_path / "kpe_opener").write_bytes(b"")
+    script = prelude() + """
+time_loop
+now_us=$LOOP_US
+t0=$((SECONDS - 2))  # a 1 s limit (at 100 %) ran out a second ago
+LAB_SLOW_PCT=100 LOOP_NOMINAL_US=$((now_us * 1000))  # the loop far faster than now: no slower than then
+within $t0 1 && echo same:stretched || echo same:expired
+echo "same:$LAB_SLOW_PCT"
+LOOP_NOMINAL_US=$((now_us / 1000 + 1))  # a thousand times slower than at calibrate
+within $t0 1 && echo slower:stretched || echo slower:expired
+echo "slower:$LAB_SLOW_PCT stop:$STOP_LIMIT_S"
+"""
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "LAB_IN": str(tmp_path), "LAB_SLOW_PCT": "100"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["same:expired", "same:100", "slower:stretched",
+                                f"slower:{MAX_SLOW_PCT}", f"stop:{30 * MAX_SLOW_PCT // 100}"], r.stdout
+
+
 # --- the workload and the boots -------------------------------------------------------------------------
 
 
@@ -284,7 +311,7 @@ def boot(opener: Path, scenarios: Scenarios, kernel: str) -> Boot:
     files: dict[str, bytes] = {
         "labkit.py": LABKIT.read_bytes(),
         "kpe_opener": opener.read_bytes(),
-        "prelude.sh": PRELUDE.replace("@MAX_SLOW_PCT@", str(MAX_SLOW_PCT)).encode(),
+        "prelude.sh": prelude().encode(),
         **{f.name: f.read_bytes() for f in OTLP_FILES},
     }
     for name, (script, configs) in scenarios.items():
