@@ -103,6 +103,9 @@ def main() -> int:
         print(r.stdout[-5000:], file=sys.stderr)
         return 1
     rows = json.loads(r.files["bench.json"])
+    for bad in (x for x in rows if "failed" in x):
+        print(f"round {bad['round']} {bad['mode']} failed: {bad['failed']}", file=sys.stderr)
+    rows = [x for x in rows if "failed" not in x]
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1))
     print(f"kernel {image.kernel_release}, {rows[0]['calls']:,} getppid calls per run ({a.n:,} on each guest CPU), "

@@ -187,21 +187,38 @@ class Agent(Mode):
 class Bpftrace(Mode):
     """bpftrace's `@ = hist(nsecs - @s[tid])` on the same function (its own perf kprobes)."""
 
+    broken = ""  # set once it failed to attach: the later rounds skip it rather than wait again
+
     def on(self) -> None:
+        if Bpftrace.broken:
+            raise RuntimeError(f"skipped: {Bpftrace.broken}")
         self.proc = subprocess.Popen(["bpftrace", "-e", BPFTRACE], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
         self.tool_pid = self.proc.pid
-        assert self.proc.stdout is not None
-        first = self.proc.stdout.readline()  # "Attaching 2 probes..." once both are attached
-        if "Attaching" not in first:
-            raise RuntimeError(f"bpftrace: {first}{self.proc.stdout.read()}")
-        time.sleep(1)
+        # Its "Attaching 2 probes..." sits in a pipe buffer: attached is when debugfs lists both kprobes.
+        listing = Path("/sys/kernel/debug/kprobes/list")
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            if listing.read_text().count(FUNC) >= 2:
+                time.sleep(1)
+                return
+            time.sleep(0.5)
+        self.proc.kill()
+        out, _ = self.proc.communicate()
+        Bpftrace.broken = f"bpftrace did not attach in 600 s: {out[-2000:]}"
+        raise RuntimeError(Bpftrace.broken)
 
     def counted(self) -> dict[str, int]:
         self.proc.send_signal(signal.SIGINT)
         out, _ = self.proc.communicate(timeout=300)
+        Path(os.environ.get("LAB_OUT", "/tmp"), "bpftrace.txt").write_text(out)
         rows = re.findall(r"^\[[^\]]*[\])]\s+(\d+) ", out, re.M)
         return {"latency": sum(map(int, rows))}
+
+    def off(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def modes() -> dict[str, Callable[[], Mode]]:
@@ -228,11 +245,13 @@ def modes() -> dict[str, Callable[[], Mode]]:
 def measure(name: str, make: Callable[[], Mode], n: int) -> dict[str, object]:
     mode = make()
     mode.on()
-    tool0 = cpu_ns(mode.tool_pid) if mode.tool_pid else 0
-    calls, ns, loop_cpu = run_loop(n)
-    got = mode.counted()
-    tool = (cpu_ns(mode.tool_pid) - tool0) if mode.tool_pid else getattr(mode, "scrape_ns", 0)
-    mode.off()
+    try:
+        tool0 = cpu_ns(mode.tool_pid) if mode.tool_pid else 0
+        calls, ns, loop_cpu = run_loop(n)
+        got = mode.counted()
+        tool = (cpu_ns(mode.tool_pid) - tool0) if mode.tool_pid else getattr(mode, "scrape_ns", 0)
+    finally:
+        mode.off()
     return {"mode": name, "calls": calls, "ns": ns, "loop_cpu_ns": loop_cpu, "tool_cpu_ns": tool / calls,
             "tool_cpu_total_ns": tool, "counted": got}
 
@@ -240,6 +259,8 @@ def measure(name: str, make: Callable[[], Mode], n: int) -> dict[str, object]:
 def main() -> int:
     n, rounds, wanted = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3].split(",")
     os.chmod(LOOP, 0o755)
+    if not Path("/sys/kernel/debug/kprobes").exists():
+        subprocess.run(["mount", "-t", "debugfs", "none", "/sys/kernel/debug"], check=True)
     INST.mkdir()
     write(T / "kprobe_events", f"p:{G}/ppid {FUNC}")
     write(T / "kprobe_events", f"r:{G}/ppid_ret {FUNC}")
@@ -250,7 +271,10 @@ def main() -> int:
         order = wanted[r % len(wanted):] + wanted[: r % len(wanted)]
         for name in order:
             t0 = time.monotonic()
-            row = measure(name, table[name], n)
+            try:
+                row = measure(name, table[name], n)
+            except Exception as e:  # one mode failing must not lose the others' figures
+                row = {"mode": name, "failed": repr(e)}
             row["round"] = r
             out.append(row)
             print(f"round {r} {name}: {row} ({time.monotonic() - t0:.0f} s)", flush=True)
