@@ -25,6 +25,7 @@ INST = T / "instances" / G
 FUNC = "__x64_sys_getppid"
 LAB_IN = Path(os.environ.get("LAB_IN", "."))
 LOOP = str(LAB_IN / "kagg_loop")
+OUT = Path(os.environ.get("LAB_OUT", "/tmp"))
 HZ = os.sysconf("SC_CLK_TCK")
 BPFTRACE = (
     f"kprobe:{FUNC} {{ @s[tid] = nsecs; }} "
@@ -148,19 +149,20 @@ class Agent(Mode):
             return r.read().decode()
 
     def on(self) -> None:
-        log = open(f"/tmp/agent-{self.reader}.log", "ab")  # the agent's: closed when it exits
+        log = open(OUT / f"agent-{self.reader}.log", "ab")  # the agent's: closed when it exits
         self.proc = subprocess.Popen(["kprobe-exporter", "--config", str(self.cfg)], stdout=log, stderr=log)
         self.tool_pid = self.proc.pid
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"agent ({self.reader}) exited {self.proc.returncode}")
+            print(f"waiting for the agent ({self.reader}) since {time.monotonic() - deadline + 600:.0f} s", flush=True)
             try:
                 if metric(self.scrape(), "kprobe_exporter_probe_installed", probe="ppid") == 1:
                     return
             except OSError:
                 pass
-            time.sleep(0.5)
+            time.sleep(5)
         raise RuntimeError(f"agent ({self.reader}) not ready in 600 s")
 
     def counted(self) -> dict[str, int]:
