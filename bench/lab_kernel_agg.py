@@ -25,6 +25,13 @@ or for the kernel modes the one read+parse of the hist files at the end) and the
 counted against the calls made. min/median/max over an odd number of rounds. The kernel modes write
 `kprobe_exporter.triggers` lines directly; TODO(kagg): switch them to the agent with `aggregation: kernel`
 (lab_kernel_agg_guest.modes()) when it lands. Absolute figures are inflated by emulation (TCG): read ratios.
+
+Found on 6.1 (README, Performance, "Kernel aggregation"): counting costs the traced call about what recording
+into a buffer does, whichever event and key; latency (onmatch + synthetic event) costs 5-6x that, and neither
+a separate count hist nor the synthetic event's pid field changes it measurably. Cheapest layout: the three
+latency triggers with a one-field synthetic event (`u64 lat`), counts read from the entry trigger's own table
+(its Hits + Dropped count every entry, nested ones too), no separate count hist; a count hist keyed by the
+labels only where labels are wanted.
 """
 
 from __future__ import annotations
