@@ -71,3 +71,16 @@ def test_args_needed_and_require_decoders() -> None:
     with pytest.raises(raw_formats.RawUnsupported, match="s:"):
         events.require_decoders(raw_args.args_needed(ps, spans=False))
     assert events.lut[9] == 2 and events.lut[10] == raw_pages.EV_UNKNOWN
+
+
+def test_print_fmt_literals_and_nul_terminated_strings() -> None:
+    """A print fmt's C string literal with each escape the kernel's formats use; an unknown escape is a
+    FormatError naming it; a trailing backslash stays. A string field ends at its first NUL, else at its end."""
+    assert raw_args._c_string(r"a\n\t\"\\\'\rb") == b'a\n\t"\\\'\rb'
+    assert raw_args._c_string("x=%d\\") == b"x=%d\\"
+    assert raw_args._c_string("") == b""
+    with pytest.raises(raw_args.FormatError, match=r"escape \\q"):
+        raw_args._c_string(r"a\qb")
+    assert raw_args._cstr(b"ab\0cd\0") == b"ab"
+    assert raw_args._cstr(b"abc") == b"abc"
+    assert raw_args._cstr(b"\0abc") == b""
