@@ -78,7 +78,7 @@ def test_print_fmt_literals_and_nul_terminated_strings() -> None:
     """A print fmt's C string literal with each escape the kernel's formats use; an unknown escape is a
     FormatError naming it; a trailing backslash stays. A string field ends at its first NUL, else at its end."""
     assert raw_args._c_string(r"a\n\t\"\\\'\rb") == b'a\n\t"\\\'\rb'
-    assert raw_args._c_string("x=%d\\") == b"x=%d\\"
+    assert raw_args._c_string("x=%d\\") == b"x=%d\\" and raw_args._c_string(r"x\n") == b"x\n"  # escape last
     assert raw_args._c_string("") == b""
     with pytest.raises(raw_args.FormatError, match=r"escape \\q"):
         raw_args._c_string(r"a\qb")
