@@ -320,12 +320,12 @@ def _printf1(spec: bytes, v: int | bytes) -> bytes:
         if b"-" in flags:
             body = body.ljust(width)
         elif b"0" in flags and conv not in b"sc":
-            neg = body[:1] == b"-"
-            digits = body[1:] if neg else body
+            sign = body[:1] if body[:1] in (b"-", b"+") else b""  # the zeros go after the sign and 0x
+            digits = body[len(sign):]
             pre = b""
             if digits[:2] in (b"0x", b"0X"):
                 pre, digits = digits[:2], digits[2:]
-            body = (b"-" if neg else b"") + pre + digits.rjust(width - len(body) + len(digits), b"0")
+            body = sign + pre + digits.rjust(width - len(body) + len(digits), b"0")
         else:
             body = body.rjust(width)
     return body

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import struct
 
 import pytest
@@ -71,3 +72,46 @@ def test_args_needed_and_require_decoders() -> None:
     with pytest.raises(raw_formats.RawUnsupported, match="s:"):
         events.require_decoders(raw_args.args_needed(ps, spans=False))
     assert events.lut[9] == 2 and events.lut[10] == raw_pages.EV_UNKNOWN
+
+
+def test_print_fmt_literals_and_nul_terminated_strings() -> None:
+    """A print fmt's C string literal with each escape the kernel's formats use; an unknown escape is a
+    FormatError naming it; a trailing backslash stays. A string field ends at its first NUL, else at its end."""
+    assert raw_args._c_string(r"a\n\t\"\\\'\rb") == b'a\n\t"\\\'\rb'
+    assert raw_args._c_string("x=%d\\") == b"x=%d\\" and raw_args._c_string(r"x\n") == b"x\n"  # escape last
+    assert raw_args._c_string("") == b""
+    with pytest.raises(raw_args.FormatError, match=r"escape \\q"):
+        raw_args._c_string(r"a\qb")
+    assert raw_args._cstr(b"ab\0cd\0") == b"ab"
+    assert raw_args._cstr(b"abc") == b"abc"
+    assert raw_args._cstr(b"\0abc") == b""
+
+
+def test_one_conversion_renders_as_c_printf_does() -> None:
+    """_printf1 against the C library's snprintf (the kernel's vsnprintf agrees on these): integer
+    conversions with each length, flag and width the print fmts use, and %s."""
+    libc = ctypes.CDLL(None)
+    buf = ctypes.create_string_buffer(64)
+    values = [0, 1, -1, 7, 127, 128, 255, 256, -128, 0x1234, 65535, 65536, 2**31 - 1, -(2**31), 2**32 - 1,
+              0x1234ABCD5678, 2**63 - 1, -(2**63)]
+    checked = 0
+    for ln in (b"hh", b"h", b"", b"l", b"ll"):
+        for conv in b"diuoxXc":
+            for flags in (b"", b"-", b"+", b"0", b"#", b"-0", b"+0", b"#0"):
+                if b"#" in flags and conv not in b"xX":
+                    continue  # (%#o's leading 0 is not rendered: no print fmt uses it)
+                for width in (b"", b"1", b"6", b"20"):
+                    spec = b"%" + flags + width + ln + bytes([conv])
+                    for v in values:
+                        if conv == ord("c") and (ln or v & 0xFF == 0):
+                            continue  # a NUL would end snprintf's string
+                        arg = ctypes.c_longlong(v) if ln in (b"l", b"ll") else ctypes.c_int(
+                            (v & 0xFFFFFFFF) - ((v & 0x80000000) << 1))
+                        libc.snprintf(buf, 64, spec, arg)
+                        assert raw_args._printf1(spec, v) == buf.value, (spec, v)
+                        checked += 1
+    assert checked > 10_000
+    assert raw_args._printf1(b"%s", b"ab") == b"ab" and raw_args._printf1(b"%5s", b"ab") == b"   ab"
+    assert raw_args._printf1(b"%-5s", b"ab") == b"ab   " and raw_args._printf1(b"%s", 42) == b"42"
+    with pytest.raises(raw_args.FormatError, match="a string for a numeric conversion"):
+        raw_args._printf1(b"%d", b"ab")

@@ -233,3 +233,35 @@ def test_cpus_merge_in_time_order_and_held_events_keep_their_records() -> None:
     merged = raw_pages.merge_batches(held, head)
     assert merged.ts.tolist() == b.ts.tolist()
     assert [merged.record(i) for i in range(len(merged))] == [b.record(i) for i in range(len(b))]
+
+
+COLUMNS = ("ev", "tid", "ts", "cpu", "rec", "rlen")
+
+
+def test_empty_compacted_and_merged_batches_keep_the_decoded_columns() -> None:
+    """What the reader holds between reads: nothing (empty_batch), the events past the watermark with a
+    loss marker among them (compact_batch: their records only), and held + new merged by time, ties in
+    the held batch's favour (merge_batches); always the decoder's own column types."""
+    b = load(K618 / "missed-events").batch
+    dtypes = [getattr(b, c).dtype for c in COLUMNS]
+    e = raw_pages.empty_batch()
+    assert [getattr(e, c).dtype for c in COLUMNS] == dtypes and [len(getattr(e, c)) for c in COLUMNS] == [0] * 6
+    assert e.data == b""
+    lost = int(np.flatnonzero(b.ev == raw_pages.EV_LOST)[0])
+    part = raw_pages.slice_batch(b, max(0, lost - 5), min(len(b), lost + 5))
+    c = raw_pages.compact_batch(part)
+    is_rec = part.ev != raw_pages.EV_LOST
+    assert [getattr(c, col).dtype for col in COLUMNS] == dtypes
+    assert len(c.data) == int(part.rlen[is_rec].sum()) < len(part.data)
+    assert [c.record(i) for i in np.flatnonzero(is_rec)] == [part.record(i) for i in np.flatnonzero(is_rec)]
+    assert c.rlen.tolist() == part.rlen.tolist()  # a loss marker's count kept
+    # two batches of 40 events, four at each stamp: numpy's unstable sort scrambles such ties
+    a = raw_pages.slice_batch(b, 0, 40)
+    ts = np.repeat(np.arange(10, dtype=np.int64), 4)
+    held = raw_pages.Batch(a.ev, np.arange(40, dtype=np.int32), ts, a.cpu, a.rec, a.rlen, a.data)
+    new = raw_pages.Batch(a.ev, np.arange(40, 80, dtype=np.int32), ts, a.cpu, a.rec, a.rlen, a.data)
+    m = raw_pages.merge_batches(held, new)
+    assert [getattr(m, col).dtype for col in COLUMNS] == dtypes
+    assert m.tid.tolist() == [t for k in range(10) for t in [*range(4 * k, 4 * k + 4), *range(40 + 4 * k, 44 + 4 * k)]]
+    assert [m.record(i) for i in range(80) if m.ev[i] != raw_pages.EV_LOST] == \
+        [a.record(i % 40) for i in m.tid.tolist() if a.ev[i % 40] != raw_pages.EV_LOST]
