@@ -9,7 +9,9 @@ A hist file holds one table per trigger on the event, each a `# trigger info:` h
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Container
 from dataclasses import dataclass
+from typing import NamedTuple
 
 _TRIGGER = "# trigger info: "
 _TOTAL = re.compile(r"^\s+(Hits|Entries|Dropped): (\d+)$")
@@ -22,8 +24,7 @@ class HistFormatError(ValueError):
     """A hist file that does not read as the kernel prints it (the message says where)."""
 
 
-@dataclass(frozen=True)
-class HistRow:
+class HistRow(NamedTuple):  # a tuple, not a dataclass: a table may have tens of thousands of rows
     keys: tuple[str, ...]  # each key field's printed value, padding stripped, in the trigger's key order
     values: dict[str, int]  # hitcount and each `vals=` field
 
@@ -68,57 +69,96 @@ def bucket_range(printed: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def _split_keys(inner: str, names: tuple[str, ...]) -> tuple[str, ...]:
-    """The printed values of `{ a: x, b: y }`'s inside, cut at the known names from the right.
+def _key_cutter(names: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
+    """A table's cut of `{ a: x, b: y }`'s inside into the printed values, made once per table.
 
-    From the right, so that a string key (a comm, a path) containing ", b: " can only fool the cut of
-    a key after it, never its own.
+    It cuts at the known names from the right, so that a string key (a comm, a path) containing ", b: "
+    can only fool the cut of a key after it, never its own.
     """
     fields = [n.split(".", 1)[0] for n in names]
-    out: list[str] = []
-    rest = inner
-    for name in reversed(fields[1:]):
-        at = rest.rfind(f", {name}: ")
-        if at < 0:
-            raise HistFormatError(f"key {name!r} not in {inner!r}")
-        out.append(rest[at + len(name) + 4 :].strip())
-        rest = rest[:at]
-    head = f"{fields[0]}: "
-    if not rest.lstrip().startswith(head):
-        raise HistFormatError(f"key {fields[0]!r} not first in {inner!r}")
-    out.append(rest.lstrip()[len(head) :].strip())
-    return tuple(reversed(out))
+    head, first = f"{fields[0]}: ", fields[0]
+    needles = [(f", {name}: ", len(name) + 4, name) for name in reversed(fields[1:])]
+
+    def cut_one(inner: str) -> tuple[str, ...]:
+        rest = inner.lstrip()
+        if not rest.startswith(head):
+            raise HistFormatError(f"key {first!r} not first in {inner!r}")
+        return (rest[len(head) :].strip(),)
+
+    def cut(inner: str) -> tuple[str, ...]:
+        out: list[str] = []
+        rest = inner
+        for needle, width, name in needles:
+            at = rest.rfind(needle)
+            if at < 0:
+                raise HistFormatError(f"key {name!r} not in {inner!r}")
+            out.append(rest[at + width :].strip())
+            rest = rest[:at]
+        rest = rest.lstrip()
+        if not rest.startswith(head):
+            raise HistFormatError(f"key {first!r} not first in {inner!r}")
+        out.append(rest[len(head) :].strip())
+        out.reverse()
+        return tuple(out)
+
+    return cut if needles else cut_one
 
 
-def _row(line: str, names: tuple[str, ...]) -> HistRow:
-    close = line.rfind("} hitcount:")
-    if not line.startswith("{") or close < 0:
-        raise HistFormatError(f"not a hist row: {line!r}")
-    values = {m.group(1): int(m.group(2)) for m in _VALUE.finditer(line[close + 1 :])}
-    return HistRow(_split_keys(line[1:close], names), values)
+def _values(tail: str) -> dict[str, int]:
+    """` hitcount:   N  lat:   M` → {"hitcount": N, "lat": M}. Whitespace-separated `name: number` pairs
+    (what the kernel prints) are split; anything else goes through the regex, which picks the pairs out."""
+    toks = tail.split()
+    out: dict[str, int] = {}
+    if len(toks) % 2 == 0:
+        for i in range(0, len(toks), 2):
+            name, num = toks[i], toks[i + 1]
+            if name[-1:] != ":" or not num.isdecimal() or not (name.isascii() and name[:-1].isidentifier()):
+                break
+            out[name[:-1]] = int(num)
+        else:
+            return out
+    return {m.group(1): int(m.group(2)) for m in _VALUE.finditer(tail)}
 
 
-def parse(text: str) -> list[HistTable]:
-    """Every table of one hist file, in the order the kernel prints them."""
+def parse(text: str, rows_of: Container[tuple[str, ...]] | None = None) -> list[HistTable]:
+    """Every table of one hist file, in the order the kernel prints them. With `rows_of`, only the tables
+    keyed as one of its entries (`key_names`) get their rows; the others' rows are skipped (their totals,
+    hits, entries and dropped, are still read), which is what a reader of their totals alone needs."""
     tables: list[HistTable] = []
     trigger: str | None = None
+    names: tuple[str, ...] | None = None
+    cut: Callable[[str], tuple[str, ...]] | None = None
+    keep = True
     rows: list[HistRow] = []
     totals: dict[str, int] = {}
     for line in text.splitlines():
-        if line.startswith(_TRIGGER):
-            trigger = line[len(_TRIGGER) :].removesuffix(" [active]").removesuffix(" [paused]").strip()
-            rows, totals = [], {}
-        elif line.startswith("{"):
+        if line[:1] == "{":
             if trigger is None:
                 raise HistFormatError(f"a row before any trigger info: {line!r}")
-            rows.append(_row(line, key_names(trigger)))
+            if cut is None:
+                names = key_names(trigger)
+                keep = rows_of is None or names in rows_of
+                cut = _key_cutter(names)
+            if keep:
+                close = line.rfind("} hitcount:")
+                if close < 0:
+                    raise HistFormatError(f"not a hist row: {line!r}")
+                tail = line[close + 1 :]
+                toks = tail.split()  # the usual row of a count table, `hitcount: N` alone, read in line
+                if len(toks) == 2 and toks[0] == "hitcount:" and toks[1].isdecimal():
+                    rows.append(HistRow(cut(line[1:close]), {"hitcount": int(toks[1])}))
+                else:
+                    rows.append(HistRow(cut(line[1:close]), _values(tail)))
+        elif line.startswith(_TRIGGER):
+            trigger = line[len(_TRIGGER) :].removesuffix(" [active]").removesuffix(" [paused]").strip()
+            names, cut, rows, totals = None, None, [], {}
         elif (m := _TOTAL.match(line)) is not None:
             totals[m.group(1)] = int(m.group(2))
             if m.group(1) == "Dropped":
                 if trigger is None:
                     raise HistFormatError("totals before any trigger info")
                 tables.append(
-                    HistTable(trigger, key_names(trigger), tuple(rows), totals.get("Hits", 0),
+                    HistTable(trigger, names or key_names(trigger), tuple(rows), totals.get("Hits", 0),
                               totals.get("Entries", 0), totals["Dropped"])
                 )
                 trigger = None

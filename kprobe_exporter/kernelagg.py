@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kprobe_exporter import hist, triggers
-from kprobe_exporter.aggmode import ProbeMode
+from kprobe_exporter.aggmode import KeyField, ProbeMode
 from kprobe_exporter.config import OVERFLOW_VALUE
 from kprobe_exporter.errors import TracefsError
 from kprobe_exporter.tracefs import error_log_entries, kernel_reason, read_text, write_file
@@ -94,8 +94,9 @@ class _Raw:
     dropped: int = 0
 
     def add(self, other: _Raw) -> _Raw:
-        out = _Raw(dict(self.events), dict(self.lat), self.dropped + other.dropped)
-        for k, n in other.events.items():
+        small, big = sorted((self.events, other.events), key=len)  # the scrape's 10,000 keys meet no offset
+        out = _Raw(dict(big), dict(self.lat), self.dropped + other.dropped)
+        for k, n in small.items():
             out.events[k] = out.events.get(k, 0) + n
         for e, (n, s) in other.lat.items():
             n0, s0 = out.lat.get(e, (0, 0))
@@ -109,17 +110,39 @@ def _table(tables: list[hist.HistTable], trig: Trigger) -> hist.HistTable | None
     return next((t for t in tables if t.key_names == want), None)
 
 
+class _Printed(dict[str, tuple[str, str]]):
+    """A key field's printed values to their (label, value) pairs, each converted once per scrape."""
+
+    def __init__(self, key: KeyField) -> None:
+        super().__init__()
+        self.key = key
+
+    def __missing__(self, printed: str) -> tuple[str, str]:
+        pair = self[printed] = (self.key.label, self.key.value(printed))
+        return pair
+
+
+def _label_counts(keys: tuple[KeyField, ...], table: hist.HistTable, into: dict[Labels, int]) -> None:
+    if table.rows and len(table.key_names) != len(keys):
+        raise ValueError(f"the table keyed {table.key_names} is not the probe's {len(keys)} label(s)")
+    printed = [_Printed(k) for k in keys]
+    get = dict.__getitem__
+    for row in table.rows:
+        labels = tuple(map(get, printed, row.keys))
+        into[labels] = into.get(labels, 0) + row.values.get("hitcount", 0)
+
+
 def raw_values(pt: ProbeTriggers, hist_text: dict[str, str]) -> _Raw:
     """A probe's values from the hist files' text (event path -> text), unfolded."""
     out = _Raw()
-    tables = {ev: hist.parse(text) for ev, text in hist_text.items()}
+    keys = pt.mode.keys
+    # rows only of the tables read row by row: the labelled count and the latency; the rest give totals
+    rows_of = {hist.key_names(t.line) for t in (pt.count if keys else None, pt.latency) if t is not None}
+    tables = {ev: hist.parse(text, rows_of) for ev, text in hist_text.items()}
     count = _table(tables.get(pt.count.event, []), pt.count)
     if count is not None:
-        keys = pt.mode.keys
         if keys:
-            for row in count.rows:
-                labels = tuple((k.label, k.value(v)) for k, v in zip(keys, row.keys, strict=True))
-                out.events[labels] = out.events.get(labels, 0) + row.values.get("hitcount", 0)
+            _label_counts(keys, count, out.events)
         else:
             out.events[()] = count.events  # every event, the ones a full table refused too
         out.dropped += count.dropped
@@ -149,12 +172,23 @@ class LabelFold:
     admitted: dict[tuple[str, str], dict[str, None]] = field(default_factory=dict)  # ordered sets
 
     def fold(self, probe: str, events: dict[Labels, int], view: KernelView) -> None:
-        if self._all_admitted(probe, events):  # the usual scrape: every value already has its place
-            view.events.update({(probe, labels): n for labels, n in events.items()})
+        out = view.events
+        fresh: list[tuple[Labels, int]] = []  # label sets with a value not admitted (yet, or ever)
+        for labels, n in events.items():
+            for label, v in labels:
+                seen = self.admitted.get((probe, label))
+                if seen is None or v not in seen:
+                    fresh.append((labels, n))
+                    break
+            else:  # the usual scrape: every value already has its place
+                key = (probe, labels)
+                out[key] = out.get(key, 0) + n
+        if not fresh:
             return
-        # most counted first on the first sight: the values that matter get the places
-        for labels, n in sorted(events.items(), key=lambda kv: (-kv[1], kv[0])):
-            out = []
+        if self._can_admit(probe, fresh):  # most counted first on the first sight: they get the places
+            fresh.sort(key=lambda kv: (-kv[1], kv[0]))
+        for labels, n in fresh:
+            folded = []
             for label, v in labels:
                 seen = self.admitted.setdefault((probe, label), {})
                 if v not in seen and len(seen) < self.limit:
@@ -162,19 +196,14 @@ class LabelFold:
                 if v not in seen:
                     view.label_overflow[(probe, label)] = view.label_overflow.get((probe, label), 0) + n
                     v = OVERFLOW_VALUE
-                out.append((label, v))
-            key = (probe, tuple(out))
-            view.events[key] = view.events.get(key, 0) + n
+                folded.append((label, v))
+            key = (probe, tuple(folded))
+            out[key] = out.get(key, 0) + n
 
-    def _all_admitted(self, probe: str, events: dict[Labels, int]) -> bool:
-        if not events:
-            return True
-        first = next(iter(events))
-        for i, (label, _) in enumerate(first):
-            seen = self.admitted.get((probe, label))
-            if seen is None or any(labels[i][1] not in seen for labels in events):
-                return False
-        return True
+    def _can_admit(self, probe: str, fresh: list[tuple[Labels, int]]) -> bool:
+        """Whether a place is left for a label of these sets (if none, their order cannot matter)."""
+        labels = {label for ls, _ in fresh for label, _ in ls}
+        return any(len(self.admitted.get((probe, label), ())) < self.limit for label in labels)
 
 
 class KernelSource:

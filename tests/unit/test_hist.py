@@ -94,3 +94,32 @@ def test_a_truncated_file_is_an_error_not_a_short_table() -> None:
     text = (HIST / "vread.hist").read_text()
     with pytest.raises(hist.HistFormatError, match="no Totals"):
         hist.parse(text[: text.rindex("Totals:")])
+
+
+def test_rows_only_of_the_tables_asked_for_and_every_tables_totals() -> None:
+    text = (HIST / "vread_ret.hist").read_text()
+    full = hist.parse(text)
+    some = hist.parse(text, rows_of={("common_pid.execname", "ret")})
+    assert [t.key_names for t in some] == [t.key_names for t in full]
+    assert [(t.hits, t.entries, t.dropped, t.trigger) for t in some] == [
+        (t.hits, t.entries, t.dropped, t.trigger) for t in full]
+    assert some[0].rows == () and len(full[0].rows) == full[0].entries > 0  # common_pid: not asked for
+    assert some[1].rows == full[1].rows and len(some[1].rows) == some[1].entries
+
+
+def test_three_keys_cut_from_the_right_and_values_in_any_form() -> None:
+    """A string key holding the later keys' names keeps them; a value tail the kernel would not print plainly
+    (a stray word, a negative number, a dotted name, a number run into text) reads as the regex picks it."""
+    text = (
+        "# trigger info: hist:keys=comm,a,b:vals=hitcount:sort=hitcount:size=2048 [active]\n"
+        "{ comm: x, a: 1, b: 2   , a:          5, b:          6 } hitcount:          3\n"
+        "{ comm: y                , a:          7, b:          8 } hitcount:          4  lat:   12  stray\n"
+        "{ comm: z                , a:          9, b:         10 } hitcount:          5  d: -7  b.hex: 16\n"
+        "{ comm: w                , a:         11, b:         12 } hitcount:          6  lat:  13x\n"
+        "\nTotals:\n    Hits: 18\n    Entries: 4\n    Dropped: 0\n"
+    )
+    (t,) = hist.parse(text)
+    assert [r.keys for r in t.rows] == [("x, a: 1, b: 2", "5", "6"), ("y", "7", "8"), ("z", "9", "10"),
+                                        ("w", "11", "12")]
+    assert [r.values for r in t.rows] == [{"hitcount": 3}, {"hitcount": 4, "lat": 12},
+                                          {"hitcount": 5, "d": -7, "b.hex": 16}, {"hitcount": 6, "lat": 13}]

@@ -183,3 +183,39 @@ def test_without_labels_a_full_thread_table_still_counts_every_event(tmp_path: P
     src.install([mode(LAT)])
     view = src.read()
     assert view.events == {("open", ()): 255 + 352} and view.dropped == {"open": 352}
+
+
+def _fold_by_sorting_all(limit: int, admitted: dict[tuple[str, str], dict[str, None]], probe: str,
+                         events: dict[kernelagg.Labels, int], view: KernelView) -> None:
+    """The fold as first written: every label set, most counted first (the semantics LabelFold keeps)."""
+    for labels, n in sorted(events.items(), key=lambda kv: (-kv[1], kv[0])):
+        out = []
+        for label, v in labels:
+            seen = admitted.setdefault((probe, label), {})
+            if v not in seen and len(seen) < limit:
+                seen[v] = None
+            if v not in seen:
+                view.label_overflow[(probe, label)] = view.label_overflow.get((probe, label), 0) + n
+                v = config.OVERFLOW_VALUE
+            out.append((label, v))
+        key = (probe, tuple(out))
+        view.events[key] = view.events.get(key, 0) + n
+
+
+@pytest.mark.parametrize("limit", [1, 3, 8, 50])
+def test_the_fold_admits_and_folds_as_sorting_every_label_set_would(limit: int) -> None:
+    """Scrapes whose label sets come and go and whose counts reorder: the fold that sorts only the sets with
+    a value not yet admitted (and none when no place is left) gives what sorting all of them gives."""
+    import random
+
+    rnd = random.Random(limit)
+    fold = LabelFold(limit)
+    admitted: dict[tuple[str, str], dict[str, None]] = {}
+    for scrape in range(12):
+        events = {(("comm", f"c{rnd.randrange(6 + scrape)}"), ("n", str(rnd.randrange(10 + 2 * scrape)))):
+                  rnd.randrange(1, 50) for _ in range(40)}
+        got, want = KernelView(), KernelView()
+        fold.fold("open", events, got)
+        _fold_by_sorting_all(limit, admitted, "open", events, want)
+        assert (got.events, got.label_overflow) == (want.events, want.label_overflow), scrape
+        assert fold.admitted == admitted
