@@ -97,6 +97,8 @@ def main() -> int:
     ap.add_argument("--kernel", default="6.1")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--timeout", type=float, default=5400)
+    ap.add_argument("--package", type=Path, default=None,
+                    help="the kprobe_exporter package to run in the guest (default: this checkout's)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     a = ap.parse_args()
     if a.rounds % 2 == 0:
@@ -112,7 +114,7 @@ def main() -> int:
         files = {"kagg_loop": loop.read_bytes(),
                  "guest.py": (ROOT / "bench" / "lab_kernel_agg_guest.py").read_bytes()}
         script = f'python3 "$LAB_IN/guest.py" {a.n} {a.rounds} {",".join(modes)}'
-        r = run_in_bench_guest(image, script, files, timeout=a.timeout)
+        r = run_in_bench_guest(image, script, files, timeout=a.timeout, package=a.package)
     if "bench.json" not in r.files:
         print(r.stdout[-5000:], file=sys.stderr)
         return 1
