@@ -111,7 +111,7 @@ def ensure_bench_guest(kernel: str = bg.DEFAULT_KERNEL, extra: tuple[str, ...] =
 
 
 def run_in_bench_guest(image: bg.GuestImage, script: str, files: dict[str, bytes],
-                       timeout: float) -> lab.GuestResult:
+                       timeout: float, package: Path | None = None) -> lab.GuestResult:
     """guest.run_in_guest on the bench image (same job disk, boot and results).
 
     A bench boot runs for many minutes at full load on a shared host, where the tests' 180 s silence limit
@@ -121,7 +121,8 @@ def run_in_bench_guest(image: bg.GuestImage, script: str, files: dict[str, bytes
     script_timeout = max(5, int(timeout - lab.SCRIPT_MARGIN_S))
     with tempfile.TemporaryDirectory(prefix="kprobe-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        disk = lab.make_job_disk(tmp, script, files, bg.REPO_ROOT / "kprobe_exporter", script_timeout)
+        disk = lab.make_job_disk(tmp, script, files, package or bg.REPO_ROOT / "kprobe_exporter",
+                                 script_timeout)
         console, boot_seconds, seconds = lab.boot(image, disk, tmp, timeout)
         returncode, out_files = lab.read_results(disk, tmp / "results")
     if returncode is None:

@@ -13,6 +13,8 @@
               kernel bugzilla 219876): do the hists fill, does an instance's hist on the synthetic event see
               another instance's onmatch, where the synthetic event records, what removal in the wrong order
               and rmdir of an instance with triggers do, and a second install after removal (a reload)
+  pidtable    (--only pidtable) latency_plan's entry trigger, keyed by common_pid, with size=128, and 300 short
+              processes of 10 calls: what a full entry table does to counts and latency samples
 Uses the tests' lab guests (no bpftrace needed). Prints the findings as JSON.
 """
 

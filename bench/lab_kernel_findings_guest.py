@@ -187,6 +187,42 @@ def instances() -> dict[str, object]:
     return r
 
 
+def pidtable() -> dict[str, object]:
+    """The entry trigger's table is keyed by common_pid and never shrinks: what happens once it is full.
+
+    latency_plan's entry trigger with size=128 (the kernel's smallest; the default is 2048), then 300 short
+    processes making 10 calls each.
+    """
+    g, inst = "kpe_pid", T / "instances" / "kpe_pid"
+    must(T / "kprobe_events", f"p:{g}/ppid __x64_sys_getppid")
+    must(T / "kprobe_events", f"r:{g}/ppid_ret __x64_sys_getppid")
+    inst.mkdir()
+    plan = triggers.latency_plan(g, "ppid", "ppid_ret", "ppid")
+    entry = triggers.Trigger(plan.triggers[0].event, plan.triggers[0].line.replace(":clock=", ":size=128:clock="))
+    trigs = (entry, *plan.triggers[1:])
+    for s in plan.synthetics:
+        must(T / triggers.SYNTHETIC_EVENTS, s.line)
+    for t in trigs:
+        must(inst / t.path, t.line)
+    out = subprocess.run([str(LAB_IN / "kagg_loop"), "10", "300"], capture_output=True, text=True, check=True)
+    made = int(out.stdout.split()[0])
+    e = hist.parse((inst / f"events/{g}/ppid/hist").read_text())[0]
+    x = hist.parse((inst / f"events/{g}/ppid_ret/hist").read_text())[0]
+    syn = hist.parse((inst / plan.triggers[2].path.replace("trigger", "hist")).read_text())[0]
+    r = {"entry trigger": entry.line, "calls made (300 processes x 10)": made,
+         "entry table: hits, dropped, rows": [e.hits, e.dropped, len(e.rows)],
+         "exit table: hits, dropped, rows": [x.hits, x.dropped, len(x.rows)],
+         "latency samples": syn.events}
+    for path, line in ((t.path, t.removal) for t in reversed(trigs)):
+        must(inst / path, line)
+    for sy in plan.synthetics:
+        must(T / triggers.SYNTHETIC_EVENTS, sy.removal)
+    inst.rmdir()
+    must(T / "kprobe_events", f"-:{g}/ppid")
+    must(T / "kprobe_events", f"-:{g}/ppid_ret")
+    return r
+
+
 def rmdir(p: Path) -> str:
     try:
         p.rmdir()
@@ -246,7 +282,8 @@ def main() -> int:
     found: dict[str, object] = {"kernel": os.uname().release}
     for what in wanted:
         try:
-            found[what] = {"recursion": recursion, "instances": instances, "scrape": scrape}[what]()
+            found[what] = {"recursion": recursion, "instances": instances, "scrape": scrape,
+                           "pidtable": pidtable}[what]()
         except Exception as e:  # one finding failing must not hide the others
             found[what] = {"failed": repr(e), "error_log": error_log()}
         print(json.dumps({what: found[what]}, indent=1), flush=True)
