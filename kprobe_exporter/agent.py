@@ -137,6 +137,7 @@ class Agent:
     def _attach_spans(self, agg: Aggregate, probes: ProbeSet) -> None:
         """Pairs with `spans:` feed the shipper; it starts with the first such pair and stays for reloads."""
         policies = {p.name: p.spans for p in probes.pairs if p.spans is not None}
+        policies |= {ks.pair.name: ks.pair.spans for ks in probes.kernel_spans if ks.pair.spans is not None}
         if not policies:
             return
         if self.shipper is None:
