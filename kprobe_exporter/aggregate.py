@@ -229,7 +229,7 @@ class Aggregate:
         assert sampling is not None and sink is not None
         for row in np.flatnonzero(c.ev == idx).tolist():
             span = kernel_span(ks.pair.name, ks.pair.function, int(c.tid[row]), c.records.detach(row))
-            if span is None or span.end_ns - span.start_ns < sampling.min_duration_ns:
+            if span is None:  # min_duration was the kernel's filter (triggers.SpanStream): not again here
                 continue
             if sampling.sample_ratio < 1.0 and random.random() >= sampling.sample_ratio:
                 continue

@@ -275,8 +275,11 @@ def test_recursion_kernel_mode_counts_calls_but_mismeasures_latency(lab: GuestRe
 
 # --- spans from kernel mode: only the slow calls reach user space --------------------------------------
 SPANS_SRC = HERE / "progs" / "kpe_spans.c"
-SPANS_N, SPANS_K = 2_000, 100  # kpe_spans: N calls of work(), every K-th sleeps 30 ms
-SPANS_MIN_NS = 1 << 24  # 16.8 ms: a log2 bound, so the kernel's own histogram says which calls were at or above
+SPANS_N, SPANS_K = 2_000, 100  # kpe_spans: N calls of work(), every K-th sleeps 300 ms
+# Just above 2^28 ns (268 ms): the kernel's `~ 2^N` bucket holds (2^(N-1), 2^N], so the calls at or above
+# it are exactly those of the buckets from 2^29 up. Under TCG on a loaded host "fast" calls were seen
+# taking up to 53 ms; the bound keeps a factor 5 from that.
+SPANS_MIN_NS = (1 << 28) + 1
 SPANS_PORT = 10152
 SPANS_CFG = f"""instance: kpe_sp
 aggregation: auto
@@ -292,7 +295,8 @@ set -eux
 T=/sys/kernel/tracing
 cd "$LAB_OUT"
 chmod +x "$LAB_IN/kpe_spans"
-python3 "$LAB_IN/otlp_sink.py" grpc @WANT@ sink > sink.log 2>&1 &
+# 5 s after the last expected span (LAB_SLOW_PCT scales its 1 s): anything beyond it gets time to arrive
+LAB_SLOW_PCT=500 python3 "$LAB_IN/otlp_sink.py" grpc @WANT@ sink > sink.log 2>&1 &
 SINK=$!
 for i in $(seq 1200); do [ -e sink.env ] && break; sleep 0.1; done
 . ./sink.env
@@ -346,21 +350,27 @@ def test_kernel_mode_spans_are_exactly_the_slow_calls(spans_lab: GuestResult) ->
     # the counts still cover every call: the filter is on the synthetic event's recording, not its hist
     assert metric(spans_lab, "m", "kprobe_events_total", probe="work") == n
     assert metric(spans_lab, "m", "kprobe_latency_seconds_count", probe="work") == n
-    # the kernel's own log2 buckets: the calls at or above 2^24 ns are the ones the workload slept in
-    rows = re.findall(r"\{ lat: ~ 2\^(\d+) *\} hitcount: *(\d+)", text(spans_lab, "lat.hist"))
-    at_or_above = sum(int(h) for e, h in rows if int(e) >= SPANS_MIN_NS.bit_length() - 1)
-    assert at_or_above == slow
+    # The kernel's own log2 buckets say which calls took at least the bound: every call that slept, and
+    # on a loaded host maybe a "fast" one the vCPU lost (timing is the load's: compare with the kernel)
+    rows = re.findall(r"\{ lat: ~ 2\^(\d+) *\} hitcount: *(\d+) *lat: *(\d+)", text(spans_lab, "lat.hist"))
+    slow_rows = [(int(h), int(ns)) for e, h, ns in rows if 1 << (int(e) - 1) >= SPANS_MIN_NS - 1]
+    at_or_above = sum(h for h, _ in slow_rows)
+    assert slow <= at_or_above < n // 10, rows
+    # only those reached user space (no line, no wake-up for the others), and each became one span
+    assert metric(spans_lab, "m", "kprobe_exporter_lines_read_total") == at_or_above
     spans = json.loads(text(spans_lab, "sink.json"))
-    assert len(spans) == slow, [(s["end_ns"] - s["start_ns"]) for s in spans]
+    assert len(spans) == at_or_above, [(s["end_ns"] - s["start_ns"]) for s in spans]
+    # the durations are the kernel's: their sum is the sum its hist kept for those buckets, to the ns
+    assert sum(s["end_ns"] - s["start_ns"] for s in spans) == sum(ns for _, ns in slow_rows)
     assert text(spans_lab, "lat.filter").strip() == f"lat >= {SPANS_MIN_NS}"
     pid = int(text(spans_lab, "work.pid"))
     for s in spans:
         assert s["name"] == "work"
         assert s["attributes"]["process.pid"] == pid and s["attributes"]["thread.id"] == pid
         assert s["attributes"]["process.executable.name"] == "kpe_spans"
-        assert s["attributes"]["kprobe.retval"] == "0x1"  # work() returns 1 when it slept
+        assert s["attributes"]["kprobe.retval"] in ("0x0", "0x1")  # work() returns 1 when it slept
         assert SPANS_MIN_NS <= s["end_ns"] - s["start_ns"] < 10**10  # the duration in ns, not a timestamp
     starts = sorted(s["start_ns"] for s in spans)
     assert all(b - a >= SPANS_MIN_NS for a, b in itertools.pairwise(starts))  # distinct calls in turn
-    assert metric(spans_lab, "m", "kprobe_exporter_spans_exported_total") == slow
+    assert metric(spans_lab, "m", "kprobe_exporter_spans_exported_total") == at_or_above
     assert "kpe_sp" not in text(spans_lab, "instances.after")

@@ -1,11 +1,11 @@
 /* The kernel-lab workload for spans from kernel mode: kpe_spans N K calls work(i) N times; every K-th
- * call sleeps SLOW_US microseconds, the others return at once. It prints how many calls slept, so the
+ * call sleeps SLOW_US microseconds (300 ms), the others return at once. It prints how many calls slept, so the
  * test compares what arrives as spans with what the workload itself counted. Built -O0 -static. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
 
-#define SLOW_US 30000
+#define SLOW_US 300000
 
 __attribute__((noinline)) long work(int i, int k) {
     if (i % k == 0) {
