@@ -439,7 +439,7 @@ class Agent:
             raise UserError(f"the aggregation mode of {', '.join(moved)} cannot change without a restart")
         tfs.check_kinds(plan.add)
         try:
-            reader.check(stream, spans=any(p.spans is not None for p in stream.pairs))
+            reader.check(stream, spans=any(p.spans is not None for p in stream.pairs) or bool(stream.kernel_spans))
         except raw.RawUnsupported as e:
             raise UserError(f"the raw reader: {e}; such probes need `reader: text` (a restart)") from None
         self._trial(tfs, plan.add)

@@ -34,7 +34,6 @@ KERNEL, STREAM = "kernel", "stream"
 KEYS_MAX = 3  # TRACING_MAP_KEYS_MAX (kernel/trace/tracing_map.h): fields in one hist key
 # HIST_KEY_SIZE_MAX is MAX_FILTER_STR_VAL (256) + 128: a string key takes 256 bytes, so one fits, two do not
 STRING_KEYS_MAX = 1
-KERNEL_SPANS_AUTO = True  # `auto` takes kernel mode for pairs with spans (set once the kernel lab proves it)
 _INT_TYPE = re.compile(r"^([usx])(8|16|32|64)$")
 
 
@@ -141,7 +140,7 @@ def _kernel_keys(ev: EventSpec) -> tuple[KeyField, ...] | str:
 
 
 def _why_not(p: ProbeConfig, ev: EventSpec, pair: PairSpec | None, explicit: set[str],
-             support: KernelSupport, wanted: str) -> tuple[KeyField, ...] | str:
+             support: KernelSupport, reader: str) -> tuple[KeyField, ...] | str:
     """The probe's hist keys if the kernel can aggregate it, else the reason it cannot: what the config
     asks for first (the same answer on every kernel), then what this kernel lacks."""
     if ev.name in explicit:
@@ -150,8 +149,9 @@ def _why_not(p: ProbeConfig, ev: EventSpec, pair: PairSpec | None, explicit: set
         return "recursive: one pending timestamp per thread cannot pair nested calls"
     if pair is not None and pair.spans is not None and any(a.name != COMM_ARG for a in ev.args):
         return "spans carry the entry's args, which kernel mode keeps in the kernel"
-    if pair is not None and pair.spans is not None and not KERNEL_SPANS_AUTO and wanted != KERNEL:
-        return "spans: kernel mode has them with `aggregation: kernel`; auto streams them"
+    if pair is not None and pair.spans is not None and reader != "text":
+        # the kernel lab (6.1) proves the text reader; the raw one delivered no span of the synthetic event
+        return "spans from kernel mode need `reader: text` (the raw reader does not read them yet)"
     keys = _kernel_keys(ev)
     if isinstance(keys, str):
         return keys
@@ -175,7 +175,7 @@ def resolve(config: Config, probes: ProbeSet, support: KernelSupport, path: str 
         if wanted == STREAM:
             out[name] = ProbeMode(name, STREAM, "configured")
             continue
-        keys = _why_not(p, ev, pair, explicit, support, wanted)
+        keys = _why_not(p, ev, pair, explicit, support, config.reader)
         if isinstance(keys, str):
             if wanted == KERNEL:
                 raise UserError(f"'kernel' cannot be honoured: {keys}", name, "aggregation", path)

@@ -137,5 +137,11 @@ def test_spans_in_kernel_mode_stream_only_the_slow_calls_synthetic_event() -> No
 def test_auto_streams_spans_that_would_lose_the_entrys_args() -> None:
     m = modes(f"probes:\n{OPEN}    args: {{dfd: '%di:s32'}}\n{SPANS}")["open"]
     assert m.mode == "stream" and "args" in m.reason
-    auto = modes(f"probes:\n{OPEN}{SPANS}")["open"]
-    assert auto.mode == ("kernel" if aggmode.KERNEL_SPANS_AUTO else "stream")
+    assert modes(f"probes:\n{OPEN}{SPANS}")["open"].mode == "kernel"
+
+
+def test_kernel_mode_spans_need_the_text_reader() -> None:
+    m = modes(f"reader: raw\nprobes:\n{OPEN}{SPANS}")["open"]
+    assert m.mode == "stream" and "reader: text" in m.reason
+    assert "reader: text" in refusal(f"reader: raw\naggregation: kernel\nprobes:\n{OPEN}{SPANS}").line()
+    assert modes(f"reader: raw\nprobes:\n{OPEN}    latency: true\n")["open"].mode == "kernel"  # no spans: kernel
