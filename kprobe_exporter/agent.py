@@ -137,6 +137,7 @@ class Agent:
     def _attach_spans(self, agg: Aggregate, probes: ProbeSet) -> None:
         """Pairs with `spans:` feed the shipper; it starts with the first such pair and stays for reloads."""
         policies = {p.name: p.spans for p in probes.pairs if p.spans is not None}
+        policies |= {ks.pair.name: ks.pair.spans for ks in probes.kernel_spans if ks.pair.spans is not None}
         if not policies:
             return
         if self.shipper is None:
@@ -438,7 +439,7 @@ class Agent:
             raise UserError(f"the aggregation mode of {', '.join(moved)} cannot change without a restart")
         tfs.check_kinds(plan.add)
         try:
-            reader.check(stream, spans=any(p.spans is not None for p in stream.pairs))
+            reader.check(stream, spans=any(p.spans is not None for p in stream.pairs) or bool(stream.kernel_spans))
         except raw.RawUnsupported as e:
             raise UserError(f"the raw reader: {e}; such probes need `reader: text` (a restart)") from None
         self._trial(tfs, plan.add)

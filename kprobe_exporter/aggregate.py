@@ -28,7 +28,7 @@ from kprobe_exporter import pairing
 from kprobe_exporter.config import OVERFLOW_VALUE
 from kprobe_exporter.events import REASONS, UNKNOWN_EVENT, EventBatch, Record
 from kprobe_exporter.labels import LabelContext, LabelSource, present, sources_for, span_where
-from kprobe_exporter.probes import COMM_ARG, EventSpec, ProbeSet
+from kprobe_exporter.probes import COMM_ARG, EventSpec, PairSpec, ProbeSet
 
 EVICT_REASONS = ("age", "capacity", "lost")
 I64 = npt.NDArray[np.int64]
@@ -113,6 +113,26 @@ class _Pair:
         self.sampling: SpanSampling | None = None
 
 
+def kernel_span(pair: str, function: str, tid: int, rec: Record) -> CompletedPair | None:
+    """A span from a kernel-mode pair's synthetic event (`lat=N ts0=N pid=N`, triggers.SPAN_FIELDS):
+    start at the entry's timestamp, the kernel's duration, the return value (`ret=`, decimal there) in hex
+    as the return probe prints it; None when a field does not decode."""
+    fields = dict(rec.args())
+    try:
+        lat, ts0 = int(fields["lat"]), int(fields["ts0"])
+        ret = f"{int(fields['ret']):#x}" if "ret" in fields else None
+    except (KeyError, ValueError):
+        return None
+    return CompletedPair(pair, function, tid, rec.tgid(), rec.comm(), ts0, ts0 + lat, (), ret)
+
+
+@dataclass
+class _KernelSpans:
+    pair: PairSpec
+    sampling: SpanSampling | None = None
+    sink: PairSink | None = None
+
+
 class Aggregate:
     # Below this many events a segment's pairs take the per-event loop: the columnar passes have a
     # fixed cost per batch that the loop undercuts on small ones (bench/README.md).
@@ -172,9 +192,13 @@ class Aggregate:
             self._pair_list.append(pair)
         self._ev_pair = np.array(ev_pair, np.int64)
         self._ev_sign = np.array(ev_sign, np.int64)
+        # kernel-mode pairs' slow calls (their synthetic event's index): spans only, counted in the kernel
+        self._kernel_spans: dict[int, _KernelSpans] = {
+            by_name[ks.event.name].idx: _KernelSpans(ks.pair) for ks in probes.kernel_spans}
 
     def set_sink(self, pair: str, sampling: SpanSampling, sink: PairSink) -> None:
-        p = self.pairs[pair]
+        ks = next((k for k in self._kernel_spans.values() if k.pair.name == pair), None)
+        p: _Pair | _KernelSpans = ks if ks is not None else self.pairs[pair]
         p.sampling, p.sink = sampling, sink
 
     # --- the hot path ----------------------------------------------------------------
@@ -195,6 +219,21 @@ class Aggregate:
                         self._counts[rec.count_idx] += n
             if self._pair_list:
                 self._pair_chunk(batch)
+            for idx, ks in self._kernel_spans.items():
+                if bc[idx + 2] and ks.sink is not None:
+                    self._kernel_span_rows(ks, batch, idx)
+
+    def _kernel_span_rows(self, ks: _KernelSpans, c: EventBatch, idx: int) -> None:
+        """Spans of the slow calls a kernel-mode pair's synthetic event brought (rare: behind `lat >=`)."""
+        sampling, sink = ks.sampling, ks.sink
+        assert sampling is not None and sink is not None
+        for row in np.flatnonzero(c.ev == idx).tolist():
+            span = kernel_span(ks.pair.name, ks.pair.function, int(c.tid[row]), c.records.detach(row))
+            if span is None:  # min_duration was the kernel's filter (triggers.SpanStream): not again here
+                continue
+            if sampling.sample_ratio < 1.0 and random.random() >= sampling.sample_ratio:
+                continue
+            sink(span)
 
     # --- labels ------------------------------------------------------------------------
     def _count_labelled(self, rec: _Event, c: EventBatch) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kprobe_exporter import hist, triggers
+from kprobe_exporter import aggmode, hist, triggers
 from kprobe_exporter.aggmode import KeyField, ProbeMode
 from kprobe_exporter.config import OVERFLOW_VALUE
 from kprobe_exporter.errors import TracefsError
@@ -56,10 +56,12 @@ def probe_triggers(group: str, mode: ProbeMode) -> ProbeTriggers:
     count = triggers.count_trigger(entry, tuple(k.field for k in mode.keys), where)
     if mode.pair is None or mode.exit is None:
         return ProbeTriggers(mode, KernelPlan((), (count,)), count, None)
-    lat = triggers.latency_plan(group, entry, _event_path(mode.exit.group, mode.exit.name), mode.pair.name, where, "")
+    spans = mode.pair.spans
+    lat = triggers.latency_plan(group, entry, _event_path(mode.exit.group, mode.exit.name), mode.pair.name, where, "",
+                                spans.min_duration_ns if spans is not None else None, aggmode.span_ret(mode.exit))
     if not mode.keys:
         return ProbeTriggers(mode, lat, lat.triggers[0], lat.triggers[-1])
-    return ProbeTriggers(mode, KernelPlan(lat.synthetics, (*lat.triggers, count)), count, lat.triggers[-1])
+    return ProbeTriggers(mode, KernelPlan(lat.synthetics, (*lat.triggers, count), lat.streams), count, lat.triggers[-1])
 
 
 @dataclass(frozen=True)
@@ -240,6 +242,9 @@ class KernelSource:
             self._write(self.root / triggers.SYNTHETIC_EVENTS, s.line, pt.probe, self.root)
         for t in pt.plan.triggers:
             self._write(self.inst / t.path, t.line, pt.probe, self.inst)
+        for st in pt.plan.streams:  # the filter first: no fast call reaches the buffer in between
+            self._write(self.inst / st.path("filter"), st.filter, pt.probe, self.inst)
+            self._write(self.inst / st.path("enable"), "1", pt.probe, self.inst)
 
     def _write(self, path: Path, line: str, probe: str, log_dir: Path) -> None:
         before = _error_log(log_dir)

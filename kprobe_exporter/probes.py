@@ -93,10 +93,19 @@ class PairSpec:
 
 
 @dataclass(frozen=True)
+class KernelSpans:
+    """A kernel-mode pair's slow calls: its synthetic latency event, streamed for spans (triggers.SpanStream)."""
+
+    event: EventSpec  # the synthetic event, in the probe set's events
+    pair: PairSpec
+
+
+@dataclass(frozen=True)
 class ProbeSet:
     group: str
     events: tuple[EventSpec, ...]
     pairs: tuple[PairSpec, ...]
+    kernel_spans: tuple[KernelSpans, ...] = ()
 
     def event(self, name: str) -> EventSpec:
         return next(e for e in self.events if e.name == name)

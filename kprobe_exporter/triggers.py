@@ -35,12 +35,34 @@ class Trigger:
         return "!" + self.line
 
 
+LAT_FIELDS = "u64 lat; int pid"  # `int`, not `pid_t`: common_pid is an int and the kernel checks types
+# With spans the event also carries the entry's timestamp: the span's start, on the instance's clock
+SPAN_FIELDS = "u64 lat; u64 ts0; int pid"
+SPAN_RET = "; u64 ret"  # and the return value where the return probe records one (`ret`, kprobes.py)
+
+
+@dataclass(frozen=True)
+class SpanStream:
+    """A synthetic event enabled in the agent's instance behind a filter: only calls at or above the
+    spans' min_duration reach the ring buffer (the hist triggers still see every call)."""
+
+    event: str  # "synthetic/NAME"
+    min_ns: int
+
+    @property
+    def filter(self) -> str:
+        return f"lat >= {self.min_ns}"
+
+    def path(self, file: str) -> str:
+        return f"events/{self.event}/{file}"
+
+
 @dataclass(frozen=True)
 class Synthetic:
     """A synthetic event definition, written to the top-level `synthetic_events`."""
 
     name: str
-    fields: str = "u64 lat; int pid"  # `int`, not `pid_t`: common_pid is an int and the kernel checks types
+    fields: str = LAT_FIELDS
 
     @property
     def line(self) -> str:
@@ -57,10 +79,13 @@ class KernelPlan:
 
     synthetics: tuple[Synthetic, ...]
     triggers: tuple[Trigger, ...]
+    streams: tuple[SpanStream, ...] = ()  # written after the triggers: filter, then enable
 
     def removal(self) -> tuple[tuple[str, str], ...]:
-        """(file, line) pairs that undo the plan: triggers newest first, then the synthetic events."""
-        out = [(t.path, t.removal) for t in reversed(self.triggers)]
+        """(file, line) pairs that undo the plan: streamed events disabled (an enabled synthetic event is
+        busy), triggers newest first, then the synthetic events."""
+        out = [(s.path("enable"), "0") for s in self.streams]
+        out += [(t.path, t.removal) for t in reversed(self.triggers)]
         out += [(SYNTHETIC_EVENTS, s.removal) for s in reversed(self.synthetics)]
         return tuple(out)
 
@@ -80,28 +105,37 @@ def count_trigger(event: str, labels: tuple[str, ...] = (), where: str = "") -> 
     return Trigger(event, f"hist:keys={_keys(labels)}:vals=hitcount:sort=hitcount:size={HIST_SIZE}{_filter(where)}")
 
 
+def synthetic_name(group: str, pair: str) -> str:
+    return f"{group}_{pair}_lat"
+
+
 def latency_plan(group: str, entry: str, exit_: str, pair: str, where: str = "",
-                 exit_where: str | None = None) -> KernelPlan:
+                 exit_where: str | None = None, span_min_ns: int | None = None, span_ret: bool = False) -> KernelPlan:
     """Entry → return latency of `pair` per thread, as a `.log2` hist of ns with the sum.
 
     `entry`/`exit_` are "GROUP/EVENT" (a bare EVENT is in `group`); the synthetic event is named for
     `group` and the pair. The timestamp variable is named for the pair: the kernel refuses a `$var`
     that more than one trigger defines unless it is fully qualified. `exit_where` filters the return
     (default: `where`); a filter on entry arguments cannot apply there, so the agent passes "".
+    With `span_min_ns` the synthetic event carries the entry's timestamp too and is streamed into the
+    instance for calls of at least that many ns (SpanStream); `span_ret` adds the return's `ret` field.
     """
     exit_filter = where if exit_where is None else exit_where
     entry, exit_ = (e if "/" in e else f"{group}/{e}" for e in (entry, exit_))
     ts, lat = f"{pair}_ts0", f"{pair}_lat"
-    synth = Synthetic(f"{group}_{pair}_lat")
+    spans = span_min_ns is not None
+    synth = Synthetic(synthetic_name(group, pair), SPAN_FIELDS + SPAN_RET * span_ret if spans else LAT_FIELDS)
     on_entry = Trigger(entry, f"hist:keys=common_pid:{ts}=common_timestamp:clock={CLOCK}{_filter(where)}")
     on_exit = Trigger(
         exit_,
         f"hist:keys=common_pid:{lat}=common_timestamp-${ts}"
         f":clock={CLOCK}:onmatch({entry.replace('/', '.')})"
-        f".trace({synth.name},${lat},common_pid){_filter(exit_filter)}",
+        f".trace({synth.name},${lat},{f'${ts},' if spans else ''}common_pid{',ret' * (spans and span_ret)})"
+        f"{_filter(exit_filter)}",
     )
     buckets = Trigger(f"synthetic/{synth.name}", f"hist:keys=lat.log2:vals=hitcount,lat:sort=lat:size={HIST_SIZE}")
-    return KernelPlan((synth,), (on_entry, on_exit, buckets))
+    streams = (SpanStream(f"synthetic/{synth.name}", span_min_ns),) if span_min_ns is not None else ()
+    return KernelPlan((synth,), (on_entry, on_exit, buckets), streams)
 
 
 def listed(line: str) -> str:

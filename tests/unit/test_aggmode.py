@@ -116,3 +116,32 @@ def test_support_is_found_by_files(tmp_path: Path) -> None:
     if (real / "events").is_dir():  # this host: the answer its own files give
         sample = next(p for p in (real / "events").glob("*/*") if p.is_dir())
         assert KernelSupport.detect(real).hist == (sample / "hist").exists()
+
+
+SPANS = "    latency: true\n    spans: {min_duration: 5ms}\n"
+
+
+def test_spans_in_kernel_mode_stream_only_the_slow_calls_synthetic_event() -> None:
+    cfg = config.load_text(f"aggregation: kernel\nprobes:\n{OPEN}{SPANS}")
+    ps = probes.build_probe_set(cfg, resolve=None)
+    m = aggmode.resolve(cfg, ps, FULL)
+    assert m["open"].mode == "kernel"
+    stream = aggmode.streamed(ps, m)
+    (ks,) = stream.kernel_spans
+    assert ks.pair.name == "open" and ks.event in stream.events and not ks.event.counted
+    assert ks.event.key == f"{ps.group}_open_lat:".encode()
+    assert [a.name for a in ks.event.args] == ["lat", "ts0", "pid", "ret"]  # a kretprobe records ret
+    assert [e.name for e in stream.events] == [ks.event.name]  # the probe's own events stay in the kernel
+
+
+def test_auto_streams_spans_that_would_lose_the_entrys_args() -> None:
+    m = modes(f"probes:\n{OPEN}    args: {{dfd: '%di:s32'}}\n{SPANS}")["open"]
+    assert m.mode == "stream" and "args" in m.reason
+    assert modes(f"probes:\n{OPEN}{SPANS}")["open"].mode == "kernel"
+
+
+def test_kernel_mode_spans_need_the_text_reader() -> None:
+    m = modes(f"reader: raw\nprobes:\n{OPEN}{SPANS}")["open"]
+    assert m.mode == "stream" and "reader: text" in m.reason
+    assert "reader: text" in refusal(f"reader: raw\naggregation: kernel\nprobes:\n{OPEN}{SPANS}").line()
+    assert modes(f"reader: raw\nprobes:\n{OPEN}    latency: true\n")["open"].mode == "kernel"  # no spans: kernel

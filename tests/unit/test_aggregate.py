@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from feeding import feed_text
-from kprobe_exporter import config, probes
+from kprobe_exporter import aggmode, config, probes
 from kprobe_exporter.aggregate import Aggregate, CompletedPair
 
 HERE = Path(__file__).resolve().parents[1]
@@ -508,3 +508,31 @@ def test_deep_pending_stacks_pair_lifo_across_chunks_and_keep_their_eviction_ord
     st = agg.snapshot().pairs["f"]
     assert st.evicted["capacity"] == sum(evicted) and st.pending == sum(map(len, model.values()))
     assert list(agg.pairs["f"].stack) == list(model)
+
+
+KSPANS = FIX / "linux-6.1-debian" / "kernel-spans"
+
+
+def test_kernel_mode_spans_from_the_synthetic_events_real_lines() -> None:
+    """Lines of a synthetic latency event (`lat= ts0= pid=`) captured on 6.1 (kernel-spans/capture.sh,
+    variant D: 5 slow calls of 50 behind `lat >= 10000000`) become spans: start at ts0, the kernel's duration."""
+    ev = aggmode.span_event("kx_lat", "work", ret=True)
+    pair = probes.PairSpec("w", "w", "w_ret", "work", config.SpanSettings())
+    ps = probes.ProbeSet("kx", (ev,), (), (probes.KernelSpans(ev, pair),))
+    agg = Aggregate(ps, [0.1])
+    spans: list[CompletedPair] = []
+    agg.set_sink("w", config.SpanSettings(), spans.append)
+    text = (KSPANS / "synthetic_spans.trace").read_bytes()
+    feed_text(agg, text)
+    line_re = rb"-(\d+) +\[\d+\] \S+ +([\d.]+): kx_lat: lat=(\d+) ts0=(\d+) pid=\d+ ret=(\d+)"
+    want = [(int(tid), int(ts0), int(ts0) + int(lat), hex(int(ret)), int(stamp.replace(b".", b"")) * 1000)
+            for tid, stamp, lat, ts0, ret in re.findall(line_re, text)]
+    assert len(want) == 5
+    assert [(s.tid, s.start_ns, s.end_ns, s.retval) for s in spans] == [w[:4] for w in want]
+    assert {(s.pair, s.function, s.comm, s.retval) for s in spans} == {("w", "work", "kpe_spans", "0x1")}
+    # the same clock: each call ended (ts0 + lat) before the kernel stamped its synthetic event
+    assert all(0 <= stamp - end < 10**6 for _, _, end, _, stamp in want)
+    assert all(s.end_ns - s.start_ns >= 10_000_000 for s in spans)
+    snap = agg.snapshot()
+    assert snap.events == {} and snap.pairs == {}  # counted in the kernel only
+    assert snap.parse_errors == dict.fromkeys(snap.parse_errors, 0)

@@ -26,3 +26,22 @@ def test_removal_is_the_reverse_of_installation_triggers_before_synthetic_events
 def test_a_count_without_labels_has_a_bounded_key() -> None:
     assert "keys=common_cpu:" in triggers.count_trigger("kpe/open").line
     assert "keys=path,comm:" in triggers.count_trigger("kpe/open", ("path", "comm")).line
+
+
+def test_spans_stream_the_synthetic_event_behind_a_duration_filter() -> None:
+    plan = triggers.latency_plan("kpe", "open", "open_ret", "open", span_min_ns=5_000_000)
+    assert plan.synthetics[0].line == "kpe_open_lat u64 lat; u64 ts0; int pid"
+    # the entry's timestamp rides along: the kernel (6.1, tests/fixtures/linux-6.1-debian/kernel-spans)
+    # accepts $open_ts0 both in the latency and as a trace() argument
+    assert ".trace(kpe_open_lat,$open_lat,$open_ts0,common_pid)" in plan.triggers[1].line
+    (st,) = plan.streams
+    assert (st.path("filter"), st.filter) == ("events/synthetic/kpe_open_lat/filter", "lat >= 5000000")
+    # disabled first (an enabled synthetic event is busy), then triggers, then the definition
+    assert plan.removal()[0] == ("events/synthetic/kpe_open_lat/enable", "0")
+    assert plan.removal()[-1] == (triggers.SYNTHETIC_EVENTS, "!kpe_open_lat")
+    plain = triggers.latency_plan("kpe", "open", "open_ret", "open")
+    assert plain.streams == () and "ts0" not in plain.synthetics[0].line
+    assert ".trace(kpe_open_lat,$open_lat,common_pid)" in plain.triggers[1].line
+    ret = triggers.latency_plan("kpe", "open", "open_ret", "open", span_min_ns=1, span_ret=True)
+    assert ret.synthetics[0].line == "kpe_open_lat u64 lat; u64 ts0; int pid; u64 ret"
+    assert ".trace(kpe_open_lat,$open_lat,$open_ts0,common_pid,ret)" in ret.triggers[1].line
