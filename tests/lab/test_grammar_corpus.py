@@ -41,7 +41,8 @@ PYTHONPATH=/job/src:/opt/kprobe-lab/site:$LAB_IN python3 grammar_corpus.py "$LAB
 def walk(request: pytest.FixtureRequest) -> tuple[str, list[dict[str, Any]]]:
     kernel = request.param
     require_guest(kernel)
-    files = {n: (TESTS / n).read_bytes() for n in ("grammar_corpus.py", "probe_corpus.py")}
+    sent = ("grammar_corpus.py", "probe_corpus.py", "raw_capture.py")  # probe_corpus imports raw_capture
+    files = {n: (TESTS / n).read_bytes() for n in sent}
     r = run_in_guest(SCRIPT, files=files, timeout=1200, kernel=kernel)
     assert r.returncode == 0 and "corpus.json" in r.files, r.stdout[-4000:]
     answers = json.loads(r.files["corpus.json"])
@@ -80,7 +81,8 @@ def test_the_agent_says_what_the_kernel_says(walk: tuple[str, list[dict[str, Any
     assert line not in EARLY
     listed = parse_definition(k["listed"][0])
     assert listed is not None and listed.kind is not None
-    _mine, said, kind = ag["check"][0].split("\n")
+    # check's lines on the probe: its definition, `kernel:`, `kind:` and, where it has one, `aggregation:`
+    _mine, said, kind, *_mode = ag["check"][0].split("\n")
     readback = parse_definition(said.removeprefix("  kernel: "))
     assert readback is not None, said
     # check says which kind the kernel made, and it is the one the agent reads the events as

@@ -9,6 +9,9 @@ kernel, its exit status and its log.
 
 The workload is tests/progs/kpe_opener.c, built -static on the host (the guest has no compiler): it opens
 a path N times. Its comm, `kpe_opener`, is what kernel filters select where a count must be exact.
+
+These scenarios test the streaming readers, so their configs say `aggregation: stream`: both lab kernels
+have hist triggers, where `auto` would aggregate in the kernel (tests/lab/test_kernel_mode.py tests that).
 """
 
 from __future__ import annotations
@@ -375,6 +378,7 @@ OPEN_N = 100
 OPEN_MARKER = "/tmp/kpe-lab/open-marker"
 OPEN_CFG = f"""
 instance: lab_open
+aggregation: stream
 label_limit: 10000            # python's own start opens ~100 paths: the marker must not overflow
 probes:
   # the path filter makes the latency count exact: only the marker's entries are paired
@@ -408,6 +412,7 @@ GETNAME_PATHS = {  # path as bash writes it: expected label, count
 }
 GETNAME_CFG = """
 instance: lab_getname
+aggregation: stream
 label_limit: 10000
 probes:
   # getname returns a struct filename * whose first member is the name: +0(+0($retval))
@@ -434,6 +439,7 @@ GETNAME_SH = "\n".join(
 TWORET_N = 60
 TWORET_CFG = """
 instance: lab_tworet
+aggregation: stream
 probes:
   # latency: true installs a kretprobe open_ret on do_sys_openat2 ...
   - name: open
@@ -472,6 +478,7 @@ SPANS_RETVAL = {"6.1": ("0x3", "0xfffffffffffffffe"), "6.12": ("3", "-2")}  # fd
 SPANS_PROTOCOLS = {"grpc": 10114, "http/protobuf": 10115}
 SPANS_CFG = """
 instance: lab_spans
+aggregation: stream
 probes:
   - name: open
     kprobe: do_sys_openat2
@@ -665,6 +672,7 @@ def notes_config(symbol: str, sentinel: bool = False) -> str:
     filt = "\n    filter: 'comm == \"kpe_opener\"'"
     return f"""
 instance: lab_notes
+aggregation: stream
 probes:
   - raw: '{NOTES_ENTRY.replace("do_sys_open ", symbol + " ")}'{filt}
   - raw: '{NOTES_RETURN.replace("do_sys_open ", symbol + " ")}'{filt}""" + (f"""
@@ -703,6 +711,7 @@ labkit snap lab_notes openat2_after
 LIFE_N = 10
 LIFE_CFG = f"""
 instance: lab_life
+aggregation: stream
 probes:
   - name: open
     kprobe: do_sys_openat2
@@ -1019,7 +1028,7 @@ def check_config(rows: list[Row], offset: int) -> str:
     for row in rows:
         probe = {k: (v.replace("@OFF@", hex(offset)) if isinstance(v, str) else v) for k, v in row.probe.items()}
         probes.append(probe if "raw" in probe else {"name": row.id, **probe})
-    return yaml.safe_dump({"instance": GROUP, "probes": probes}, sort_keys=False)
+    return yaml.safe_dump({"instance": GROUP, "aggregation": "stream", "probes": probes}, sort_keys=False)
 
 
 def check_script() -> str:

@@ -25,6 +25,7 @@ BASE_S, BOOT_MARGIN_S = 60, 120.0  # the script's time on an unloaded host, time
 
 CONFIG = """
 instance: {instance}
+aggregation: stream
 probes:
   - name: open
     kprobe: do_sys_openat2
