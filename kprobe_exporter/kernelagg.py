@@ -19,6 +19,7 @@ from kprobe_exporter import aggmode, hist, triggers
 from kprobe_exporter.aggmode import KeyField, ProbeMode
 from kprobe_exporter.config import OVERFLOW_VALUE
 from kprobe_exporter.errors import TracefsError
+from kprobe_exporter.probes import EventSpec
 from kprobe_exporter.tracefs import error_log_entries, kernel_reason, read_text, write_file
 from kprobe_exporter.triggers import KernelPlan, Trigger
 
@@ -28,8 +29,9 @@ LOG2_MIN_TOP = 34  # le buckets always run 2^0 .. at least 2^34 ns (17 s), so th
 Labels = tuple[tuple[str, str], ...]
 
 
-def _event_path(ev_group: str, ev_name: str) -> str:
-    return f"{ev_group}/{ev_name}"
+def _event_path(ev: EventSpec) -> str:
+    """GROUP/EVENT under the instance's events/: a probe's own name, a tracepoint's SYSTEM/EVENT."""
+    return f"{ev.group}/{ev.name}" if ev.dynamic else ev.target
 
 
 @dataclass(frozen=True)
@@ -52,12 +54,12 @@ def probe_triggers(group: str, mode: ProbeMode) -> ProbeTriggers:
     ev = mode.event
     assert ev is not None
     where = ev.filter or ""
-    entry = _event_path(ev.group, ev.name)
+    entry = _event_path(ev)
     count = triggers.count_trigger(entry, tuple(k.field for k in mode.keys), where)
     if mode.pair is None or mode.exit is None:
         return ProbeTriggers(mode, KernelPlan((), (count,)), count, None)
     spans = mode.pair.spans
-    lat = triggers.latency_plan(group, entry, _event_path(mode.exit.group, mode.exit.name), mode.pair.name, where, "",
+    lat = triggers.latency_plan(group, entry, _event_path(mode.exit), mode.pair.name, where, "",
                                 spans.min_duration_ns if spans is not None else None, aggmode.span_ret(mode.exit))
     if not mode.keys:
         return ProbeTriggers(mode, lat, lat.triggers[0], lat.triggers[-1])

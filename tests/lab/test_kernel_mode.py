@@ -174,11 +174,11 @@ def test_modes_are_stated(lab: GuestResult) -> None:
     assert metric(lab, "m1", "kprobe_exporter_probe_aggregation", probe="open_s", mode="stream") == 1
     check = text(lab, "check.out")
     said, event = {}, ""
-    for line in check.splitlines()[1:]:  # an event's line, its `kernel:` readback, its `aggregation:`
+    for line in check.splitlines()[1:]:  # an event's line, its `kernel:` readback, `kind:`, `aggregation:`
         word, _, rest = line.strip().partition(": ")
         if word == "aggregation":
             said[event] = rest.split()[0]
-        elif word != "kernel":
+        elif word not in ("kernel", "kind"):
             event = word
     assert said == {"open": "kernel", "open_f": "kernel", "open_k": "kernel", "open_s": "stream",
                     "rec_k": "kernel", "rec_s": "stream"}, check

@@ -219,3 +219,13 @@ def test_the_fold_admits_and_folds_as_sorting_every_label_set_would(limit: int) 
         _fold_by_sorting_all(limit, admitted, "open", events, want)
         assert (got.events, got.label_overflow) == (want.events, want.label_overflow), scrape
         assert fold.admitted == admitted
+
+
+def test_a_tracepoints_trigger_goes_to_its_own_system_and_event(tmp_path: Path) -> None:
+    """A tracepoint lives at events/SYSTEM/EVENT, not under the agent's group by the probe's name (the
+    kernel lab's `check` of a tracepoint probe once answered ENOENT for `events/syscalls/<probe>/trigger`)."""
+    m = mode("probes:\n  - name: opens\n    tracepoint: syscalls/sys_enter_openat\n", "opens")
+    assert m.kernel
+    pt = kernelagg.probe_triggers(GROUP, m)
+    assert [t.event for t in pt.plan.triggers] == ["syscalls/sys_enter_openat"]
+    assert pt.count.path == "events/syscalls/sys_enter_openat/trigger"
