@@ -48,6 +48,17 @@ def live_tids(n: int) -> list[tuple[int, bytes]]:
     return out[:n]
 
 
+def enough_tids(n: int) -> tuple[list[tuple[int, bytes]], threading.Event]:
+    """`n` live threads (tid, comm): the host's, and where a small host has fewer, idle ones of ours
+    (they wait on the returned event: set it to let them go)."""
+    tids = live_tids(n)
+    idle = threading.Event()
+    extra = [threading.Thread(target=idle.wait, daemon=True) for _ in range(n - len(tids))]
+    for t in extra:
+        t.start()
+    return tids + [(t.native_id or 0, b"bench-idle") for t in extra], idle
+
+
 def make_batch(tids: list[tuple[int, bytes]], size: int, rng: np.random.Generator) -> tuple[list[int], list[bytes],
                                                                                                np.ndarray]:
     w = 1.0 / np.arange(1, len(tids) + 1)  # Zipf-like: a few busy threads, a long tail
@@ -72,12 +83,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.rounds % 2 == 0:
         ap.error("--rounds must be odd (a true median)")
-    tids = live_tids(a.tids)
-    idle = threading.Event()
-    extra = [threading.Thread(target=idle.wait, daemon=True) for _ in range(a.tids - len(tids))]
-    for t in extra:  # a small host has fewer threads than asked for: idle ones of ours make up the rest
-        t.start()
-    tids += [(t.native_id or 0, b"bench-idle") for t in extra]
+    tids, idle = enough_tids(a.tids)
     ev, comms, tid_col = make_batch(tids, a.batch, np.random.default_rng(7))
     of = CgroupOf()
     one, four = CgroupLabels(["cgroup"], of), CgroupLabels(LABELS, of)

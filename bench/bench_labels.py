@@ -26,7 +26,6 @@ import os
 import platform
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_cgroups import live_tids
+from bench_cgroups import enough_tids
 
 from kprobe_exporter import agent, config, probes
 from kprobe_exporter.cgroups import CgroupOf
@@ -82,12 +81,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.rounds % 2 == 0:
         ap.error("--rounds must be odd (a true median)")
-    tids = live_tids(a.tids)
-    idle = threading.Event()
-    extra = [threading.Thread(target=idle.wait, daemon=True) for _ in range(a.tids - len(tids))]
-    for t in extra:
-        t.start()
-    tids += [(t.native_id or 0, b"bench-idle") for t in extra]
+    tids, idle = enough_tids(a.tids)
     text = corpus(tids, a.events, np.random.default_rng(7))
     of = CgroupOf()
     setups = {k: setup(v) for k, v in VARIANTS.items()}
