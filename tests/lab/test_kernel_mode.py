@@ -123,14 +123,19 @@ snap after_restart
 """
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> GuestResult:
+def static_program(src: Path, into: Path, opt: str) -> Path:
+    """A workload built -static on the host (the guest has no compiler and its libc need not match)."""
     if shutil.which("gcc") is None:
         pytest.fail("gcc is needed to build the kernel-lab workload (tests/setup.sh installs it)", pytrace=False)
-    opener = tmp_path_factory.mktemp("lab") / "kpe_opener"
-    subprocess.run(["gcc", "-O1", "-static", "-o", str(opener), str(OPENER_SRC)], check=True)
-    recurse = opener.with_name("kpe_recurse")
-    subprocess.run(["gcc", "-O0", "-static", "-o", str(recurse), str(RECURSE_SRC)], check=True)
+    exe = into / src.stem
+    subprocess.run(["gcc", opt, "-static", "-o", str(exe), str(src)], check=True)
+    return exe
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> GuestResult:
+    opener = static_program(OPENER_SRC, tmp_path_factory.mktemp("lab"), "-O1")
+    recurse = static_program(RECURSE_SRC, opener.parent, "-O0")
     require_guest()
     script = SCRIPT.replace("@PORT@", str(PORT)).replace("@N@", str(N)).replace("@M@", str(M))
     script = script.replace("@R@", str(R)).replace("@D@", str(D))
@@ -323,10 +328,7 @@ ls $T/instances > instances.after
 
 @pytest.fixture(scope="module")
 def spans_lab(tmp_path_factory: pytest.TempPathFactory) -> GuestResult:
-    if shutil.which("gcc") is None:
-        pytest.fail("gcc is needed to build the kernel-lab workload (tests/setup.sh installs it)", pytrace=False)
-    prog = tmp_path_factory.mktemp("spans") / "kpe_spans"
-    subprocess.run(["gcc", "-O0", "-static", "-o", str(prog), str(SPANS_SRC)], check=True)
+    prog = static_program(SPANS_SRC, tmp_path_factory.mktemp("spans"), "-O0")
     require_guest()
     slow = len(range(SPANS_K, SPANS_N + 1, SPANS_K))
     script = SPANS_SCRIPT.replace("@PORT@", str(SPANS_PORT)).replace("@N@", str(SPANS_N))
