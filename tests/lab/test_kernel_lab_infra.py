@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from kernel_lab import guest as guest_module
 from kernel_lab.guest import KERNELS, GuestImage, require_guest, run_in_guest
 from kernel_lab.labkit import MAX_SLOW_PCT
 
@@ -93,8 +94,7 @@ def guest(kernel: str) -> GuestImage:
 
 def test_guest_runs_real_kprobes_and_the_project(guest: GuestImage, kernel: str) -> None:
     files = {"probe.py": PROBE_PY, "hello.txt": b"hello from the host\n", "labkit.py": LABKIT.read_bytes()}
-    result = run_in_guest(SCRIPT, files=files, timeout=BOOT_MARGIN_S + 30 * MAX_SLOW_PCT / 100,
-                          kernel=kernel)
+    result = run_in_guest(SCRIPT, files=files, timeout=BOOT_MARGIN_S + 30 * MAX_SLOW_PCT / 100, kernel=kernel)
     assert result.returncode == 0, result.stdout
     assert "smoke script done" in result.stdout
     assert result.files["uname.txt"].decode().strip() == guest.kernel_release
@@ -166,3 +166,35 @@ def test_612_guest_has_fprobe_events_and_hist_triggers(guest_612: GuestImage) ->
     assert len(exits) == READS, result.files["trace"].decode()
     # $retval takes vfs_read's BTF return type (ssize_t): printed signed decimal, not the kprobe's 0x1.
     assert all(line.endswith("<- vfs_read) ret=1") for line in exits), exits[:3]
+
+
+# A guest whose kernel faults is not left to its timeout: it is killed, and the job runs once more on a
+# fresh boot. The fault is a real one: sysrq's crash, a kernel panic (the 6.1 guest, which is the default).
+CRASH = "echo c > /proc/sysrq-trigger; sleep 600"
+
+
+def test_a_kernel_fault_is_booted_again_and_a_second_fails_with_both_consoles(guest: GuestImage, kernel: str) -> None:
+    with pytest.warns(UserWarning, match="the guest's kernel faulted, job run again"):
+        with pytest.raises(guest_module.GuestFault) as caught:
+            run_in_guest(CRASH, timeout=BOOT_MARGIN_S + 600, kernel=kernel)
+    assert "Kernel panic - not syncing" in caught.value.line
+    assert str(caught.value).count("sysrq") >= 2 and "second boot" in str(caught.value)
+
+
+def test_a_job_whose_first_boot_faulted_passes_on_the_second(
+    guest: GuestImage, kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The test chooses which boot crashes: the first boot's job disk gets CRASH for its script, the second
+    # the job's own. Both boots and the crash are real.
+    real = guest_module.make_job_disk
+    scripts: list[str] = []
+
+    def crash_first(tmp: Path, script: str, *rest: object) -> Path:
+        scripts.append(CRASH if not scripts else script)
+        return real(tmp, scripts[-1], *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(guest_module, "make_job_disk", crash_first)
+    with pytest.warns(UserWarning, match="Kernel panic - not syncing"):
+        result = run_in_guest("echo second boot ran; exit 3", timeout=BOOT_MARGIN_S, kernel=kernel)
+    assert len(scripts) == 2 and result.returncode == 3 and "second boot ran" in result.stdout
+    assert "Kernel panic" not in result.stdout
