@@ -47,7 +47,7 @@ class MonoToWall:
     def __init__(self, clock: int = time.CLOCK_MONOTONIC, refresh_s: float = 10.0) -> None:
         self.clock = clock
         self.refresh_ns = int(refresh_s * 1e9)
-        self.offset_ns = 0
+        self.offset_ns = self.width_ns = 0
         self._next_refresh_ns = 0
         self.measure()
 
@@ -60,6 +60,7 @@ class MonoToWall:
             if attempt == 0 or after - before < best_width:
                 best_width, best_offset = after - before, wall - (before + after) // 2
         self.offset_ns = best_offset
+        self.width_ns = best_width  # the true offset is within half of it: what a check may allow
         self._next_refresh_ns = after + self.refresh_ns
         return best_offset
 

@@ -71,19 +71,25 @@ def accounted(shipper: SpanShipper) -> int:
 # ---- clock ------------------------------------------------------------------------------------
 
 
+# No bound in ms that load can break: a trace-clock read taken between two wall-clock reads converts to
+# a time between them, give or take the uncertainty of the converter's own measurement (its width_ns).
+def bracketed(conv: MonoToWall, clock: int) -> None:
+    for _ in range(100):
+        w1 = time.time_ns()
+        t = time.clock_gettime_ns(clock)
+        w2 = time.time_ns()
+        assert w1 - conv.width_ns <= conv.to_wall_ns(t) <= w2 + conv.width_ns, (w1, conv.to_wall_ns(t), w2)
+
+
 def test_mono_to_wall_matches_clock_gettime() -> None:
     conv = MonoToWall()
-    for _ in range(100):
-        mono = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        wall = time.time_ns()
-        assert abs(conv.to_wall_ns(mono) - wall) < 1_000_000  # 1 ms
+    bracketed(conv, time.CLOCK_MONOTONIC)
     assert conv.to_wall_ns(0) == conv.offset_ns
 
 
 def test_mono_to_wall_boottime() -> None:
     conv = MonoToWall(time.CLOCK_BOOTTIME)
-    boot = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-    assert abs(conv.to_wall_ns(boot) - time.time_ns()) < 1_000_000
+    bracketed(conv, time.CLOCK_BOOTTIME)
 
 
 def test_mono_to_wall_refresh_follows_a_wall_clock_step(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -93,10 +99,11 @@ def test_mono_to_wall_refresh_follows_a_wall_clock_step(monkeypatch: pytest.Monk
     monkeypatch.setattr(time, "time_ns", lambda: real() + 5_000_000_000)
     conv.maybe_refresh()
     assert conv.offset_ns == before  # not due yet
+    width = conv.width_ns
     conv.refresh_ns = 0
     conv.measure()  # sets the next refresh from refresh_ns
     conv.maybe_refresh()
-    assert abs(conv.offset_ns - before - 5_000_000_000) < 1_000_000
+    assert abs(conv.offset_ns - before - 5_000_000_000) <= width + conv.width_ns
 
 
 # ---- errno, protocol, resource --------------------------------------------------------------------
