@@ -1,4 +1,4 @@
-"""Kernel aggregation (`aggregation: kernel`) by the real agent on Debian's 6.1 under qemu.
+"""Kernel aggregation (`aggregation: kernel`) by the real agent on Debian's 6.1 and 6.12 under qemu.
 
 One boot, one script: the agent counts kprobes on do_sys_openat2 with hist triggers while
 tests/progs/kpe_opener.c opens a file N times per guest CPU at full rate (N counted by the workload);
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from agent_proc import samples, value
-from kernel_lab.guest import GuestResult, require_guest, run_in_guest
+from kernel_lab.guest import KERNELS, GuestResult, require_guest, run_in_guest
 
 pytestmark = pytest.mark.kernel_lab
 
@@ -132,18 +132,20 @@ def static_program(src: Path, into: Path, opt: str) -> Path:
     return exe
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> GuestResult:
+@pytest.fixture(scope="module", params=KERNELS)
+def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> GuestResult:
+    kernel = request.param
     opener = static_program(OPENER_SRC, tmp_path_factory.mktemp("lab"), "-O1")
     recurse = static_program(RECURSE_SRC, opener.parent, "-O0")
-    require_guest()
+    require_guest(kernel)
     script = SCRIPT.replace("@PORT@", str(PORT)).replace("@N@", str(N)).replace("@M@", str(M))
     script = script.replace("@R@", str(R)).replace("@D@", str(D))
     files = {"kpe_opener": opener.read_bytes(), "kpe_recurse": recurse.read_bytes(),
              "kernel.yaml": config('comm == "kpe_opener"').encode(),
              "kernel2.yaml": config('comm == "kpe_opener" || comm == "kpe_none"').encode()}
-    r = run_in_guest(script, files, timeout=900)
+    r = run_in_guest(script, files, timeout=900, kernel=kernel)
     if keep := os.environ.get("KPE_KAGG_KEEP"):  # the guest's files, e.g. to refresh the unit fixtures
+        keep = f"{keep}/{kernel}"
         for rel, data in {**r.files, "console": r.stdout.encode()}.items():
             (Path(keep) / rel).parent.mkdir(parents=True, exist_ok=True)
             (Path(keep) / rel).write_bytes(data)
@@ -326,17 +328,19 @@ ls $T/instances > instances.after
 """
 
 
-@pytest.fixture(scope="module")
-def spans_lab(tmp_path_factory: pytest.TempPathFactory) -> GuestResult:
+@pytest.fixture(scope="module", params=KERNELS)
+def spans_lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> GuestResult:
+    kernel = request.param
     prog = static_program(SPANS_SRC, tmp_path_factory.mktemp("spans"), "-O0")
-    require_guest()
+    require_guest(kernel)
     slow = len(range(SPANS_K, SPANS_N + 1, SPANS_K))
     script = SPANS_SCRIPT.replace("@PORT@", str(SPANS_PORT)).replace("@N@", str(SPANS_N))
     script = script.replace("@K@", str(SPANS_K)).replace("@WANT@", str(slow))
     files = {"kpe_spans": prog.read_bytes(), "spans.yaml": SPANS_CFG.encode(),
              **{f.name: f.read_bytes() for f in (HERE / "kernel_lab" / "otlp_sink.py", HERE / "otlp_receiver.py")}}
-    r = run_in_guest(script, files, timeout=900)
+    r = run_in_guest(script, files, timeout=900, kernel=kernel)
     if keep := os.environ.get("KPE_KAGG_KEEP"):
+        keep = f"{keep}/{kernel}"
         for rel, data in {**r.files, "console": r.stdout.encode()}.items():
             (Path(keep) / rel).parent.mkdir(parents=True, exist_ok=True)
             (Path(keep) / rel).write_bytes(data)
