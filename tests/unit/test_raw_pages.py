@@ -450,7 +450,8 @@ def test_page_headers_refuse_what_no_kernel_writes() -> None:
     flagged = _raw_page(12 | raw_pages.RB_MISSED_EVENTS, 0xFFFFFFFF)
     assert decode(small, flagged).missed.tolist() == [-1, 0]
     high = "a page's commit field has bits above 32 set"
-    for bad, text in [((full, small, _raw_page(4100), _raw_page(6)), "page 2: commit 4100 does not fit a 4080-byte page"),
+    two_bad = (full, small, _raw_page(4100), _raw_page(6))
+    for bad, text in [(two_bad, "page 2: commit 4100 does not fit a 4080-byte page"),
                       ((small, _raw_page(6)), "page 1: commit 6 does not fit a 4080-byte page"),
                       ((_raw_page(4084),), "page 0: commit 4084 does not fit a 4080-byte page"),
                       ((small, _raw_page(12, 1)), high),
