@@ -115,3 +115,67 @@ def test_one_conversion_renders_as_c_printf_does() -> None:
     assert raw_args._printf1(b"%-5s", b"ab") == b"ab   " and raw_args._printf1(b"%s", 42) == b"42"
     with pytest.raises(raw_args.FormatError, match="a string for a numeric conversion"):
         raw_args._printf1(b"%d", b"ab")
+
+
+_CASTS = {"unsigned long": ctypes.c_uint64, "long": ctypes.c_int64, "unsigned long long": ctypes.c_uint64,
+          "long long": ctypes.c_int64, "unsigned int": ctypes.c_uint32, "int": ctypes.c_int32, "u64": ctypes.c_uint64,
+          "s64": ctypes.c_int64, "u32": ctypes.c_uint32, "s32": ctypes.c_int32, "unsigned": ctypes.c_uint32,
+          "u16": ctypes.c_uint16, "s16": ctypes.c_int16, "u8": ctypes.c_uint8, "s8": ctypes.c_int8,
+          "unsigned short": ctypes.c_uint16, "short": ctypes.c_int16, "unsigned char": ctypes.c_uint8,
+          "char": ctypes.c_int8, "size_t": ctypes.c_size_t, "pid_t": ctypes.c_int32}  # char is signed on x86
+_CAST_FIELDS = [("s8 b", 12, 1, 1, ctypes.c_int8), ("u8 ub", 13, 1, 0, ctypes.c_uint8),
+                ("short h", 14, 2, 1, ctypes.c_int16), ("int i", 16, 4, 1, ctypes.c_int32),
+                ("unsigned int ui", 20, 4, 0, ctypes.c_uint32), ("long l", 24, 8, 1, ctypes.c_int64),
+                ("unsigned long ul", 32, 8, 0, ctypes.c_uint64), ("int X", 48, 4, 1, ctypes.c_int32)]
+_CAST_FORMAT = "name: casts\nID: 901\nformat:\n" + "".join(
+    f"\tfield:{d};\toffset:{o};\tsize:{s};\tsigned:{g};\n" for d, o, s, g in [
+        ("unsigned short common_type", 0, 2, 0), ("unsigned char common_flags", 2, 1, 0),
+        ("unsigned char common_preempt_count", 3, 1, 0), ("int common_pid", 4, 4, 1),
+        ("__data_loc char[] comm", 8, 4, 0), *[(d, o, s, g) for d, o, s, g, _ in _CAST_FIELDS],
+        ("u16 arr[4]", 40, 8, 0)]) + '\nprint fmt: "x=%d", REC->i\n'
+
+
+def test_print_fmt_arguments_read_fields_and_casts_as_c_does() -> None:
+    """A print fmt argument is a field (an array's element), __get_str of a __data_loc field, or either under
+    C casts: each value is what C gives (ctypes' integer conversions), casts applied innermost first, and
+    the arguments split at the commas outside parentheses and brackets."""
+    import random
+
+    rng = random.Random(901)
+    fmt = raw_formats.parse_format(_CAST_FORMAT)
+    for _ in range(3000):
+        rec = bytearray(rng.randbytes(56))
+        rec[0:2] = struct.pack("<H", 901)
+        s = rng.choice([b"init", b"", b"a b\0junk", b"x" * 20])
+        rec[8:12] = struct.pack("<I", (len(s) << 16) | 56)
+        rec = bytes(rec) + s
+        decl, off, size, _, ctype = rng.choice(_CAST_FIELDS)
+        expr = "REC->" + decl.split()[-1]
+        want = ctype.from_buffer_copy(rec, off).value
+        if rng.random() < 0.2:
+            k = rng.randrange(4)
+            expr, want = f"REC->arr[{k}]", struct.unpack_from("<H", rec, 40 + 2 * k)[0]
+        for _ in range(rng.randint(0, 3)):
+            name = rng.choice(list(_CASTS))
+            expr = f"({name}){expr}" if rng.random() < 0.5 else f"({name})({expr})"
+            want = _CASTS[name](want).value
+        if rng.random() < 0.3:
+            expr = f"( {expr} )"
+        assert raw_args._arg_fn(expr, fmt)(rec) == want, expr
+    rec = bytes(rec[:8]) + struct.pack("<I", (5 << 16) | 56) + bytes(44) + b"ab\0cd"
+    assert raw_args._arg_fn("__get_str(comm)", fmt)(rec) == b"ab"
+    assert raw_args._arg_fn("(__get_str( comm ))", fmt)(rec) == b"ab"
+    assert raw_args._split_args(" ((unsigned int)(REC->i)), REC->X,f(a, b), g[1, (2)] ,REC->arr[0] ") == [
+        "((unsigned int)(REC->i))", "REC->X", "f(a, b)", "g[1, (2)]", "REC->arr[0]"]
+    assert raw_args._split_args("") == [] and raw_args._split_args("REC->i") == ["REC->i"]
+    for expr, text in [("__get_str(i)", "casts: __get_str(i) has no __data_loc field"),
+                       ("__get_str(nope)", "casts: __get_str(nope) has no __data_loc field"),
+                       ("REC->comm", "casts: print fmt argument 'REC->comm' has no plain field"),
+                       ("REC->nope", "casts: print fmt argument 'REC->nope' has no plain field"),
+                       ("REC->arr", "casts: print fmt argument 'REC->arr' not understood"),
+                       ("REC->arr[4]", "casts: print fmt argument 'REC->arr[4]' not understood"),
+                       ("REC->i + 1", "casts: print fmt argument 'REC->i + 1' not understood"),
+                       ("(struct x)REC->i", "casts: print fmt argument '(struct x)REC->i' not understood")]:
+        with pytest.raises(raw_formats.FormatError) as e:
+            raw_args._arg_fn(expr, fmt)
+        assert str(e.value) == text
