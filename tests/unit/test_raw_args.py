@@ -149,7 +149,7 @@ def test_print_fmt_arguments_read_fields_and_casts_as_c_does() -> None:
         s = rng.choice([b"init", b"", b"a b\0junk", b"x" * 20])
         rec[8:12] = struct.pack("<I", (len(s) << 16) | 56)
         rec = bytes(rec) + s
-        decl, off, size, _, ctype = rng.choice(_CAST_FIELDS)
+        decl, off, _, _, ctype = rng.choice(_CAST_FIELDS)
         expr = "REC->" + decl.split()[-1]
         want = ctype.from_buffer_copy(rec, off).value
         if rng.random() < 0.2:
@@ -179,3 +179,97 @@ def test_print_fmt_arguments_read_fields_and_casts_as_c_does() -> None:
         with pytest.raises(raw_formats.FormatError) as e:
             raw_args._arg_fn(expr, fmt)
         assert str(e.value) == text
+
+
+_COMMON = ("\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n"
+           "\tfield:unsigned char common_flags;\toffset:2;\tsize:1;\tsigned:0;\n"
+           "\tfield:unsigned char common_preempt_count;\toffset:3;\tsize:1;\tsigned:0;\n"
+           "\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;\n")
+
+
+def _fmt(name: str, fields: str, print_fmt: str, ident: int = 950) -> raw_formats.EventFormat:
+    return raw_formats.parse_format(f"name: {name}\nID: {ident}\nformat:\n{_COMMON}{fields}\nprint fmt: {print_fmt}\n")
+
+
+def test_syscall_values_as_print_syscall_enter_and_exit_print_them() -> None:
+    """6.18's print_syscall_enter: a value below 10 in decimal, else 0x%lx, of the unsigned long; before
+    6.18 %lx; an exit's one value `ret` as 0x%lx. Fields that are not unsigned longs are a FormatError."""
+    fields = ("\tfield:int __syscall_nr;\toffset:8;\tsize:4;\tsigned:1;\n"
+              "\tfield:unsigned long dfd;\toffset:16;\tsize:8;\tsigned:0;\n"
+              "\tfield:unsigned long mode;\toffset:24;\tsize:8;\tsigned:0;\n")
+    enter = _fmt("sys_enter_openat", fields, '"dfd: 0x%08lx, mode: 0x%08lx", REC->dfd, REC->mode')
+    ev = probes.EventSpec("o", "tracepoint", "syscalls", "syscalls/sys_enter_openat", "openat", None)
+    for dfd, mode, new, old in [(9, 10, (b"9", b"0xa"), (b"9", b"a")),
+                                (2**64 - 1, 0, (b"0xffffffffffffffff", b"0"), (b"ffffffffffffffff", b"0"))]:
+        rec = struct.pack("<HBBiiiQQ", 950, 0, 0, 1, 257, 0, dfd, mode)
+        assert raw_args.make_decoder(ev, enter, (6, 18))(rec) == dict(zip(("dfd", "mode"), new, strict=True))
+        assert raw_args.make_decoder(ev, enter, (6, 12))(rec) == dict(zip(("dfd", "mode"), old, strict=True))
+    exit_fields = ("\tfield:int __syscall_nr;\toffset:8;\tsize:4;\tsigned:1;\n"
+                   "\tfield:long ret;\toffset:16;\tsize:8;\tsigned:1;\n")
+    ex = _fmt("sys_exit_openat", exit_fields, '"0x%lx", REC->ret')
+    xev = probes.EventSpec("o_ret", "tracepoint", "syscalls", "syscalls/sys_exit_openat", "openat", None)
+    rec = struct.pack("<HBBiiiq", 950, 0, 0, 1, 257, 0, -2)
+    assert raw_args.make_decoder(xev, ex, (6, 18))(rec) == {"ret": b"0xfffffffffffffffe"}
+    nr = "\tfield:int __syscall_nr;\toffset:8;\tsize:4;\tsigned:1;\n"
+    for bad_fields, target, text in [
+            (nr + "\tfield:int fd;\toffset:16;\tsize:4;\tsigned:1;\n",
+             "syscalls/sys_enter_openat",
+             "sys_enter_openat: syscall fields other than unsigned longs (user strings?) not rendered here"),
+            (nr + "\tfield:u32 two[2];\toffset:16;\tsize:8;\tsigned:0;\n",
+             "syscalls/sys_enter_openat",
+             "sys_enter_openat: syscall fields other than unsigned longs (user strings?) not rendered here"),
+            (exit_fields + "\tfield:long more;\toffset:24;\tsize:8;\tsigned:1;\n", "syscalls/sys_exit_openat",
+             "sys_enter_openat: a syscall exit with 2 fields")]:
+        tev = probes.EventSpec("o", "tracepoint", "syscalls", target, "openat", None)
+        with pytest.raises(raw_formats.FormatError) as e:
+            raw_args.make_decoder(tev, _fmt("sys_enter_openat", bad_fields, '"x"'), (6, 18))
+        assert str(e.value) == text
+
+
+def test_printf_tracepoint_args_are_read_as_the_texts_reader_reads_them() -> None:
+    """A tracepoint's args through its print fmt: a comm that holds a tab, `=` and a non-UTF-8 byte after
+    a space renders as the kernel prints it, and its args are what the text's reader takes from that text;
+    `%%` before other conversions; a print fmt without arguments; conversions and arguments that do not
+    match are FormatErrors that say so."""
+    from kprobe_exporter import parser
+
+    fields = ("\tfield:char comm[16];\toffset:8;\tsize:16;\tsigned:1;\n"
+              "\tfield:__data_loc char[] name;\toffset:24;\tsize:4;\tsigned:0;\n"
+              "\tfield:int prio;\toffset:28;\tsize:4;\tsigned:1;\n")
+    fmt = _fmt("demo", fields, '"pct=100%% name=%s prio=%d", __get_str(name), REC->prio')
+    ev = probes.EventSpec("demo", "tracepoint", "g", "g/demo", "demo", None, key=b"demo:")
+    name = b"x\ty=z \xff=1"
+    rec = struct.pack("<HBBi16sIi", 950, 0, 0, 1, b"", (len(name) << 16) | 32, -3) + name
+    text = b"demo: pct=100% name=x\ty=z \xff=1 prio=-3"
+    assert raw_args.printf_renderer(ev, fmt)(rec) == text
+    assert raw_args.make_decoder(ev, fmt, (6, 18))(rec) == parser.tracepoint_arg_reader(ev)(text)
+    assert raw_args.make_decoder(ev, fmt, (6, 18))(rec)["name"] == b"x\ty=z"
+    bare = _fmt("demo", fields, '"started"')
+    assert raw_args.printf_renderer(ev, bare)(rec) == b"demo: started"
+    for pf, text in [('"a=%d b=%d", REC->prio', "demo: print fmt has more conversions than arguments"),
+                     ('"a=%d", REC->prio, REC->prio', "demo: print fmt conversions and arguments do not match"),
+                     ('"a=%d b=%y", REC->prio', "demo: print fmt conversions and arguments do not match"),
+                     ('"a=%pS", REC->prio', "demo: %p and precisions are not rendered here"),
+                     ('"a=%.3d", REC->prio', "demo: %p and precisions are not rendered here"),
+                     ("REC->prio", "demo: print fmt not understood")]:
+        with pytest.raises(raw_formats.FormatError) as e:
+            raw_args.printf_renderer(ev, _fmt("demo", fields, pf))
+        assert str(e.value) == text
+
+
+def test_hex_array_args_and_span_ends_need_args() -> None:
+    """A probe's x32 array prints `{0x2f,0x65}` (print_type_x32 per element); args are needed for labelled
+    events and, with spans on, for both ends of each pair that has spans."""
+    fmt = _fmt("p", "\tfield:unsigned long __probe_ip;\toffset:8;\tsize:8;\tsigned:0;\n"
+                    "\tfield:u32 arr[2];\toffset:16;\tsize:8;\tsigned:0;\n",
+               '"(%lx) arr={0x%x,0x%x}", REC->__probe_ip, REC->arr[0], REC->arr[1]')
+    ev = probes.EventSpec("p", "kprobe", "g", "f", "f", "p:g/p f arr=+0(%di):x32[2]",
+                          (probes.ArgSpec("arr", "+0(%di):x32[2]", False),))
+    rec = struct.pack("<HBBiQII", 950, 0, 0, 1, 0xFFFF0000, 0x2F, 0xFFFFFFFF)
+    assert raw_args.make_decoder(ev, fmt, (6, 18))(rec) == {"arr": b"{0x2f,0xffffffff}"}
+    ps = probes.build_probe_set(config.load_text(
+        "probes:\n  - {name: a, kprobe: f, latency: true, spans: {sample_ratio: 0.5}}\n"
+        "  - {name: b, kprobe: g, latency: true}\n  - {name: c, kprobe: i, latency: true, spans: {}}\n"
+        "  - {name: s, kprobe: h, args: {p: '$arg1'}, labels: [p]}\n"), resolve=None)
+    assert raw_args.args_needed(ps, spans=False) == ["s"]
+    assert raw_args.args_needed(ps, spans=True) == ["s", "a", "a_ret", "c", "c_ret"]
