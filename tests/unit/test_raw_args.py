@@ -72,6 +72,8 @@ def test_args_needed_and_require_decoders() -> None:
     with pytest.raises(raw_formats.RawUnsupported, match="s:"):
         events.require_decoders(raw_args.args_needed(ps, spans=False))
     assert events.lut[9] == 2 and events.lut[10] == raw_pages.EV_UNKNOWN
+    assert events.probes is ps  # the reader names events through it
+    assert events.args(0, struct.pack("<HBBiQQ", 7, 0, 0, 1, 0, 0)) == {}  # no decoder: no args, no error
 
 
 def test_print_fmt_literals_and_nul_terminated_strings() -> None:
@@ -273,3 +275,33 @@ def test_hex_array_args_and_span_ends_need_args() -> None:
         "  - {name: s, kprobe: h, args: {p: '$arg1'}, labels: [p]}\n"), resolve=None)
     assert raw_args.args_needed(ps, spans=False) == ["s"]
     assert raw_args.args_needed(ps, spans=True) == ["s", "a", "a_ret", "c", "c_ret"]
+
+
+def test_probe_formats_values_and_what_is_not_rendered() -> None:
+    """A u32 printed %u is unsigned whatever its top bit; a one-element x32 array; and each probe format
+    the decoder cannot render is a FormatError that names the event and what it could not read."""
+    ip = "\tfield:unsigned long __probe_ip;\toffset:8;\tsize:8;\tsigned:0;\n"
+    ev = probes.EventSpec("p", "kprobe", "g", "f", "f", "p:g/p f", ())
+    fmt = _fmt("p", ip + "\tfield:u32 b;\toffset:16;\tsize:4;\tsigned:0;\n"
+                         "\tfield:u32 one[1];\toffset:20;\tsize:4;\tsigned:0;\n",
+               '"(%lx) b=%u one={0x%x}", REC->__probe_ip, REC->b, REC->one')
+    rec = struct.pack("<HBBiQII", 950, 0, 0, 1, 0xFFFF0000, 0xFFFFFFFF, 0x80000000)
+    assert raw_args.make_decoder(ev, fmt, (6, 18))(rec) == {"b": b"4294967295", "one": b"{0x80000000}"}
+    arr = ip + "\tfield:u32 arr[2];\toffset:16;\tsize:8;\tsigned:0;\n"
+    long_pf = '"' + "x" * 80 + ' %d", REC->x'
+    for fields, pf, text in [
+            (arr, '"(%lx) arr={0x%x,%u}", REC->__probe_ip, REC->arr', "p: array arg '{0x%x,%u}' not understood"),
+            (arr, '"(%lx) arr={0x%x,0x%x,0x%x}", REC->__probe_ip, REC->arr',
+             "p: array arg '{0x%x,0x%x,0x%x}' not understood"),
+            (arr, '"(%lx) arr={%q,%q}", REC->__probe_ip, REC->arr', "p: array arg '{%q,%q}' not understood"),
+            (arr, '"(%lx) arr=%pS", REC->__probe_ip, REC->arr',
+             "p: arg 'arr' prints as '%pS' (a symbol?), not rendered here"),
+            (arr, '"(%lx) nope=%u", REC->__probe_ip, REC->nope', "p: arg 'nope' has no field"),
+            (arr, '"(%lx) arr=%u extra", REC->__probe_ip, REC->arr',
+             "p: probe arg formats ' arr=%u extra' not understood"),
+            ("", '"(%lx <- %lx)", REC->__probe_func, REC->__probe_ret_ip', "p: no __probe_ret_ip, __probe_func field"),
+            ("", '"x=%d", REC->x', "p: print fmt '\"x=%d\", REC->x' is not a probe's"),
+            ("", long_pf, f"p: print fmt {long_pf[:60]!r} is not a probe's")]:
+        with pytest.raises(raw_formats.FormatError) as e:
+            raw_args.make_decoder(ev, _fmt("p", fields, pf), (6, 18))
+        assert str(e.value) == text
