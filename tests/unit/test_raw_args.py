@@ -73,6 +73,19 @@ def test_args_needed_and_require_decoders() -> None:
         events.require_decoders(raw_args.args_needed(ps, spans=False))
     assert events.lut[9] == 2 and events.lut[10] == raw_pages.EV_UNKNOWN
     assert events.probes is ps  # the reader names events through it
+    with pytest.raises(raw_formats.RawUnsupported) as e:
+        events.require_decoders(["t", "s"])
+    assert str(e.value) == ("args needed for labels or spans cannot be decoded: "
+                            "s: s: arg 'p' prints as '%pS' (a symbol?), not rendered here")
+    # an event not installed (a reload lost a race): no decoder, and the events after it still mapped
+    lost = raw_args.RawEvents(ps, [None, fmt_t, fmt_r], (6, 1))
+    assert lost.decode_errors == {"s": "not installed"} and lost.decoders[0] is None
+    assert lost.lut[8] == 1 and lost.lut[9] == 2 and lost.lut[7] == raw_pages.EV_UNKNOWN
+    with pytest.raises(raw_formats.FormatError) as e2:
+        raw_args.RawEvents(ps, [fmt_s, fmt_t, fmt_t], (6, 1))
+    assert str(e2.value) == "events t_ret and t share id 8"
+    with pytest.raises(ValueError):  # one format per event, or nothing
+        raw_args.RawEvents(ps, [fmt_s, fmt_t], (6, 1))
     assert events.args(0, struct.pack("<HBBiQQ", 7, 0, 0, 1, 0, 0)) == {}  # no decoder: no args, no error
 
 
