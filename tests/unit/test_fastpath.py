@@ -302,3 +302,19 @@ def test_token_table_collisions_and_a_full_table_stay_exact(monkeypatch: pytest.
     kinds = [k for k in KINDS if k != "unknown"]
     steps = [(r.choice(kinds), r.randrange(4), r.choice([1, 3, 40]), r.randrange(100), -1, 0) for _ in range(3000)]
     compare(render(steps, 5_000_000, 1), [700, 1500, 2200], 0)
+
+
+def test_fastparse_timestamps_are_exact_at_the_longest_uptime() -> None:
+    """`%5lu.%06lu` seconds grow to 8 digits (3.17 years of uptime: the widest a template takes); the
+    nanoseconds are then past 2^56, where a float64 can no longer hold a multiple of 1000 exactly."""
+    secs = [99_999_999, 72_057_594, 10_000_001, 98_765_432]
+    usecs = [1, 999_999, 123_457, 500_001]
+    lines = [b"           plain-7268    [000] DBZff %8d.%06d: f: (0x1) a=1" % (s, u)
+             for s in secs for u in usecs]
+    buf = b"\n".join(lines) + b"\n"
+    tpl = fastparse.learn(lines[0])
+    assert tpl is not None and tpl.sec_w == 8
+    starts, ends = fastparse.lines_of(buf)
+    p = fastparse.parse(buf, starts, ends, fastparse.Plan.of(tpl), fastparse.TokenTable())
+    assert p.ok.all() and p.tid.tolist() == [7268] * len(lines)
+    assert p.ts.tolist() == [s * 10**9 + u * 1000 for s in secs for u in usecs]
