@@ -318,3 +318,53 @@ def test_fastparse_timestamps_are_exact_at_the_longest_uptime() -> None:
     p = fastparse.parse(buf, starts, ends, fastparse.Plan.of(tpl), fastparse.TokenTable())
     assert p.ok.all() and p.tid.tolist() == [7268] * len(lines)
     assert p.ts.tolist() == [s * 10**9 + u * 1000 for s in secs for u in usecs]
+
+
+def test_fastparse_takes_every_line_of_its_layout_and_only_what_parse_head_takes() -> None:
+    """Lines of the three layouts (6.x, 4.x, record-tgid) with comms of any bytes (a comm is whatever
+    prctl set: `[`, `]`, `:`, `-`, `(`, spaces), and lines with one byte of the head changed: the fast path
+    takes every printed line of its template's layout, and takes a line only with parse_head's values."""
+    import random
+
+    rng = random.Random(16)
+    heads = [b"%16s-%-7d [%03d] DBZff %5d.%06d: ", b"%16s-%-5d [%03d] d... %5d.%06d: ",
+             b"%16s-%-7d (%7d) [%03d] %5d.%06d: "]
+    alphabet = b"abz09[]:-( ).\t\xff"
+    for head in heads:
+        lines: list[bytes] = []
+        printed: list[bool] = []  # as the kernel prints it
+        for _ in range(300):
+            comm = bytes(rng.choice(alphabet) for _ in range(rng.randint(1, 15)))
+            pid = rng.choice([1, 42, 7268, 99999])
+            vals = (comm, pid, rng.randint(0, 999), rng.randint(0, 99999), rng.randint(0, 999999))
+            if b"(" in head:
+                vals = (comm, pid, rng.choice([1, 7400, 99999]), *vals[2:])
+            lines.append(head % vals + b"f: (0x1) a=1")
+            printed.append(True)
+        clean = (b"plain", 7268, 7400, 0, 298, 511609) if b"(" in head else (b"plain", 7268, 0, 298, 511609)
+        tpl = fastparse.learn(head % clean + b"f: x")
+        assert tpl is not None
+        widest = 99999 if b"-5d" in head else 4194304  # a pid that fills its column
+        for one in (head % clean, head % (clean[0], widest, *clean[2:])):
+            one += b"f: (0x1) a=1"
+            for col in range(16, tpl.body):  # every one-byte change of the head
+                for byte in b"x[]:- 0(9":
+                    lines.append(one[:col] + bytes([byte]) + one[col + 1:])
+                    printed.append(False)
+        buf = b"\n".join(lines) + b"\n"
+        starts, ends = fastparse.lines_of(buf)
+        table = fastparse.TokenTable()
+        p = fastparse.parse(buf, starts, ends, fastparse.Plan.of(tpl), table)
+        taken = 0
+        for i, line in enumerate(lines):
+            try:
+                tid, _, _, ts, start = parser.parse_head(line)
+            except parser.ParseError:
+                assert not p.ok[i], line
+                continue
+            if not p.ok[i]:  # the per-line path's: another layout (a comm or pid that moved the columns)
+                assert not printed[i] or fastparse.learn(line) != tpl, line  # or a byte the kernel does not print
+                continue
+            assert (int(p.tid[i]), int(p.ts[i]), table.tokens[p.cls[i]]) == (tid, ts, parser.event_token(line, start))
+            taken += 1
+        assert taken > 200
