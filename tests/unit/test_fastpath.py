@@ -302,3 +302,69 @@ def test_token_table_collisions_and_a_full_table_stay_exact(monkeypatch: pytest.
     kinds = [k for k in KINDS if k != "unknown"]
     steps = [(r.choice(kinds), r.randrange(4), r.choice([1, 3, 40]), r.randrange(100), -1, 0) for _ in range(3000)]
     compare(render(steps, 5_000_000, 1), [700, 1500, 2200], 0)
+
+
+def test_fastparse_timestamps_are_exact_at_the_longest_uptime() -> None:
+    """`%5lu.%06lu` seconds grow to 8 digits (3.17 years of uptime: the widest a template takes); the
+    nanoseconds are then past 2^56, where a float64 can no longer hold a multiple of 1000 exactly."""
+    secs = [99_999_999, 72_057_594, 10_000_001, 98_765_432]
+    usecs = [1, 999_999, 123_457, 500_001]
+    lines = [b"           plain-7268    [000] DBZff %8d.%06d: f: (0x1) a=1" % (s, u)
+             for s in secs for u in usecs]
+    buf = b"\n".join(lines) + b"\n"
+    tpl = fastparse.learn(lines[0])
+    assert tpl is not None and tpl.sec_w == 8
+    starts, ends = fastparse.lines_of(buf)
+    p = fastparse.parse(buf, starts, ends, fastparse.Plan.of(tpl), fastparse.TokenTable())
+    assert p.ok.all() and p.tid.tolist() == [7268] * len(lines)
+    assert p.ts.tolist() == [s * 10**9 + u * 1000 for s in secs for u in usecs]
+
+
+def test_fastparse_takes_every_line_of_its_layout_and_only_what_parse_head_takes() -> None:
+    """Lines of the three layouts (6.x, 4.x, record-tgid) with comms of any bytes (a comm is whatever
+    prctl set: `[`, `]`, `:`, `-`, `(`, spaces), and lines with one byte of the head changed: the fast path
+    takes every printed line of its template's layout, and takes a line only with parse_head's values."""
+    import random
+
+    rng = random.Random(16)
+    heads = [b"%16s-%-7d [%03d] DBZff %5d.%06d: ", b"%16s-%-5d [%03d] d... %5d.%06d: ",
+             b"%16s-%-7d (%7d) [%03d] %5d.%06d: "]
+    alphabet = b"abz09[]:-( ).\t\xff"
+    for head in heads:
+        lines: list[bytes] = []
+        printed: list[bool] = []  # as the kernel prints it
+        for _ in range(300):
+            comm = bytes(rng.choice(alphabet) for _ in range(rng.randint(1, 15)))
+            pid = rng.choice([1, 42, 7268, 99999])
+            vals = (comm, pid, rng.randint(0, 999), rng.randint(0, 99999), rng.randint(0, 999999))
+            if b"(" in head:
+                vals = (comm, pid, rng.choice([1, 7400, 99999]), *vals[2:])
+            lines.append(head % vals + b"f: (0x1) a=1")
+            printed.append(True)
+        clean = (b"plain", 7268, 7400, 0, 298, 511609) if b"(" in head else (b"plain", 7268, 0, 298, 511609)
+        tpl = fastparse.learn(head % clean + b"f: x")
+        assert tpl is not None
+        widest = 99999 if b"-5d" in head else 4194304  # a pid that fills its column
+        for one in (head % clean, head % (clean[0], widest, *clean[2:])):
+            one += b"f: (0x1) a=1"
+            for col in range(16, tpl.body):  # every one-byte change of the head
+                for byte in b"x[]:- 0(9":
+                    lines.append(one[:col] + bytes([byte]) + one[col + 1:])
+                    printed.append(False)
+        buf = b"\n".join(lines) + b"\n"
+        starts, ends = fastparse.lines_of(buf)
+        table = fastparse.TokenTable()
+        p = fastparse.parse(buf, starts, ends, fastparse.Plan.of(tpl), table)
+        taken = 0
+        for i, line in enumerate(lines):
+            try:
+                tid, _, _, ts, start = parser.parse_head(line)
+            except parser.ParseError:
+                assert not p.ok[i], line
+                continue
+            if not p.ok[i]:  # the per-line path's: another layout (a comm or pid that moved the columns)
+                assert not printed[i] or fastparse.learn(line) != tpl, line  # or a byte the kernel does not print
+                continue
+            assert (int(p.tid[i]), int(p.ts[i]), table.tokens[p.cls[i]]) == (tid, ts, parser.event_token(line, start))
+            taken += 1
+        assert taken > 200

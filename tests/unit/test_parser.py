@@ -345,3 +345,109 @@ def test_kernel_61_getname_strings_raw_quotes_and_non_utf8(capsys: pytest.Captur
     out = _replay("fixture-6.1-getname.yaml", "getname-strings-no-irq-info.trace", capsys)
     assert _sample(out, 'kprobe_events_total{file="/tmp/kpe-lab/with space \\"quoted\\" ü",probe="getname_ret"}') == 7
     assert _sample(out, 'kprobe_events_total{arg1="/tmp/kpe-lab/bad-\\\\xff-byte",probe="myprobe"}') == 3
+
+
+# --- arg_picker (labels) and tracepoint bodies: the values the kernel printed --------------------------
+
+_NAMES = ("a", "b", "path", "flags", "sb", "arg1", "ret")
+FAULT = b"(fault)"
+
+
+def _probe_body(name: str, args: tuple[ArgSpec, ...], values: list[bytes], head: bytes) -> bytes:
+    """A kprobe/uprobe body as the kernel's print_fmt writes it: `name: (ip) a=1 s="raw text"`."""
+    out = name.encode() + b": " + head
+    for a, v in zip(args, values, strict=False):  # fewer values: the body was cut short
+        quote = a.is_string and v != FAULT  # a string fetch that faults prints (fault), unquoted
+        out += b" " + a.name.encode() + b"=" + (b'"' + v + b'"' if quote else v)
+    return out
+
+
+def test_arg_picker_takes_the_printed_values_of_the_names_asked() -> None:
+    """Random probes (1-5 args, strings among them) and bodies printed from known values: the picker
+    gives each asked name its printed value (strings without their quotes), b"" for a name the probe
+    has not or the body was cut before; with string contents that hold the next marker, quotes and `" `
+    it still gives what arg_reader reads (the kernel prints strings raw: the last `"` + marker ends one)."""
+    import random
+
+    rng = random.Random(14)
+    plain = [b"0x0", b"-5", b"12345", b"0xffffffffffffff9c", b"(fault)", b"{47,101}", b"'/'", b""]
+    text = [b"/etc/hostname", b"", b"with spaces", b"a=b", b"x\tq", b"\xff\xfe", b"sb", b"\""]
+    checked = 0
+    for _ in range(3000):
+        n = rng.randint(1, 5)
+        names = rng.sample(_NAMES, n)
+        args = tuple(ArgSpec(nm, "x", rng.random() < 0.5) for nm in names)
+        ev = EventSpec("f", "uprobe", "g", "/x:0x1", "f", "p:g/f /x:0x1", args)
+        tricky = rng.random() < 0.4
+        values = []
+        for a in args:
+            if not a.is_string:
+                values.append(rng.choice(plain))
+            elif rng.random() < 0.2:
+                values.append(FAULT)
+            elif tricky:
+                values.append(b"".join(rng.choice([*text, b" " + rng.choice(_NAMES).encode() + b"=", b'" ',
+                                                   b'" ' + rng.choice(_NAMES).encode() + b"=1"])
+                                       for _ in range(rng.randint(0, 3))))
+            else:
+                values.append(b"".join(rng.choice(text) for _ in range(rng.randint(0, 2))).replace(b'"', b"q"))
+        shown = rng.randint(0, n) if rng.random() < 0.2 else n
+        head = rng.choice([b"(0x561ed7696179)", b"(0x55e0 <- 0x55d0)", b"(0x1) ", b""])
+        body = _probe_body("f", args, values[:shown], head)
+        asked = tuple(rng.sample([*_NAMES, "nope"], rng.randint(1, len(_NAMES) + 1)))
+        got = parser.arg_picker(ev, asked)(body)
+        assert got == tuple(parser.probe_arg_reader(ev)(body).get(x, b"") for x in asked), body
+        if not tricky and head.endswith(b")") and all(b" " not in v and v != b"" for v in values[:shown]):
+            truth = {a.name: v for a, v in zip(args, values[:shown], strict=False)}
+            assert got == tuple(truth.get(x, b"") for x in asked), (body, asked)
+            checked += 1
+    assert checked > 300
+
+
+def test_arg_picker_on_real_bodies_and_tracepoints() -> None:
+    """Bodies from the 6.18 fixture: open_path's string path (spaces, tab, quote, non-UTF-8) and flags,
+    the kernel's own sched_process_exit `f=v` fields and a syscall's `a: v` fields and its exit value."""
+    lines = parse_all(FIX / "linux-6.18" / "uprobes-tracepoints.trace")[0]
+    ev = EventSpec("open_path", "uprobe", "g", "/x:0x1", "open_path", "p:g/open_path /x:0x1",
+                   (ArgSpec("path", "+0(%di):string", True), ArgSpec("flags", "%si:x32", False)))
+    quoted = next(t.body for t in lines if t.token == b"open_path:" and b"quote" in t.body)
+    assert parser.arg_picker(ev, ("flags", "path"))(quoted) == (b"0x0", b'/no/such/file with spaces\tand"quote')
+    assert parser.arg_picker(ev, ("path",))(quoted) == (b'/no/such/file with spaces\tand"quote',)
+    assert parser.arg_picker(ev, ("nope", "flags"))(quoted) == (b"", b"0x0")
+    # a string fetch that faults prints (fault) unquoted; a later string may hold the next marker
+    ev3 = EventSpec("f", "uprobe", "g", "/x:0x1", "f", "p:g/f /x:0x1",
+                    (ArgSpec("path", "+0(%di):string", True), ArgSpec("flags", "%si", False),
+                     ArgSpec("name", "+0(%dx):string", True)))
+    body3 = b'f: (0x561ed7696179) path=(fault) flags=0x0 name="x flags=1"'
+    assert parser.arg_picker(ev3, ("path", "flags", "name"))(body3) == (b"(fault)", b"0x0", b"x flags=1")
+    tp = EventSpec("exit", "tracepoint", "sched", "sched/sched_process_exit", "exit", None)
+    exit_body = next(t.body for t in lines if t.token == b"sched_process_exit:" and t.comm == b"plain")
+    assert exit_body == b"sched_process_exit: comm=plain pid=7268 prio=120 group_dead=false"
+    assert parser.arg_picker(tp, ("prio", "comm", "nope", "group_dead"))(exit_body) == (
+        b"120", b"plain", b"", b"false")
+    assert parser.tracepoint_arg_reader(tp)(exit_body) == {
+        "comm": b"plain", "pid": b"7268", "prio": b"120", "group_dead": b"false"}
+    enter = next(t.body for t in lines if t.token.startswith(b"sys_openat(") and b"mode: 0)" in t.body)
+    sc = EventSpec("o", "tracepoint", "syscalls", "syscalls/sys_enter_openat", "openat", None)
+    fields = parser.tracepoint_arg_reader(sc)(enter)
+    assert enter == b"sys_openat(dfd: 0xffffff9c, filename: %s, flags: 0x80000, mode: 0)" % fields["filename"]
+    assert fields["filename"].startswith(b"0x7f") and len(fields) == 4
+    assert parser.arg_picker(sc, ("mode", "dfd"))(enter) == (b"0", b"0xffffff9c")
+    exit_body = next(t.body for t in lines if t.token == b"sys_openat")
+    assert exit_body == b"sys_openat -> 0x3"
+    assert parser.tracepoint_arg_reader(sc)(exit_body) == {"ret": b"0x3"}
+    assert parser.tracepoint_arg_reader(sc)(b"sys_openat -> 0xfffffffffffffffe ") == {"ret": b"0xfffffffffffffffe"}
+    # 6.1 prints %lx without 0x; a field whose value is empty; no `=`/`: ` in a part is no field
+    assert parser.tracepoint_arg_reader(sc)(b"sys_openat(dfd: ffffff9c, filename: 7f00, flags: , mode)") == {
+        "dfd": b"ffffff9c", "filename": b"7f00", "flags": b""}
+    assert parser.tracepoint_arg_reader(tp)(b"sched_process_exit: comm=a=b pid= x") == {"comm": b"a=b", "pid": b""}
+    assert parser.tracepoint_arg_reader(tp)(b"sched_process_exit: ") == {}
+    # a comm is any bytes (prctl PR_SET_NAME): a tab, `: `, a space then non-UTF-8 and `=`; the fields
+    # after it are still read and nothing raises
+    rest = b" pid=7268 prio=120 group_dead=false"
+    after = {"pid": b"7268", "prio": b"120", "group_dead": b"false"}
+    assert parser.tracepoint_arg_reader(tp)(b"sched_process_exit: comm=x\ty=z" + rest) == {"comm": b"x\ty=z", **after}
+    colon = parser.tracepoint_arg_reader(tp)(b"sched_process_exit: comm=a: b" + rest)
+    assert colon["comm"].startswith(b"a:") and colon.items() >= after.items()
+    odd = parser.tracepoint_arg_reader(tp)(b"sched_process_exit: comm=\xff \xfe=1" + rest)
+    assert odd["comm"] == b"\xff" and odd.items() >= after.items()

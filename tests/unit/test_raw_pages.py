@@ -265,3 +265,198 @@ def test_empty_compacted_and_merged_batches_keep_the_decoded_columns() -> None:
     assert m.tid.tolist() == [t for k in range(10) for t in [*range(4 * k, 4 * k + 4), *range(40 + 4 * k, 44 + 4 * k)]]
     assert [m.record(i) for i in range(80) if m.ev[i] != raw_pages.EV_LOST] == \
         [a.record(i % 40) for i in m.tid.tolist() if a.ev[i % 40] != raw_pages.EV_LOST]
+
+
+# --- random pages written from the kernel's page and event format ----------------------------------
+
+
+class _PageWriter:
+    """Writes ring-buffer pages as kernel/trace/ring_buffer.c lays them out, keeping what a reader must
+    get back from each: data events (timestamp, record, common_type, common_pid), the time-extend,
+    absolute-stamp and padding events (empty ones included), and the lost-events count of the header."""
+
+    def __init__(self, seed: int, layout: raw_formats.PageLayout) -> None:
+        import random
+
+        self.rng = random.Random(seed)
+        self.layout = layout
+
+    def record(self) -> bytes:
+        rng = self.rng
+        n = 4 * (rng.randint(2, 28) if rng.random() < 0.7 else rng.randint(29, 150))
+        head = struct.pack("<HBBi", rng.choice([7, 300, 2049, 65535]), 1, 0, rng.randint(1, 4_194_304))
+        return head + rng.randbytes(n - 8)
+
+    def page(self, page_ts: int, empty: bool = False, ordered: bool = False) -> tuple[bytes, dict]:
+        rng, lay = self.rng, self.layout
+        ts, data = page_ts, b""
+        out: dict = {"page_ts": page_ts, "data": [], "extends": 0, "stamps": 0, "paddings": 0}
+        budget = 0 if empty else (lay.data_size if rng.random() < 0.3 else 4 * rng.randint(3, lay.data_size // 8))
+        while len(data) < budget:
+            rem = budget - len(data)
+            kind = rng.random()
+            if rem == 4 or (kind < 0.03 and rem > 4):  # an empty padding: the page ends, whatever follows
+                data += _hdr(raw_pages.TYPE_PADDING, 0)
+                out["paddings"] += 1
+                # past it, words a walk that did not stop would take: array[0] = 4, then a data event
+                data += (struct.pack("<I", 4) + _hdr(3, 1) + self.record()[:12] + rng.randbytes(rem))[:rem - 4]
+                break
+            if rem == 8 or kind < 0.12:  # time extend: the delta did not fit 27 bits
+                v = rng.randrange(1 << 27, 1 << 40)
+                data += _hdr(raw_pages.TYPE_TIME_EXTEND, v & ((1 << 27) - 1)) + struct.pack("<I", v >> 27)
+                ts += v
+                out["extends"] += 1
+            elif kind < 0.2:  # absolute timestamp, its top bits from the page's
+                low = ts & ((1 << 59) - 1)
+                lo, hi = (low, low + (1 << 30)) if ordered else (page_ts & ((1 << 59) - 1), 1 << 59)
+                v = rng.randrange(lo, hi)
+                data += _hdr(raw_pages.TYPE_TIME_STAMP, v & ((1 << 27) - 1)) + struct.pack("<I", v >> 27)
+                ts = v | (page_ts & raw_pages.TS_MSB)
+                out["stamps"] += 1
+            elif kind < 0.28:  # padding (a discarded event): array[0] bytes follow the header
+                n = 4 * rng.randint(1, min(40, rem // 4 - 1))
+                data += _hdr(raw_pages.TYPE_PADDING, rng.randint(1, 99)) + struct.pack("<I", n) + rng.randbytes(n - 4)
+                out["paddings"] += 1
+            elif kind < 0.3:  # 4 bytes cannot hold the common fields: no event, but its delta counts
+                delta = rng.randrange(1 << 27)
+                data += _hdr(1, delta) + rng.randbytes(4)
+                ts += delta
+            else:
+                rec = self.record()
+                if len(rec) + 8 > rem:
+                    rec = rec[:max(8, (rem - 8) // 4 * 4)] if rem >= 16 else rec[:rem - 4]
+                delta = rng.choice([0, 1, rng.randrange(1 << 27)])
+                ts += delta
+                if len(rec) > 4 * raw_pages.TYPE_DATA_MAX or (rng.random() < 0.1 and len(rec) + 8 <= rem):
+                    data += _hdr(0, delta) + struct.pack("<I", len(rec) + 4) + rec
+                else:
+                    data += _hdr(len(rec) // 4, delta) + rec
+                etype, pid = struct.unpack_from("<Hxxi", rec)
+                out["data"].append((ts, rec, etype, pid))
+        commit = len(data)
+        torn = out["data"] and data.endswith(out["data"][-1][1]) and rng.random() < 0.1
+        if torn:  # the commit ends inside the last record: that record is not taken
+            commit -= 4 * rng.randint(1, len(out["data"][-1][1]) // 4)
+            out["data"].pop()
+        flags, tail, out["missed"] = 0, b"", -1
+        if rng.random() < 0.25:
+            flags, out["missed"] = raw_pages.RB_MISSED_EVENTS, 0
+            if len(data) + lay.commit_size <= lay.data_size and not torn and rng.random() < 0.7:
+                # the count is a long after the data (ring_buffer.c rb_read_page)
+                out["missed"] = rng.choice([1, 4321, 1 << 33 if lay.commit_size == 8 else (1 << 32) - 1])
+                flags |= raw_pages.RB_MISSED_STORED
+                tail = out["missed"].to_bytes(lay.commit_size, "little")
+        out["len"], out["last"] = commit, ts
+        # what lies past the commit is a previous use of the page: headers a reader must not take
+        stale = b"".join(rng.choice([_hdr(raw_pages.TYPE_TIME_EXTEND, 3) + struct.pack("<I", 1),
+                                     _hdr(raw_pages.TYPE_PADDING, 5) + struct.pack("<I", 4),
+                                     _hdr(raw_pages.TYPE_TIME_STAMP, 1) + struct.pack("<I", 9),
+                                     _hdr(3, 1) + self.record()[:12]]) for _ in range(40))
+        # commit is a local_t (a long): RB_MISSED_EVENTS, an int (1 << 31), sign-extends into a 64-bit one
+        high = 0xFFFFFFFF << 32 if flags & raw_pages.RB_MISSED_EVENTS and lay.commit_size == 8 else 0
+        head = bytearray(lay.data_off)
+        head[lay.ts_off:lay.ts_off + 8] = page_ts.to_bytes(8, "little")
+        word = (commit | flags | high).to_bytes(lay.commit_size, "little")
+        head[lay.commit_off:lay.commit_off + lay.commit_size] = word
+        page = bytes(head) + data[:commit] + tail + data[commit + len(tail):] + stale
+        return page[:lay.page_size].ljust(lay.page_size, b"\0"), out
+
+
+def _run(w: _PageWriter, n: int, ordered: bool = False) -> tuple[bytes, list[dict]]:
+    """n pages; `ordered`: in time order, as one CPU's pages are (each page starts where the last ended)."""
+    pages: list[tuple[bytes, dict]] = []
+    for _ in range(n):
+        ts = w.rng.choice([w.rng.randrange(1 << 40), w.rng.randrange(1 << 62)])
+        if ordered:
+            ts = (pages[-1][1]["last"] if pages else 1000) + w.rng.choice([0, 1, 999])
+        pages.append(w.page(ts, empty=w.rng.random() < 0.1, ordered=ordered))
+    return b"".join(p for p, _ in pages), [e for _, e in pages]
+
+
+LAYOUTS = [raw_formats.PageLayout(), raw_formats.PageLayout(data_size=8192 - 16),
+           raw_formats.PageLayout(commit_size=4, data_off=12, data_size=4096 - 12)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["4k", "8k", "32-bit"])
+def test_random_pages_decode_to_what_was_written(layout: raw_formats.PageLayout) -> None:
+    """Runs of 1-12 pages (every event type, full pages ending in an empty padding or an event in their
+    last words, empty pages, stale headers past the commit, lost-events flags with and without a count)
+    decoded in one call, at an offset in the buffer: each page's header fields, and every data event's
+    timestamp, record, type and thread, and the counts of extends, stamps and paddings."""
+    w = _PageWriter(612, layout)
+    for _ in range(40):
+        n = w.rng.randint(1, 12)
+        buf, want = _run(w, n)
+        skip = w.rng.choice([0, 1, 3]) * layout.page_size
+        d = raw_pages.decode_pages(w.rng.randbytes(skip) + buf, n, layout, skip)
+        assert d.page_ts.tolist() == [p["page_ts"] for p in want]
+        assert d.page_len.tolist() == [p["len"] for p in want]
+        assert d.missed.tolist() == [p["missed"] for p in want]
+        assert (d.extends, d.stamps, d.paddings) == tuple(sum(p[k] for p in want) for k in
+                                                          ("extends", "stamps", "paddings"))
+        events = [(i, *e) for i, p in enumerate(want) for e in p["data"]]
+        buf = bytes(skip) + buf
+        assert [(int(d.page[i]), int(d.ts[i]), buf[int(d.rec[i]):int(d.rec[i]) + int(d.rlen[i])], int(d.etype[i]),
+                 int(d.pid[i])) for i in range(len(d.ts))] == events
+        assert [x.dtype for x in (d.ts, d.etype, d.pid, d.rec, d.rlen, d.page, d.page_ts, d.page_len, d.missed)] == [
+            np.int64, np.int32, np.int32, np.int64, np.int32, np.int32, np.int64, np.int32, np.int64]
+
+
+def test_random_cpus_merge_by_time_with_loss_markers() -> None:
+    """Per-CPU runs of random pages merged: every event once, in timestamp order, ties in CPU order, a
+    loss marker (EV_LOST, its count capped to int32, 0 when not stored) at its page's header time right
+    before that page's events; event ids through the probe set's table (-1 for an id it has not)."""
+    layout = raw_formats.PageLayout()
+    w = _PageWriter(61, layout)
+    lut = np.full(65536, raw_pages.EV_UNKNOWN, np.int32)
+    lut[[7, 300, 2049]] = [0, 1, 2]
+    for _ in range(25):
+        cpus, buf, want = [], b"", []
+        for cpu in w.rng.sample(range(8), w.rng.randint(1, 4)):
+            n = w.rng.choice([0, 1, 2, 5])
+            run, pages = _run(w, n, ordered=True)
+            cpus.append((cpu, len(buf), n))
+            buf += run
+            for p in pages:
+                if p["missed"] >= 0:
+                    want.append((p["page_ts"], raw_pages.EV_LOST, 0, cpu, b"", min(p["missed"], 2**31 - 1)))
+                want += [(ts, int(lut[et]), pid, cpu, rec, len(rec)) for ts, rec, et, pid in p["data"]]
+        # same-time events across CPUs: the stable sort keeps the lower position (CPU listed first)
+        want.sort(key=lambda e: e[0])
+        b = raw_pages.batch_from_pages(buf, cpus, layout, lut)
+        got = [(int(b.ts[i]), int(b.ev[i]), int(b.tid[i]), int(b.cpu[i]),
+                b"" if b.ev[i] == raw_pages.EV_LOST else b.record(i), int(b.rlen[i])) for i in range(len(b))]
+        assert got == want
+        assert [x.dtype for x in (b.ev, b.tid, b.ts, b.cpu, b.rec, b.rlen)] == [
+            np.int32, np.int32, np.int64, np.int32, np.int64, np.int32]
+        assert b.data == (buf if want else b"")
+
+
+def _raw_page(commit: int, high: int = 0) -> bytes:
+    return struct.pack("<QII", 77, commit, high).ljust(4096, b"\0")
+
+
+def test_page_headers_refuse_what_no_kernel_writes() -> None:
+    """A commit beyond the data or not a multiple of 4 (events are 4-byte aligned), and a 64-bit commit
+    whose high word is neither 0 nor the sign extension of RB_MISSED_EVENTS, are no ring-buffer page:
+    FormatError, naming the first bad page and its commit. A full page and the flags' own high word are fine."""
+    lay = raw_formats.PageLayout()
+
+    def decode(*pages: bytes) -> raw_pages.Decoded:
+        return raw_pages.decode_pages(b"".join(pages), len(pages), lay)
+
+    full, small = _raw_page(4080), _raw_page(12)
+    assert decode(full, small).page_len.tolist() == [4080, 12]
+    flagged = _raw_page(12 | raw_pages.RB_MISSED_EVENTS, 0xFFFFFFFF)
+    assert decode(small, flagged).missed.tolist() == [-1, 0]
+    high = "a page's commit field has bits above 32 set"
+    two_bad = (full, small, _raw_page(4100), _raw_page(6))
+    for bad, text in [(two_bad, "page 2: commit 4100 does not fit a 4080-byte page"),
+                      ((small, _raw_page(6)), "page 1: commit 6 does not fit a 4080-byte page"),
+                      ((_raw_page(4084),), "page 0: commit 4084 does not fit a 4080-byte page"),
+                      ((small, _raw_page(12, 1)), high),
+                      ((_raw_page(12 | raw_pages.RB_MISSED_EVENTS, 0x1),), high),
+                      ((_raw_page(12, 0xFFFFFFFF),), high)]:
+        with pytest.raises(raw_formats.FormatError) as e:
+            decode(*bad)
+        assert str(e.value) == text
