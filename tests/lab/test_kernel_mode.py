@@ -45,6 +45,9 @@ def config(open_f_filter: str) -> str:
             + probe("open_f", open_f_filter)
             + probe("open_k", 'comm == "kpe_slow"')
             + probe("open_s", 'comm == "kpe_slow"', "\n    aggregation: stream")
+            # a count on a tracepoint and one on a lone kretprobe: each open makes one of each
+            + "  - {name: tp_open, tracepoint: syscalls/sys_enter_openat, filter: 'comm == \"kpe_opener\"'}\n"
+            + "  - {name: gn_ret, kretprobe: getname, filter: 'comm == \"kpe_opener\"'}\n"
             # a recursive function both ways: kernel mode forced, and `recursive: true` (auto streams it)
             + "  - {name: rec_k, uprobe: '/job/in/kpe_recurse:rec', latency: true, aggregation: kernel}\n"
             + "  - {name: rec_s, uprobe: '/job/in/kpe_recurse:rec', latency: true, recursive: true,\n"
@@ -188,7 +191,7 @@ def test_modes_are_stated(lab: GuestResult) -> None:
         elif word not in ("kernel", "kind"):
             event = word
     assert said == {"open": "kernel", "open_f": "kernel", "open_k": "kernel", "open_s": "stream",
-                    "rec_k": "kernel", "rec_s": "stream"}, check
+                    "rec_k": "kernel", "rec_s": "stream", "tp_open": "kernel", "gn_ret": "kernel"}, check
     assert "<td>open_k</td><td>kernel</td>" in text(lab, "landing.html")
 
 
@@ -199,6 +202,9 @@ def test_kernel_mode_counts_every_call_at_full_rate(lab: GuestResult) -> None:
     assert metric(lab, "m1", "kprobe_events_total", probe="open_f") == n
     assert metric(lab, "m1", "kprobe_latency_seconds_count", probe="open_f") == n  # one sample per call
     assert metric(lab, "m1", "kprobe_exporter_kernel_dropped_total", probe="open_f") == 0
+    # every kind's trigger goes where the kernel has its event: a tracepoint's under events/SYSTEM/EVENT
+    assert metric(lab, "m1", "kprobe_events_total", probe="tp_open") == n
+    assert metric(lab, "m1", "kprobe_events_total", probe="gn_ret") == n
 
 
 def test_kernel_buckets_are_the_kernels_powers_of_two(lab: GuestResult) -> None:
@@ -234,6 +240,7 @@ def test_reload_keeps_counts_and_carries_a_replaced_trigger_forward(lab: GuestRe
     assert metric(lab, "m3", "kprobe_events_total", probe="open_f") == n1 + n2  # replaced: carried forward
     assert metric(lab, "m3", "kprobe_latency_seconds_count", probe="open_f") == n1 + n2
     assert metric(lab, "m3", "kprobe_events_total", probe="open", comm="kpe_opener") == n1 + n2  # kept
+    assert metric(lab, "m3", "kprobe_events_total", probe="tp_open") == n1 + n2
 
 
 def snap(lab: GuestResult, name: str) -> dict[str, list[str]]:
@@ -296,6 +303,7 @@ probes:
     latency: true
     spans: {{min_duration: {SPANS_MIN_NS}ns}}
 """
+SPANS_CFG2 = SPANS_CFG + "  - {name: getppid, tracepoint: syscalls/sys_enter_getppid}\n"
 
 SPANS_SCRIPT = r"""
 set -eux
@@ -319,6 +327,14 @@ for i in $(seq 1200); do healthy && break; kill -0 $PID; sleep 0.1; done
 "$LAB_IN/kpe_spans" @N@ @K@ > work.out &
 echo $! > work.pid
 wait $!
+# a SIGHUP that keeps the probe (a count is added beside it) keeps its triggers, its synthetic event and
+# its span stream: a second run
+cp "$LAB_IN/spans2.yaml" "$LAB_IN/spans.yaml"
+kill -HUP $PID
+for i in $(seq 1200); do grep -q "reloaded\|reload refused" agent.log && break; sleep 0.1; done
+"$LAB_IN/kpe_spans" @N@ @K@ > work2.out &
+echo $! > work2.pid
+wait $!
 wait "$SINK" || echo "sink rc $?" >> sink.log
 cat $T/instances/kpe_sp/events/synthetic/kpe_sp_work_lat/hist > lat.hist
 cat $T/instances/kpe_sp/events/synthetic/kpe_sp_work_lat/filter > lat.filter
@@ -333,10 +349,10 @@ def spans_lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     kernel = request.param
     prog = static_program(SPANS_SRC, tmp_path_factory.mktemp("spans"), "-O0")
     require_guest(kernel)
-    slow = len(range(SPANS_K, SPANS_N + 1, SPANS_K))
+    slow = 2 * len(range(SPANS_K, SPANS_N + 1, SPANS_K))  # two runs of the workload, a reload between
     script = SPANS_SCRIPT.replace("@PORT@", str(SPANS_PORT)).replace("@N@", str(SPANS_N))
     script = script.replace("@K@", str(SPANS_K)).replace("@WANT@", str(slow))
-    files = {"kpe_spans": prog.read_bytes(), "spans.yaml": SPANS_CFG.encode(),
+    files = {"kpe_spans": prog.read_bytes(), "spans.yaml": SPANS_CFG.encode(), "spans2.yaml": SPANS_CFG2.encode(),
              **{f.name: f.read_bytes() for f in (HERE / "kernel_lab" / "otlp_sink.py", HERE / "otlp_receiver.py")}}
     r = run_in_guest(script, files, timeout=900, kernel=kernel)
     if keep := os.environ.get("KPE_KAGG_KEEP"):
@@ -349,9 +365,13 @@ def spans_lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 
 
 def test_kernel_mode_spans_are_exactly_the_slow_calls(spans_lab: GuestResult) -> None:
-    work = text(spans_lab, "work.out")
-    n, slow = (int(v) for v in re.fullmatch(r"calls=(\d+) slow=(\d+)\s*", work).groups())  # type: ignore[union-attr]
-    assert (n, slow) == (SPANS_N, SPANS_N // SPANS_K)
+    n = slow = 0
+    for out in ("work.out", "work2.out"):
+        ran = re.fullmatch(r"calls=(\d+) slow=(\d+)\s*", text(spans_lab, out))
+        assert ran and (int(ran[1]), int(ran[2])) == (SPANS_N, SPANS_N // SPANS_K), out
+        n, slow = n + int(ran[1]), slow + int(ran[2])
+    # between the runs: what follows held across it
+    assert "reloaded: " in text(spans_lab, "agent.log"), text(spans_lab, "agent.log")
     assert metric(spans_lab, "m", "kprobe_exporter_probe_aggregation", probe="work", mode="kernel") == 1
     # the counts still cover every call: the filter is on the synthetic event's recording, not its hist
     assert metric(spans_lab, "m", "kprobe_events_total", probe="work") == n
@@ -369,10 +389,11 @@ def test_kernel_mode_spans_are_exactly_the_slow_calls(spans_lab: GuestResult) ->
     # the durations are the kernel's: their sum is the sum its hist kept for those buckets, to the ns
     assert sum(s["end_ns"] - s["start_ns"] for s in spans) == sum(ns for _, ns in slow_rows)
     assert text(spans_lab, "lat.filter").strip() == f"lat >= {SPANS_MIN_NS}"
-    pid = int(text(spans_lab, "work.pid"))
+    pids = {int(text(spans_lab, "work.pid")), int(text(spans_lab, "work2.pid"))}
+    assert {s["attributes"]["process.pid"] for s in spans} == pids  # slow calls of both runs: before and after
     for s in spans:
         assert s["name"] == "work"
-        assert s["attributes"]["process.pid"] == pid and s["attributes"]["thread.id"] == pid
+        assert s["attributes"]["process.pid"] in pids and s["attributes"]["thread.id"] == s["attributes"]["process.pid"]
         assert s["attributes"]["process.executable.name"] == "kpe_spans"
         assert s["attributes"]["kprobe.retval"] in ("0x0", "0x1")  # work() returns 1 when it slept
         assert SPANS_MIN_NS <= s["end_ns"] - s["start_ns"] < 10**10  # the duration in ns, not a timestamp
