@@ -120,10 +120,35 @@ def _values(tail: str) -> dict[str, int]:
     return {m.group(1): int(m.group(2)) for m in _VALUE.finditer(tail)}
 
 
-def parse(text: str, rows_of: Container[tuple[str, ...]] | None = None) -> list[HistTable]:
+def _row(line: str, cut: Callable[[str], tuple[str, ...]], known: dict[str, tuple[str, ...]],
+         seen: dict[str, tuple[str, ...]]) -> HistRow:
+    """One `{ keys } hitcount: N ...` line; its key text cut unless `known` has it, and noted in `seen`."""
+    close = line.rfind("} hitcount:")
+    if close < 0:
+        raise HistFormatError(f"not a hist row: {line!r}")
+    tail, inner = line[close + 1 :], line[1:close]
+    keys = known.get(inner)
+    if keys is None:
+        keys = cut(inner)
+    seen[inner] = keys
+    toks = tail.split()  # the usual row of a count table, `hitcount: N` alone, read in line
+    if len(toks) == 2 and toks[0] == "hitcount:" and toks[1].isdecimal():
+        return HistRow(keys, {"hitcount": int(toks[1])})
+    return HistRow(keys, _values(tail))
+
+
+def parse(text: str, rows_of: Container[tuple[str, ...]] | None = None,
+          cuts: dict[tuple[str, ...], dict[str, tuple[str, ...]]] | None = None) -> list[HistTable]:
     """Every table of one hist file, in the order the kernel prints them. With `rows_of`, only the tables
     keyed as one of its entries (`key_names`) get their rows; the others' rows are skipped (their totals,
-    hits, entries and dropped, are still read), which is what a reader of their totals alone needs."""
+    hits, entries and dropped, are still read), which is what a reader of their totals alone needs.
+
+    `cuts` carries the key cuts (per `key_names`, key text -> printed values) from one read of the same
+    file to the next: a row whose key printed the same text is not cut again, only its values are read.
+    Afterwards it holds the keys of this read alone, so it never outgrows the file's tables."""
+    seen: dict[tuple[str, ...], dict[str, tuple[str, ...]]] = {}
+    known_t: dict[str, tuple[str, ...]] = {}
+    seen_t: dict[str, tuple[str, ...]] = {}
     tables: list[HistTable] = []
     trigger: str | None = None
     names: tuple[str, ...] | None = None
@@ -139,16 +164,10 @@ def parse(text: str, rows_of: Container[tuple[str, ...]] | None = None) -> list[
                 names = key_names(trigger)
                 keep = rows_of is None or names in rows_of
                 cut = _key_cutter(names)
+                known_t = cuts.get(names, {}) if cuts is not None else {}
+                seen_t = seen.setdefault(names, {})
             if keep:
-                close = line.rfind("} hitcount:")
-                if close < 0:
-                    raise HistFormatError(f"not a hist row: {line!r}")
-                tail = line[close + 1 :]
-                toks = tail.split()  # the usual row of a count table, `hitcount: N` alone, read in line
-                if len(toks) == 2 and toks[0] == "hitcount:" and toks[1].isdecimal():
-                    rows.append(HistRow(cut(line[1:close]), {"hitcount": int(toks[1])}))
-                else:
-                    rows.append(HistRow(cut(line[1:close]), _values(tail)))
+                rows.append(_row(line, cut, known_t, seen_t))
         elif line.startswith(_TRIGGER):
             trigger = line[len(_TRIGGER) :].removesuffix(" [active]").removesuffix(" [paused]").strip()
             names, cut, rows, totals = None, None, [], {}
@@ -164,4 +183,7 @@ def parse(text: str, rows_of: Container[tuple[str, ...]] | None = None) -> list[
                 trigger = None
     if trigger is not None:
         raise HistFormatError(f"the table of {trigger!r} has no Totals (a truncated read?)")
+    if cuts is not None:
+        cuts.clear()
+        cuts.update(seen)
     return tables
