@@ -128,10 +128,10 @@ class _Printed(dict[str, tuple[str, str]]):
 
 @dataclass
 class _Memo:
-    """What one read of a probe's tables lends the next: hist.parse's key cuts per event path, and the
+    """What one read of a probe's tables lends the next: hist.parse's rows per event path, and the
     labels of each cut key. Each holds the keys of the last read alone (at most the tables' entries)."""
 
-    cuts: dict[str, dict[tuple[str, ...], dict[str, tuple[str, ...]]]] = field(default_factory=dict)
+    rows: dict[str, dict[tuple[str, ...], hist.RowMemo]] = field(default_factory=dict)
     labels: dict[tuple[str, ...], Labels] = field(default_factory=dict)
 
 
@@ -159,7 +159,7 @@ def raw_values(pt: ProbeTriggers, hist_text: dict[str, str], memo: _Memo | None 
     memo = memo or _Memo()
     # rows only of the tables read row by row: the labelled count and the latency; the rest give totals
     rows_of = {hist.key_names(t.line) for t in (pt.count if keys else None, pt.latency) if t is not None}
-    tables = {ev: hist.parse(text, rows_of, memo.cuts.setdefault(ev, {})) for ev, text in hist_text.items()}
+    tables = {ev: hist.parse(text, rows_of, memo.rows.setdefault(ev, {})) for ev, text in hist_text.items()}
     count = _table(tables.get(pt.count.event, []), pt.count)
     if count is not None:
         if keys:
