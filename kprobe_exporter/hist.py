@@ -136,16 +136,16 @@ def _row(line: str, cut: Callable[[str], tuple[str, ...]], known: RowMemo, seen:
         close = line.rfind("} hitcount:")
         if close < 0:
             raise HistFormatError(f"not a hist row: {line!r}")
-        tail, inner = line[close + 1 :], line[1:close]
+        inner = line[1:close]
         keys = known.keys.get(inner)
         if keys is None:
             keys = cut(inner)
         seen.keys[inner] = keys
-        toks = tail.split()  # the usual row of a count table, `hitcount: N` alone, read in line
-        if len(toks) == 2 and toks[0] == "hitcount:" and toks[1].isdecimal():
-            row = HistRow(keys, {"hitcount": int(toks[1])})
+        count = line[close + 11 :].strip()  # the usual row of a count table, `hitcount: N` alone, read in line
+        if count.isdecimal() and count.isascii():
+            row = HistRow(keys, {"hitcount": int(count)})
         else:
-            row = HistRow(keys, _values(tail))
+            row = HistRow(keys, _values(line[close + 1 :]))
     seen.rows[line] = row
     return row
 
