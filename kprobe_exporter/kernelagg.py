@@ -246,6 +246,8 @@ class KernelSource:
         self.fold = LabelFold(label_limit)
         self._dropped_logged: set[str] = set()
         self._memos: dict[str, tuple[ProbeTriggers, _Memo]] = {}  # per probe, for the triggers it was read from
+        self._done = 0  # reads done
+        self._shared: KernelView | None = None  # the last read's view; none after the triggers changed
         self._lock = threading.Lock()  # scrapes read while a reload installs
 
     # --- install and remove -------------------------------------------------------------
@@ -260,10 +262,13 @@ class KernelSource:
                     self._write_plan(pt)
                     with self._lock:
                         self.installed[m.probe] = pt
+                        self._shared = None
         except BaseException:
             for pt in reversed(added):
                 self._remove_plan(pt)
-                self.installed.pop(pt.probe, None)
+                with self._lock:
+                    self.installed.pop(pt.probe, None)
+                    self._shared = None
             raise
 
     def _write_plan(self, pt: ProbeTriggers) -> None:
@@ -302,6 +307,7 @@ class KernelSource:
             for pt in reversed(list(self.installed.values())):
                 problems += self._remove_plan(pt)
             self.installed.clear()
+            self._shared = None
         return problems
 
     # --- reload -------------------------------------------------------------------------
@@ -325,6 +331,7 @@ class KernelSource:
                 log.warning("reload: %s", problem)
             with self._lock:
                 del self.installed[name]
+                self._shared = None
 
     def missing(self, modes: dict[str, ProbeMode]) -> list[ProbeMode]:
         return [m for name, m in modes.items() if m.kernel and name not in self.installed]
@@ -342,26 +349,40 @@ class KernelSource:
         return out
 
     def read(self) -> KernelView:
+        """Every kernel-mode probe's values now. A scrape that asks while another's read is under way takes
+        that read's view when it ends (its values at most one read older than the request) rather than
+        reading every hist file again behind it."""
+        asked = self._reads_done()
         with self._lock:
-            pts = list(self.installed.values())
-            offsets = dict(self.offsets)
-            view = KernelView()
-            text = self._hist_text(pts)
-            for pt in pts:
-                memo = self._memos.get(pt.probe)
-                if memo is None or memo[0] is not pt:  # a replaced trigger may key and print otherwise
-                    memo = self._memos[pt.probe] = (pt, _Memo())
-                raw = offsets.get(pt.probe, _Raw()).add(raw_values(pt, text, memo[1]))
-                self.fold.fold(pt.probe, raw.events, view)
-                if pt.mode.pair is not None:
-                    view.latency[pt.mode.pair.name] = latency_of(raw.lat)
-                view.dropped[pt.probe] = raw.dropped
-                if raw.dropped and pt.probe not in self._dropped_logged:
-                    self._dropped_logged.add(pt.probe)
-                    log.warning("probe %s: a full hist table in the kernel refused %d events (counted in "
-                                "kprobe_exporter_kernel_dropped_total)", pt.probe, raw.dropped)
-            for gone in self._memos.keys() - {pt.probe for pt in pts}:
-                del self._memos[gone]
+            if self._done > asked and self._shared is not None:
+                return self._shared
+            view = self._read_locked()
+            self._shared, self._done = view, self._done + 1
+        return view
+
+    def _reads_done(self) -> int:
+        return self._done
+
+    def _read_locked(self) -> KernelView:
+        pts = list(self.installed.values())
+        offsets = dict(self.offsets)
+        view = KernelView()
+        text = self._hist_text(pts)
+        for pt in pts:
+            memo = self._memos.get(pt.probe)
+            if memo is None or memo[0] is not pt:  # a replaced trigger may key and print otherwise
+                memo = self._memos[pt.probe] = (pt, _Memo())
+            raw = offsets.get(pt.probe, _Raw()).add(raw_values(pt, text, memo[1]))
+            self.fold.fold(pt.probe, raw.events, view)
+            if pt.mode.pair is not None:
+                view.latency[pt.mode.pair.name] = latency_of(raw.lat)
+            view.dropped[pt.probe] = raw.dropped
+            if raw.dropped and pt.probe not in self._dropped_logged:
+                self._dropped_logged.add(pt.probe)
+                log.warning("probe %s: a full hist table in the kernel refused %d events (counted in "
+                            "kprobe_exporter_kernel_dropped_total)", pt.probe, raw.dropped)
+        for gone in self._memos.keys() - {pt.probe for pt in pts}:
+            del self._memos[gone]
         return view
 
 

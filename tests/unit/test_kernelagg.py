@@ -272,3 +272,44 @@ def test_a_reload_that_prints_a_label_otherwise_reads_it_anew(tmp_path: Path) ->
     (inst / "events" / GROUP / "open" / "hist").write_text(table)  # the new trigger's table, printed the same
     src.offsets.clear()  # the old trigger's values aside: only the new one's reading matters here
     assert src.read().events == {("open", (("n", "-1"),)): 3}
+
+
+def test_a_scrape_asking_while_a_read_is_under_way_takes_its_view_and_one_after_it_reads_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The interleaving is forced (the first read waits until the second scrape has asked); no timing."""
+    import threading
+
+    root, inst = six_one(tmp_path)
+    src = KernelSource(root, inst, GROUP, 100)
+    src.install([mode(LAT)])
+    reading, go, asked = threading.Event(), threading.Event(), threading.Event()
+    reads: list[int] = []
+    real_text, real_done = src._hist_text, src._reads_done
+
+    def held_text(pts: list[kernelagg.ProbeTriggers]) -> dict[str, str]:
+        reads.append(1)
+        reading.set()
+        go.wait(30)
+        return real_text(pts)
+
+    def done() -> int:
+        n = real_done()
+        if threading.current_thread().name == "second":
+            asked.set()
+        return n
+
+    monkeypatch.setattr(src, "_hist_text", held_text)
+    monkeypatch.setattr(src, "_reads_done", done)
+    views: dict[str, KernelView] = {}
+    first = threading.Thread(target=lambda: views.setdefault("first", src.read()))
+    second = threading.Thread(target=lambda: views.setdefault("second", src.read()), name="second")
+    first.start()
+    assert reading.wait(30)
+    second.start()
+    assert asked.wait(30)
+    go.set()
+    first.join(30)
+    second.join(30)
+    assert views["second"] is views["first"] and len(reads) == 1
+    again = src.read()  # asked after that read ended: its own read
+    assert again is not views["first"] and len(reads) == 2 and again.events == views["first"].events
