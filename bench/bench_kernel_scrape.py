@@ -2,7 +2,7 @@
 /metrics p99 <= 50 ms), against a ceiling that only reads and splits the same hist text.
 
     python3 bench/bench_kernel_scrape.py [--keys 10000] [--threads 256] [--rounds 5] [--scrapes 41]
-                                         [--label-limit 100] [--profile]
+                                         [--label-limit 100] [--churn] [--profile]
 
 The probe is `open` (kprobe do_sys_openat2, labels [comm, n], latency), group `kpe_k`, as the agent installs
 it (`kernelagg.probe_triggers`). Its hist files are written, in the 6.1 kernel's format, to a plain directory
@@ -15,6 +15,10 @@ byte for byte.
 A scrape: `KernelSource.read()` (read the three files, `hist.parse`, `raw_values`, `LabelFold.fold`) and
 `generate_latest` on `metrics.make_registry` fed that view. The ceiling, in the same rounds: read the same
 files and split every line with `str.split` (split), or match it with one precompiled regex (regex).
+With --churn the files exist in two versions, every hitcount one apart, read in turn: no row reads as it
+did the scrape before (the agent carries rows whose text is unchanged from one read to the next; without
+--churn every row is unchanged, the idle table). `render` is `generate_latest` of the families one scrape
+collected, collected once: prometheus_client's own formatting, which no collector avoids.
 Rounds (odd) alternate the order; each runs SCRAPES of each contender; reported: wall and thread-CPU per
 scrape, min/median/max of the rounds' medians, p99 over every scrape, and the ratios of the medians.
 """
@@ -29,13 +33,15 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from prometheus_client import generate_latest  # noqa: E402
+from prometheus_client.core import Metric  # noqa: E402
+from prometheus_client.registry import Collector, CollectorRegistry  # noqa: E402
 
 from kprobe_exporter import aggmode, config, hist, kernelagg, probes  # noqa: E402
 from kprobe_exporter.aggregate import Snapshot  # noqa: E402
@@ -92,25 +98,26 @@ def listed_from_capture(name: str) -> str:
     return first.split(" [active]", 1)[0]
 
 
-def counts(keys: int) -> list[tuple[int, str, int]]:
+def counts(keys: int, bump: int = 0) -> list[tuple[int, str, int]]:
     """(hitcount, comm, n) of each key: 100 comms x keys/100 values of n, hitcounts spread, ascending."""
-    return sorted((1 + (i * 7919) % 100_000, f"worker-{i % 100:03d}", i // 100 * 3) for i in range(keys))
+    return sorted((1 + bump + (i * 7919) % 100_000, f"worker-{i % 100:03d}", i // 100 * 3) for i in range(keys))
 
 
-def files(pt: kernelagg.ProbeTriggers, keys: int, threads: int) -> dict[str, str]:
+def files(pt: kernelagg.ProbeTriggers, keys: int, threads: int, bump: int = 0) -> dict[str, str]:
+    """The three hist files; `bump` adds to every hitcount (another read of the same tables, every row changed)."""
     entry, exit_, synth = pt.plan.triggers[0], pt.plan.triggers[1], pt.latency
     assert synth is not None and pt.count.event == entry.event
     pids = [1000 + 7 * i for i in range(threads)]
-    per_thread = [row_text(("common_pid",), (p,), 1 + (i * 37) % 5000, {}) for i, p in enumerate(pids)]
-    thread_hits = sum(1 + (i * 37) % 5000 for i in range(threads))
+    per_thread = [row_text(("common_pid",), (p,), 1 + bump + (i * 37) % 5000, {}) for i, p in enumerate(pids)]
+    thread_hits = sum(1 + bump + (i * 37) % 5000 for i in range(threads))
     names = hist.key_names(pt.count.line)
-    count_rows = [row_text(names, (c, n), h, {}) for h, c, n in counts(keys)]  # sort=hitcount: ascending
-    lat = [(e, 1 + (e * 7717) % 20_000) for e in range(10, 31)]
+    count_rows = [row_text(names, (c, n), h, {}) for h, c, n in counts(keys, bump)]  # sort=hitcount: ascending
+    lat = [(e, 1 + bump + (e * 7717) % 20_000) for e in range(10, 31)]
     lat_rows = [row_text(("lat.log2",), (e,), n, {"lat": n * (3 << (e - 2))})
                 for e, n in sorted(lat, key=lambda x: x[1] * (3 << (x[0] - 2)))]  # sort=lat
     return {
         entry.event: table_text(listed_from_capture("open.hist"), per_thread, thread_hits) + "\n\n"
-        + table_text(pt.count.line, count_rows, sum(h for h, _, _ in counts(keys))),
+        + table_text(pt.count.line, count_rows, sum(h for h, _, _ in counts(keys, bump))),
         exit_.event: table_text(listed_from_capture("open_ret.hist"), per_thread, thread_hits),
         synth.event: table_text(synth.line, lat_rows, sum(n for _, n in lat)),
     }
@@ -118,6 +125,7 @@ def files(pt: kernelagg.ProbeTriggers, keys: int, threads: int) -> dict[str, str
 
 def stand_in(tmp: Path, texts: dict[str, str]) -> tuple[Path, Path]:
     root, inst = tmp, tmp / "instances" / GROUP
+    root.mkdir(parents=True, exist_ok=True)
     (root / "synthetic_events").touch()
     for ev, text in texts.items():
         (inst / "events" / ev).mkdir(parents=True, exist_ok=True)
@@ -147,6 +155,16 @@ def ceiling_regex(paths: list[Path]) -> int:
     return n
 
 
+class Collected(Collector):
+    """The families of one scrape, collected once: `render` times prometheus_client's formatting alone."""
+
+    def __init__(self, metrics: list[Metric]) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        return self.metrics
+
+
 # --- timing -----------------------------------------------------------------------------------------------
 def timed(fn: Callable[[], object]) -> tuple[int, int]:
     w0, c0 = time.perf_counter_ns(), time.thread_time_ns()
@@ -171,6 +189,8 @@ def main() -> int:
     ap.add_argument("--scrapes", type=int, default=41, help="scrapes of each contender per round")
     ap.add_argument("--label-limit", type=int, default=100, help="100 (the default) folds nothing here")
     ap.add_argument("--profile", action="store_true", help="cProfile 20 scrapes and print the top entries")
+    ap.add_argument("--churn", action="store_true",
+                    help="every count changes from one scrape to the next (two versions of the files, alternated)")
     a = ap.parse_args()
     if a.rounds % 2 == 0:
         ap.error("--rounds must be odd (a true median)")
@@ -181,6 +201,8 @@ def main() -> int:
     texts = files(pt, a.keys, a.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root, inst = stand_in(Path(tmp), texts)
+        # the first read takes insts[-1], the files checked below
+        insts = [stand_in(Path(tmp) / "churn", files(pt, a.keys, a.threads, bump=1))[1], inst] if a.churn else [inst]
         src = KernelSource(root, inst, GROUP, a.label_limit)
         src.install([m])
         paths = [inst / "events" / ev / "hist" for ev in texts]
@@ -189,8 +211,13 @@ def main() -> int:
         registry = make_registry(Sources(snapshot=lambda: empty, probes=probes.ProbeSet(GROUP, (), ()),
                                          kernel=lambda: view[-1], modes=lambda: {"open": m}))
 
+        def read() -> KernelView:
+            src.inst = insts.pop()  # with --churn, the other version of the files each time
+            insts.insert(0, src.inst)
+            return src.read()
+
         def scrape() -> bytes:
-            view.append(src.read())
+            view.append(read())
             del view[:-1]
             return generate_latest(registry)
 
@@ -210,8 +237,11 @@ def main() -> int:
             prof.disable()
             pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
             return 0
+        collected = list(registry.collect())
+        fixed = CollectorRegistry(auto_describe=False)
+        fixed.register(Collected(collected))
         contenders: dict[str, Callable[[], object]] = {
-            "view": src.read, "scrape": scrape,
+            "view": read, "scrape": scrape, "render": lambda: generate_latest(fixed),
             "split": lambda: ceiling_split(paths), "regex": lambda: ceiling_regex(paths)}
         wall: dict[str, list[list[int]]] = {k: [] for k in contenders}
         cpu: dict[str, list[list[int]]] = {k: [] for k in contenders}
@@ -233,7 +263,7 @@ def main() -> int:
             allc = [v for x in cpu[name] for v in x]
             print(f"| {name} | {ms(rm[0])} / {ms(statistics.median(rm))} / {ms(rm[-1])} | {p99(allw):.2f} | "
                   f"{ms(cm)} | {p99(allc):.2f} |")
-        for name in ("view", "scrape"):
+        for name in ("view", "scrape", "render"):
             print(f"{name} / regex ceiling (medians): wall {med[name][0] / med['regex'][0]:.1f}x, "
                   f"CPU {med[name][1] / med['regex'][1]:.1f}x; / split: wall {med[name][0] / med['split'][0]:.1f}x")
     return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Container
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 _TRIGGER = "# trigger info: "
@@ -120,10 +120,46 @@ def _values(tail: str) -> dict[str, int]:
     return {m.group(1): int(m.group(2)) for m in _VALUE.finditer(tail)}
 
 
-def parse(text: str, rows_of: Container[tuple[str, ...]] | None = None) -> list[HistTable]:
+@dataclass
+class RowMemo:
+    """What one read of a table lends the next read of the same file: a row printed the same is that row
+    again (its HistRow is shared, read-only), a key printed the same is not cut again."""
+
+    rows: dict[str, HistRow] = field(default_factory=dict)  # the whole row line -> its row
+    keys: dict[str, tuple[str, ...]] = field(default_factory=dict)  # a changed row's key text -> its cut
+
+
+def _row(line: str, cut: Callable[[str], tuple[str, ...]], known: RowMemo, seen: RowMemo) -> HistRow:
+    """One `{ keys } hitcount: N ...` line, from `known` if it printed the same there; noted in `seen`."""
+    row = known.rows.get(line)
+    if row is None:
+        close = line.rfind("} hitcount:")
+        if close < 0:
+            raise HistFormatError(f"not a hist row: {line!r}")
+        inner = line[1:close]
+        keys = known.keys.get(inner)
+        if keys is None:
+            keys = cut(inner)
+        seen.keys[inner] = keys
+        count = line[close + 11 :].strip()  # the usual row of a count table, `hitcount: N` alone, read in line
+        if count.isdecimal() and count.isascii():
+            row = HistRow(keys, {"hitcount": int(count)})
+        else:
+            row = HistRow(keys, _values(line[close + 1 :]))
+    seen.rows[line] = row
+    return row
+
+
+def parse(text: str, rows_of: Container[tuple[str, ...]] | None = None,
+          memo: dict[tuple[str, ...], RowMemo] | None = None) -> list[HistTable]:
     """Every table of one hist file, in the order the kernel prints them. With `rows_of`, only the tables
     keyed as one of its entries (`key_names`) get their rows; the others' rows are skipped (their totals,
-    hits, entries and dropped, are still read), which is what a reader of their totals alone needs."""
+    hits, entries and dropped, are still read), which is what a reader of their totals alone needs.
+
+    `memo` (per `key_names`) carries rows and key cuts from one read of the same file to the next; it
+    then holds this read's alone, so it never outgrows the file's tables."""
+    seen: dict[tuple[str, ...], RowMemo] = {}
+    known_t = seen_t = RowMemo()
     tables: list[HistTable] = []
     trigger: str | None = None
     names: tuple[str, ...] | None = None
@@ -139,16 +175,10 @@ def parse(text: str, rows_of: Container[tuple[str, ...]] | None = None) -> list[
                 names = key_names(trigger)
                 keep = rows_of is None or names in rows_of
                 cut = _key_cutter(names)
+                known_t = memo.get(names, RowMemo()) if memo is not None else RowMemo()
+                seen_t = seen.setdefault(names, RowMemo())
             if keep:
-                close = line.rfind("} hitcount:")
-                if close < 0:
-                    raise HistFormatError(f"not a hist row: {line!r}")
-                tail = line[close + 1 :]
-                toks = tail.split()  # the usual row of a count table, `hitcount: N` alone, read in line
-                if len(toks) == 2 and toks[0] == "hitcount:" and toks[1].isdecimal():
-                    rows.append(HistRow(cut(line[1:close]), {"hitcount": int(toks[1])}))
-                else:
-                    rows.append(HistRow(cut(line[1:close]), _values(tail)))
+                rows.append(_row(line, cut, known_t, seen_t))
         elif line.startswith(_TRIGGER):
             trigger = line[len(_TRIGGER) :].removesuffix(" [active]").removesuffix(" [paused]").strip()
             names, cut, rows, totals = None, None, [], {}
@@ -164,4 +194,7 @@ def parse(text: str, rows_of: Container[tuple[str, ...]] | None = None) -> list[
                 trigger = None
     if trigger is not None:
         raise HistFormatError(f"the table of {trigger!r} has no Totals (a truncated read?)")
+    if memo is not None:
+        memo.clear()
+        memo.update(seen)
     return tables

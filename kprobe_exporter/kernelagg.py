@@ -126,27 +126,44 @@ class _Printed(dict[str, tuple[str, str]]):
         return pair
 
 
-def _label_counts(keys: tuple[KeyField, ...], table: hist.HistTable, into: dict[Labels, int]) -> None:
+@dataclass
+class _Memo:
+    """What one read of a probe's tables lends the next: hist.parse's rows per event path, and the
+    labels of each cut key. Each holds the keys of the last read alone (at most the tables' entries)."""
+
+    rows: dict[str, dict[tuple[str, ...], hist.RowMemo]] = field(default_factory=dict)
+    labels: dict[tuple[str, ...], Labels] = field(default_factory=dict)
+
+
+def _label_counts(keys: tuple[KeyField, ...], table: hist.HistTable, into: dict[Labels, int],
+                  memo: dict[tuple[str, ...], Labels]) -> None:
     if table.rows and len(table.key_names) != len(keys):
         raise ValueError(f"the table keyed {table.key_names} is not the probe's {len(keys)} label(s)")
     printed = [_Printed(k) for k in keys]
     get = dict.__getitem__
+    known, seen = dict(memo), memo
+    seen.clear()
     for row in table.rows:
-        labels = tuple(map(get, printed, row.keys))
+        labels = known.get(row.keys)
+        if labels is None:
+            labels = tuple(map(get, printed, row.keys))
+        seen[row.keys] = labels
         into[labels] = into.get(labels, 0) + row.values.get("hitcount", 0)
 
 
-def raw_values(pt: ProbeTriggers, hist_text: dict[str, str]) -> _Raw:
-    """A probe's values from the hist files' text (event path -> text), unfolded."""
+def raw_values(pt: ProbeTriggers, hist_text: dict[str, str], memo: _Memo | None = None) -> _Raw:
+    """A probe's values from the hist files' text (event path -> text), unfolded. `memo`, kept from the
+    probe's last read, spares the rows whose keys printed the same."""
     out = _Raw()
     keys = pt.mode.keys
+    memo = memo or _Memo()
     # rows only of the tables read row by row: the labelled count and the latency; the rest give totals
     rows_of = {hist.key_names(t.line) for t in (pt.count if keys else None, pt.latency) if t is not None}
-    tables = {ev: hist.parse(text, rows_of) for ev, text in hist_text.items()}
+    tables = {ev: hist.parse(text, rows_of, memo.rows.setdefault(ev, {})) for ev, text in hist_text.items()}
     count = _table(tables.get(pt.count.event, []), pt.count)
     if count is not None:
         if keys:
-            _label_counts(keys, count, out.events)
+            _label_counts(keys, count, out.events, memo.labels)
         else:
             out.events[()] = count.events  # every event, the ones a full table refused too
         out.dropped += count.dropped
@@ -174,19 +191,21 @@ class LabelFold:
 
     limit: int
     admitted: dict[tuple[str, str], dict[str, None]] = field(default_factory=dict)  # ordered sets
+    # per probe, the label sets of its last fold whose values were all admitted (values are never unadmitted)
+    passed: dict[str, set[Labels]] = field(default_factory=dict)
 
     def fold(self, probe: str, events: dict[Labels, int], view: KernelView) -> None:
         out = view.events
         fresh: list[tuple[Labels, int]] = []  # label sets with a value not admitted (yet, or ever)
+        was, passed = self.passed.get(probe, set()), set()
         for labels, n in events.items():
-            for label, v in labels:
-                seen = self.admitted.get((probe, label))
-                if seen is None or v not in seen:
-                    fresh.append((labels, n))
-                    break
-            else:  # the usual scrape: every value already has its place
-                key = (probe, labels)
-                out[key] = out.get(key, 0) + n
+            if labels not in was and not self._admitted(probe, labels):
+                fresh.append((labels, n))
+                continue
+            passed.add(labels)  # the usual scrape: every value already has its place
+            key = (probe, labels)
+            out[key] = out.get(key, 0) + n
+        self.passed[probe] = passed
         if not fresh:
             return
         if self._can_admit(probe, fresh):  # most counted first on the first sight: they get the places
@@ -204,6 +223,13 @@ class LabelFold:
             key = (probe, tuple(folded))
             out[key] = out.get(key, 0) + n
 
+    def _admitted(self, probe: str, labels: Labels) -> bool:
+        for label, v in labels:
+            seen = self.admitted.get((probe, label))
+            if seen is None or v not in seen:
+                return False
+        return True
+
     def _can_admit(self, probe: str, fresh: list[tuple[Labels, int]]) -> bool:
         """Whether a place is left for a label of these sets (if none, their order cannot matter)."""
         labels = {label for ls, _ in fresh for label, _ in ls}
@@ -219,6 +245,9 @@ class KernelSource:
         self.offsets: dict[str, _Raw] = {}  # what replaced triggers of a kept probe had counted
         self.fold = LabelFold(label_limit)
         self._dropped_logged: set[str] = set()
+        self._memos: dict[str, tuple[ProbeTriggers, _Memo]] = {}  # per probe, for the triggers it was read from
+        self._done = 0  # reads done
+        self._shared: KernelView | None = None  # the last read's view; none after the triggers changed
         self._lock = threading.Lock()  # scrapes read while a reload installs
 
     # --- install and remove -------------------------------------------------------------
@@ -233,10 +262,13 @@ class KernelSource:
                     self._write_plan(pt)
                     with self._lock:
                         self.installed[m.probe] = pt
+                        self._shared = None
         except BaseException:
             for pt in reversed(added):
                 self._remove_plan(pt)
-                self.installed.pop(pt.probe, None)
+                with self._lock:
+                    self.installed.pop(pt.probe, None)
+                    self._shared = None
             raise
 
     def _write_plan(self, pt: ProbeTriggers) -> None:
@@ -275,6 +307,7 @@ class KernelSource:
             for pt in reversed(list(self.installed.values())):
                 problems += self._remove_plan(pt)
             self.installed.clear()
+            self._shared = None
         return problems
 
     # --- reload -------------------------------------------------------------------------
@@ -298,6 +331,7 @@ class KernelSource:
                 log.warning("reload: %s", problem)
             with self._lock:
                 del self.installed[name]
+                self._shared = None
 
     def missing(self, modes: dict[str, ProbeMode]) -> list[ProbeMode]:
         return [m for name, m in modes.items() if m.kernel and name not in self.installed]
@@ -315,21 +349,40 @@ class KernelSource:
         return out
 
     def read(self) -> KernelView:
+        """Every kernel-mode probe's values now. A scrape that asks while another's read is under way takes
+        that read's view when it ends (its values at most one read older than the request) rather than
+        reading every hist file again behind it."""
+        asked = self._reads_done()
         with self._lock:
-            pts = list(self.installed.values())
-            offsets = dict(self.offsets)
-            view = KernelView()
-            text = self._hist_text(pts)
-            for pt in pts:
-                raw = offsets.get(pt.probe, _Raw()).add(raw_values(pt, text))
-                self.fold.fold(pt.probe, raw.events, view)
-                if pt.mode.pair is not None:
-                    view.latency[pt.mode.pair.name] = latency_of(raw.lat)
-                view.dropped[pt.probe] = raw.dropped
-                if raw.dropped and pt.probe not in self._dropped_logged:
-                    self._dropped_logged.add(pt.probe)
-                    log.warning("probe %s: a full hist table in the kernel refused %d events (counted in "
-                                "kprobe_exporter_kernel_dropped_total)", pt.probe, raw.dropped)
+            if self._done > asked and self._shared is not None:
+                return self._shared
+            view = self._read_locked()
+            self._shared, self._done = view, self._done + 1
+        return view
+
+    def _reads_done(self) -> int:
+        return self._done
+
+    def _read_locked(self) -> KernelView:
+        pts = list(self.installed.values())
+        offsets = dict(self.offsets)
+        view = KernelView()
+        text = self._hist_text(pts)
+        for pt in pts:
+            memo = self._memos.get(pt.probe)
+            if memo is None or memo[0] is not pt:  # a replaced trigger may key and print otherwise
+                memo = self._memos[pt.probe] = (pt, _Memo())
+            raw = offsets.get(pt.probe, _Raw()).add(raw_values(pt, text, memo[1]))
+            self.fold.fold(pt.probe, raw.events, view)
+            if pt.mode.pair is not None:
+                view.latency[pt.mode.pair.name] = latency_of(raw.lat)
+            view.dropped[pt.probe] = raw.dropped
+            if raw.dropped and pt.probe not in self._dropped_logged:
+                self._dropped_logged.add(pt.probe)
+                log.warning("probe %s: a full hist table in the kernel refused %d events (counted in "
+                            "kprobe_exporter_kernel_dropped_total)", pt.probe, raw.dropped)
+        for gone in self._memos.keys() - {pt.probe for pt in pts}:
+            del self._memos[gone]
         return view
 
 

@@ -14,7 +14,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector, CollectorRegistry
-from prometheus_client.samples import Exemplar
+from prometheus_client.samples import Exemplar, Sample
 
 from kprobe_exporter import __version__
 from kprobe_exporter.aggmode import ProbeMode
@@ -51,9 +51,25 @@ def _fmt_le(b: float) -> str:
     return repr(float(b))
 
 
+EventKey = tuple[str, tuple[tuple[str, str], ...]]  # (probe, ((label, value), ...))
+_EVENTS_TOTAL = "kprobe_events_total"
+
+
+def _event_order(events: dict[EventKey, int]) -> list[tuple[EventKey, dict[str, str]]]:
+    """Each series' key and labels in exposition order: sorted by probe and labels, then grouped by label
+    names in the order the groups first appear (one family: HELP and TYPE once)."""
+    groups: dict[tuple[str, ...], list[tuple[EventKey, dict[str, str]]]] = {}
+    for key in sorted(events):
+        probe, labels = key
+        groups.setdefault(tuple(k for k, _ in labels), []).append((key, {"probe": probe, **dict(labels)}))
+    return [row for rows in groups.values() for row in rows]
+
+
 class ExporterCollector(Collector):
     def __init__(self, sources: Sources) -> None:
         self.s = sources
+        # the last scrape's series and their order: the label dicts are shared, read-only, between scrapes
+        self._event_order: tuple[set[EventKey], list[tuple[EventKey, dict[str, str]]]] = (set(), [])
 
     def collect(self) -> Iterator[Metric]:
         snap = self.s.snapshot()
@@ -69,23 +85,13 @@ class ExporterCollector(Collector):
         for extra in self.s.extra:
             yield from extra()
 
-    def _events(self, events: dict[tuple[str, tuple[tuple[str, str], ...]], int]) -> Iterator[Metric]:
-        by_labels: dict[tuple[str, ...], CounterMetricFamily] = {}
-        for (probe, labels), value in sorted(events.items()):
-            names = ("probe", *(k for k, _ in labels))
-            fam = by_labels.get(names)
-            if fam is None:
-                fam = by_labels[names] = CounterMetricFamily(
-                    "kprobe_events", "Events seen per probe.", labels=list(names))
-            fam.add_metric([probe, *(v for _, v in labels)], value)
-        if not by_labels:
-            yield CounterMetricFamily("kprobe_events", "Events seen per probe.", labels=["probe"])
-            return
-        # One family per label-name set would repeat the HELP/TYPE; merge them into one family.
-        first = next(iter(by_labels.values()))
-        for fam in list(by_labels.values())[1:]:
-            first.samples.extend(fam.samples)
-        yield first
+    def _events(self, events: dict[EventKey, int]) -> Iterator[Metric]:
+        fam = CounterMetricFamily("kprobe_events", "Events seen per probe.", labels=["probe"])
+        keyed, order = self._event_order
+        if events.keys() != keyed:  # new or gone series: sort again (the usual scrape has the same ones)
+            keyed, order = self._event_order = set(events), _event_order(events)
+        fam.samples = [Sample(_EVENTS_TOTAL, labels, events[key]) for key, labels in order]
+        yield fam
 
     def _latency(self, snap: Snapshot, kv: KernelView) -> Iterator[Metric]:
         fam = HistogramMetricFamily("kprobe_latency_seconds", "Time from entry to exit of paired events.",

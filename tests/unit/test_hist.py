@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,35 @@ def test_three_keys_cut_from_the_right_and_values_in_any_form() -> None:
                                         ("w", "11", "12")]
     assert [r.values for r in t.rows] == [{"hitcount": 3}, {"hitcount": 4, "lat": 12},
                                           {"hitcount": 5, "d": -7, "b.hex": 16}, {"hitcount": 6, "lat": 13}]
+
+
+def _versions(text: str) -> list[str]:
+    """The same file read again: one count changed, one row gone, one key printed anew; then as at first;
+    then its last table alone (a trigger removed)."""
+    rows = [i for i, line in enumerate(text.splitlines(keepends=True)) if line.startswith("{")]
+    lines = text.splitlines(keepends=True)
+    changed = list(lines)
+    changed[rows[0]] = re.sub(r"hitcount: +(\d+)", lambda m: f"hitcount: {int(m[1]) + 5:>10}", changed[rows[0]])
+    changed[rows[1]] = ""
+    changed[rows[2]] = re.sub(r"(\w)( *\})", r"\g<1>9\2", changed[rows[2]], count=1)  # the last key's value
+    return [text, "".join(changed), "".join(changed), text, text[text.rindex("# event histogram") :]]
+
+
+@pytest.mark.parametrize("name", ["vread_ret.hist", "agent/open.hist", "lat.hist"])
+def test_a_memo_carried_from_read_to_read_gives_what_a_fresh_parse_gives(name: str) -> None:
+    memo: dict[tuple[str, ...], hist.RowMemo] = {}
+    for text in _versions((HIST / name).read_text()):
+        assert hist.parse(text, memo=memo) == hist.parse(text)
+        kept = {line for line in text.splitlines() if line.startswith("{")}
+        assert {line for m in memo.values() for line in m.rows} == kept  # this read's rows alone
+
+
+def test_a_memo_is_kept_per_key_names() -> None:
+    """The same row text under other keys cuts otherwise: `{ comm: x, a: 1 }` is one string key of `comm`."""
+    row = "{ comm: x, a: 1 } hitcount:          3\n"
+    tail = "\nTotals:\n    Hits: 3\n    Entries: 1\n    Dropped: 0\n"
+    two = f"# trigger info: hist:keys=comm,a:vals=hitcount:size=2048 [active]\n{row}{tail}"
+    one = two.replace("keys=comm,a:", "keys=comm:")
+    memo: dict[tuple[str, ...], hist.RowMemo] = {}
+    assert hist.parse(two, memo=memo)[0].rows[0].keys == ("x", "1")
+    assert hist.parse(one, memo=memo)[0].rows[0].keys == ("x, a: 1",)

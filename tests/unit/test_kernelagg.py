@@ -229,3 +229,87 @@ def test_a_tracepoints_trigger_goes_to_its_own_system_and_event(tmp_path: Path) 
     pt = kernelagg.probe_triggers(GROUP, m)
     assert [t.event for t in pt.plan.triggers] == ["syscalls/sys_enter_openat"]
     assert pt.count.path == "events/syscalls/sys_enter_openat/trigger"
+
+
+def test_a_source_read_again_and_again_gives_what_a_fresh_source_reads(tmp_path: Path) -> None:
+    """The rows, cuts, labels and admitted sets carried from read to read: after counts change, rows go and
+    come back and new label values appear, each view is the one a source reading for the first time gives."""
+    import re
+
+    m = mode("probes:\n  - name: open\n    kprobe: do_sys_openat2\n    labels: [comm]\n    latency: true\n")
+    first = (AGENT / "open.hist").read_text()
+    bumped = re.sub(r"hitcount: +(\d+)", lambda g: f"hitcount: {int(g[1]) + 3:>10}", first)
+    renamed = bumped.replace("{ __comm: sleep ", "{ __comm: sleeq ").replace("{ __comm: busybox", "{ __comm: busyb0x")
+    gone = "".join(line for line in first.splitlines(keepends=True) if "__comm: cat " not in line)
+    for d in ("kept", *map(str, range(6))):
+        (tmp_path / d).mkdir()
+    kept = KernelSource(*instance(tmp_path / "kept", {}), GROUP, 7)
+    kept.install([m])
+    for i, text in enumerate([first, bumped, renamed, gone, first, renamed]):
+        files = {f"{GROUP}/open": text, f"synthetic/{GROUP}_open_lat": (AGENT / "kpe_k_open_lat.hist").read_text()}
+        for ev, t in files.items():
+            (kept.inst / "events" / ev / "hist").write_text(t)
+        fresh = KernelSource(*instance(tmp_path / str(i), files), GROUP, 7)
+        fresh.install([m])
+        fresh.fold.admitted = {k: dict(v) for k, v in kept.fold.admitted.items()}  # what the kept one admitted
+        want, got = fresh.read(), kept.read()
+        assert (got.events, got.label_overflow, got.latency) == (want.events, want.label_overflow, want.latency), i
+    assert any(dict(labels).get("comm") == "__overflow__" for _, labels in got.events)  # limit 7: some folded
+
+
+def test_a_reload_that_prints_a_label_otherwise_reads_it_anew(tmp_path: Path) -> None:
+    """The same printed key under a replaced trigger whose label is signed now: not the old label value."""
+    table = ("# trigger info: hist:keys=n:vals=hitcount:sort=hitcount:size=2048 [active]\n#\n\n"
+             "{ n: 4294967295 } hitcount:          3\n\nTotals:\n    Hits: 3\n    Entries: 1\n    Dropped: 0\n")
+    root, inst = instance(tmp_path, {f"{GROUP}/open": table})
+    src = KernelSource(root, inst, GROUP, 100)
+    unsigned = mode("probes:\n  - name: open\n    kprobe: do_sys_openat2\n    args: {n: '%di:u32'}\n    labels: [n]\n")
+    signed = mode("probes:\n  - name: open\n    kprobe: do_sys_openat2\n    args: {n: '%di:s32'}\n    labels: [n]\n")
+    src.install([unsigned])
+    assert src.read().events == {("open", (("n", "4294967295"),)): 3}
+    src.retire({"open": signed}, (), 100)
+    src.install(src.missing({"open": signed}))
+    (inst / "events" / GROUP / "open" / "hist").write_text(table)  # the new trigger's table, printed the same
+    src.offsets.clear()  # the old trigger's values aside: only the new one's reading matters here
+    assert src.read().events == {("open", (("n", "-1"),)): 3}
+
+
+def test_a_scrape_asking_while_a_read_is_under_way_takes_its_view_and_one_after_it_reads_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The interleaving is forced (the first read waits until the second scrape has asked); no timing."""
+    import threading
+
+    root, inst = six_one(tmp_path)
+    src = KernelSource(root, inst, GROUP, 100)
+    src.install([mode(LAT)])
+    reading, go, asked = threading.Event(), threading.Event(), threading.Event()
+    reads: list[int] = []
+    real_text, real_done = src._hist_text, src._reads_done
+
+    def held_text(pts: list[kernelagg.ProbeTriggers]) -> dict[str, str]:
+        reads.append(1)
+        reading.set()
+        go.wait(30)
+        return real_text(pts)
+
+    def done() -> int:
+        n = real_done()
+        if threading.current_thread().name == "second":
+            asked.set()
+        return n
+
+    monkeypatch.setattr(src, "_hist_text", held_text)
+    monkeypatch.setattr(src, "_reads_done", done)
+    views: dict[str, KernelView] = {}
+    first = threading.Thread(target=lambda: views.setdefault("first", src.read()))
+    second = threading.Thread(target=lambda: views.setdefault("second", src.read()), name="second")
+    first.start()
+    assert reading.wait(30)
+    second.start()
+    assert asked.wait(30)
+    go.set()
+    first.join(30)
+    second.join(30)
+    assert views["second"] is views["first"] and len(reads) == 1
+    again = src.read()  # asked after that read ended: its own read
+    assert again is not views["first"] and len(reads) == 2 and again.events == views["first"].events

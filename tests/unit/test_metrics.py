@@ -54,3 +54,32 @@ def test_the_exemplar_sits_on_the_bucket_its_span_counts_in(seconds: float, le: 
     samples = buckets((TRACE_ID, seconds, 1_700_000_000.0))
     with_exemplar = [(s.labels["le"], s.exemplar.value, s.exemplar.labels) for s in samples if s.exemplar]
     assert with_exemplar == [(le, seconds, {"trace_id": TRACE_ID})]
+
+
+def test_the_event_series_follow_the_views_as_a_fresh_collector_renders_them() -> None:
+    """kprobe_events keeps its last order while the series stay the same; when they change it must render
+    what a collector seeing them first renders: new sets in their sorted place, gone ones gone."""
+    from kprobe_exporter.aggregate import Snapshot
+    from kprobe_exporter.kernelagg import KernelView
+
+    x, w, xn = (("comm", "x"),), (("comm", "w"),), (("comm", "x"), ("n", "1"))
+    views = [{("a", x): 1, ("b", ()): 2}, {("a", x): 5, ("b", ()): 7},
+             {("a", x): 6, ("b", ()): 7, ("a", w): 1, ("a", xn): 3, ("0", ()): 4}, {("a", x): 6, ("a", xn): 4}, {}]
+    empty = Snapshot({}, {}, 0, {}, {}, {}, [1e-6])
+    ps = probes.ProbeSet("g", (), ())
+    now: list[KernelView] = []
+
+    def sources() -> Sources:
+        return Sources(snapshot=lambda: empty, probes=ps, kernel=lambda: now[-1])
+
+    kept = ExporterCollector(sources())
+    for events in views:
+        now.append(KernelView(events=dict(events)))
+        got = next(m for m in kept.collect() if m.name == "kprobe_events").samples
+        want = next(m for m in ExporterCollector(sources()).collect() if m.name == "kprobe_events").samples
+        assert got == want and sorted(s.value for s in got) == sorted(events.values())
+    # the order the exposition has always had: sorted, then grouped by label names as the groups first come
+    now.append(KernelView(events=dict(views[2])))
+    got = next(m for m in kept.collect() if m.name == "kprobe_events").samples
+    assert [s.labels for s in got] == [{"probe": "0"}, {"probe": "b"}, {"probe": "a", "comm": "w"},
+                                       {"probe": "a", "comm": "x"}, {"probe": "a", "comm": "x", "n": "1"}]
