@@ -13,16 +13,16 @@ that holds this checkout's kprobe_exporter/ package, the script and the input fi
 The script runs as root under bash, stdin from /dev/null, HOME=/tmp, loopback up (127.0.0.1, ::1), no
 other network. Its output goes to the serial console, which comes back as GuestResult.stdout. The script
 gets `timeout` minus 30 s inside the guest (then it is killed and its exit status is 124, and whatever
-it wrote to /out still comes back); the whole boot is killed at `timeout`, or once the console has been
-silent for SILENT_LIMIT_S (the init prints a heartbeat every 30 s): GuestTimeout.
+it wrote to /out still comes back); the whole boot is killed at `timeout`: GuestTimeout.
 
 A guest whose kernel faults (an oops or a panic: FAULT_MARKS on the console) is killed FAULT_GRACE_S
 after the first such line, not left to its timeout; one whose user space stops (no heartbeat, only
-kernel messages such as soft lockups and RCU stalls, for SILENT_LIMIT_S) is frozen. Either way the
-job is run once more on a fresh boot and job disk, with a warning that names the fault: under TCG's multi-threaded
-emulation the 6.1 and 6.12 kernels have each frozen or oopsed while code was being patched (an RCU
-stall after a lost timer wakeup on the other vCPU; an int3 trap in __schedule). A second fault fails
-the test (GuestFault), with both console tails.
+kernel messages such as soft lockups and RCU stalls, for SILENT_LIMIT_S; the init prints a heartbeat
+every 30 s) is frozen. Either way the job is run once more on a fresh boot and job disk, with a
+warning that names the fault: under TCG's multi-threaded emulation the 6.1 and 6.12 kernels have
+each frozen or oopsed while code was being patched (an RCU stall after a lost timer wakeup on the
+other vCPU; an int3 trap in __schedule). A second fault fails the test (GuestFault), with both
+console tails.
 """
 
 from __future__ import annotations
@@ -251,14 +251,8 @@ FAULT_GRACE_S = 15.0  # after the first fault line: time for the kernel to print
 
 def boot(image: GuestImage, disk: Path, tmp: Path, timeout: float, accel: str = "tcg") -> tuple[str, float, float]:
     """Run qemu to power-off; return the console text, the seconds to the script's start and in all.
-    GuestFault if the kernel faulted (a panic before the script's start too), GuestTimeout past timeout."""
-    console, boot_seconds, seconds, _started = _boot_once(image, disk, tmp, timeout, accel)
-    return console, boot_seconds, seconds
-
-
-def _boot_once(
-    image: GuestImage, disk: Path, tmp: Path, timeout: float, accel: str = "tcg"
-) -> tuple[str, float, float, bool]:
+    GuestFault if the kernel faulted (a panic before the script's start too) or froze, GuestTimeout
+    past timeout."""
     cmd = [
         "qemu-system-x86_64", "-accel", accel, "-cpu", "max", "-m", str(MEMORY_MB), "-smp", "2",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio",
@@ -322,7 +316,7 @@ def _boot_once(
             qemu_err = stderr.read().decode(errors="replace").strip()
             raise LabError(f"qemu exited {proc.returncode}: {qemu_err}\nconsole tail:\n{tail(console)}")
     boot_seconds = script_started[0] - started if script_started else seconds
-    return console, boot_seconds, seconds, bool(script_started)
+    return console, boot_seconds, seconds
 
 
 def stalled(proc: subprocess.Popen[bytes], started: float, timeout: float, heard: float) -> str | None:

@@ -135,6 +135,14 @@ def static_program(src: Path, into: Path, opt: str) -> Path:
     return exe
 
 
+def keep_files(r: GuestResult, kernel: str) -> None:
+    """With KPE_KAGG_KEEP=DIR, the guest's files and console under DIR/KERNEL (e.g. to refresh unit fixtures)."""
+    if keep := os.environ.get("KPE_KAGG_KEEP"):
+        for rel, data in {**r.files, "console": r.stdout.encode()}.items():
+            (Path(keep) / kernel / rel).parent.mkdir(parents=True, exist_ok=True)
+            (Path(keep) / kernel / rel).write_bytes(data)
+
+
 @pytest.fixture(scope="module", params=KERNELS)
 def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> GuestResult:
     kernel = request.param
@@ -147,11 +155,7 @@ def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
              "kernel.yaml": config('comm == "kpe_opener"').encode(),
              "kernel2.yaml": config('comm == "kpe_opener" || comm == "kpe_none"').encode()}
     r = run_in_guest(script, files, timeout=900, kernel=kernel)
-    if keep := os.environ.get("KPE_KAGG_KEEP"):  # the guest's files, e.g. to refresh the unit fixtures
-        keep = f"{keep}/{kernel}"
-        for rel, data in {**r.files, "console": r.stdout.encode()}.items():
-            (Path(keep) / rel).parent.mkdir(parents=True, exist_ok=True)
-            (Path(keep) / rel).write_bytes(data)
+    keep_files(r, kernel)
     assert r.returncode == 0, r.stdout[-6000:]
     return r
 
@@ -355,11 +359,7 @@ def spans_lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     files = {"kpe_spans": prog.read_bytes(), "spans.yaml": SPANS_CFG.encode(), "spans2.yaml": SPANS_CFG2.encode(),
              **{f.name: f.read_bytes() for f in (HERE / "kernel_lab" / "otlp_sink.py", HERE / "otlp_receiver.py")}}
     r = run_in_guest(script, files, timeout=900, kernel=kernel)
-    if keep := os.environ.get("KPE_KAGG_KEEP"):
-        keep = f"{keep}/{kernel}"
-        for rel, data in {**r.files, "console": r.stdout.encode()}.items():
-            (Path(keep) / rel).parent.mkdir(parents=True, exist_ok=True)
-            (Path(keep) / rel).write_bytes(data)
+    keep_files(r, kernel)
     assert r.returncode == 0, r.stdout[-6000:]
     return r
 
