@@ -13,10 +13,10 @@ rebuilt). Modes, interleaved in an order that rotates each round:
   k_count_entry  one hist trigger counting the entry event (`triggers.count_trigger`, key common_cpu)
   k_count_exit   the same on the return event
   k_count_pid    the entry count keyed by common_pid (a key that grows with threads)
-  k_lat          `triggers.latency_plan`: entry timestamp per thread, onmatch synthetic event, lat.log2 hist;
-                 the count is the synthetic hist's (one sample per completed call), no separate count hist
-  k_lat_count    k_lat plus a separate entry count hist
-  k_lat_lean     k_lat with a one-field synthetic event (u64 lat, no pid)
+  k_lat          `triggers.latency_plan`: entry timestamp per thread, onmatch synthetic event of one field
+                 (u64 lat), lat.log2 hist; the count is the synthetic hist's (one sample per completed call)
+  k_lat_count    k_lat plus a separate entry count hist: the agent's layout since 1 Dec 2026
+  k_lat_pid      k_lat with a second field, `int pid`, in the synthetic event (the agent's before 1 Dec 2026)
   k_agent        (only when asked for) the agent with `aggregation: kernel`, once merged with main's kernelagg.py
   bpftrace       `kprobe { @s[tid] = nsecs } kretprobe /@s[tid]/ { @ = hist(nsecs - @s[tid]); delete(@s[tid]) }`
 
@@ -28,12 +28,11 @@ counted against the calls made. min/median/max over an odd number of rounds. The
 `aggregation: kernel` (lab_kernel_agg_guest.modes()) once this branch meets main's kernelagg.py.
 Absolute figures are inflated by emulation (TCG): read ratios.
 
-Found on 6.1 (README, Performance, "Kernel aggregation"): counting costs the traced call about what recording
-into a buffer does, whichever event and key; latency (onmatch + synthetic event) costs 5-6x that, and neither
-a separate count hist nor the synthetic event's pid field changes it measurably. Cheapest layout: the three
-latency triggers with a one-field synthetic event (`u64 lat`), counts read from the entry trigger's own table
-(its Hits + Dropped count every entry, nested ones too), no separate count hist; a count hist keyed by the
-labels only where labels are wanted.
+Found (README, Performance, "Kernel aggregation"): counting costs the traced call about what recording into a
+buffer does, whichever event and key; latency (onmatch + synthetic event) costs 5-6x that; a separate count
+hist is within the noise; the synthetic event's `pid` field cost 6.12 more than half of it. The agent's
+layout: the three latency triggers with a one-field synthetic event (`u64 lat`) and a count hist of its own
+(the entry's thread table is replaced as threads come and go, so it cannot hold a count).
 """
 
 from __future__ import annotations
@@ -54,7 +53,7 @@ from bench_guest import bg, ensure_bench_guest, run_in_bench_guest  # noqa: E402
 ensure_guest = bg.ensure_guest
 
 MODES = ("none", "record", "text", "raw", "k_count_entry", "k_count_exit", "k_count_pid", "k_lat",
-         "k_lat_count", "k_lat_lean", "bpftrace")
+         "k_lat_count", "k_lat_pid", "bpftrace")
 # k_agent: the agent with `aggregation: kernel` (in main since kernelagg.py; not in this branch): ask for it.
 OPTIONAL_MODES = ("k_agent",)
 

@@ -116,12 +116,13 @@ class Triggers(Mode):
             write((T if path == triggers.SYNTHETIC_EVENTS else INST) / path, line)
 
 
-def lean_latency() -> tuple[tuple[triggers.Synthetic, ...], tuple[triggers.Trigger, ...]]:
-    """latency_plan with a synthetic event of one field (u64 lat, no pid)."""
-    plan = triggers.latency_plan(G, "ppid", "ppid_ret", "lean")
-    synth = triggers.Synthetic(plan.synthetics[0].name, "u64 lat")
+def pid_latency() -> tuple[tuple[triggers.Synthetic, ...], tuple[triggers.Trigger, ...]]:
+    """latency_plan with the synthetic event's second field, `int pid`, as the agent wrote it until 1 Dec 2026
+    (it now carries `pid` only for spans)."""
+    plan = triggers.latency_plan(G, "ppid", "ppid_ret", "pidlat")
+    synth = triggers.Synthetic(plan.synthetics[0].name, "u64 lat; int pid")
     on_exit = plan.triggers[1]
-    on_exit = triggers.Trigger(on_exit.event, on_exit.line.replace(",common_pid)", ")"))
+    on_exit = triggers.Trigger(on_exit.event, on_exit.line.replace("$pidlat_lat)", "$pidlat_lat,common_pid)"))
     return (synth,), (plan.triggers[0], on_exit, plan.triggers[2])
 
 
@@ -233,7 +234,7 @@ def modes() -> dict[str, Callable[[], Mode]]:
     entry, exit_ = f"{G}/ppid", f"{G}/ppid_ret"
     lat = triggers.latency_plan(G, "ppid", "ppid_ret", "ppid")
     synth_ev = lat.triggers[2].event
-    lean = lean_latency()
+    with_pid = pid_latency()
     return {
         "none": NoProbe,
         "record": Record,
@@ -245,7 +246,7 @@ def modes() -> dict[str, Callable[[], Mode]]:
         "k_lat": lambda: Triggers(lat.synthetics, lat.triggers, {"latency": synth_ev}),
         "k_lat_count": lambda: Triggers(lat.synthetics, (triggers.count_trigger(entry), *lat.triggers),
                                         {"entries": entry, "latency": synth_ev}),
-        "k_lat_lean": lambda: Triggers(lean[0], lean[1], {"latency": lean[1][2].event}),
+        "k_lat_pid": lambda: Triggers(with_pid[0], with_pid[1], {"latency": with_pid[1][2].event}),
         "bpftrace": Bpftrace,
         # The agent with `aggregation: kernel` (kernelagg.py, merged into main after this bench was written):
         # the kernel modes above through the agent. Not in lab_kernel_agg.MODES' default until run once.

@@ -49,8 +49,9 @@ class ProbeTriggers:
 
 
 def probe_triggers(group: str, mode: ProbeMode) -> ProbeTriggers:
-    """The lines for one kernel-mode probe. Without labels a latency probe's entry table (keyed by thread,
-    saving the timestamp) also counts its events in `Hits`: one trigger fewer on the traced path."""
+    """The lines for one kernel-mode probe. A latency probe's count has a table of its own, even without
+    labels: the entry's thread table, which would count every entry too, is replaced as threads come and
+    go (KernelSource.renew), and a count must never restart. Its cost is within the lab's noise (bench/README)."""
     ev = mode.event
     assert ev is not None
     where = ev.filter or ""
@@ -61,9 +62,8 @@ def probe_triggers(group: str, mode: ProbeMode) -> ProbeTriggers:
     spans = mode.pair.spans
     lat = triggers.latency_plan(group, entry, _event_path(mode.exit), mode.pair.name, where, "",
                                 spans.min_duration_ns if spans is not None else None, aggmode.span_ret(mode.exit))
-    if not mode.keys:
-        return ProbeTriggers(mode, lat, lat.triggers[0], lat.triggers[-1])
-    return ProbeTriggers(mode, KernelPlan(lat.synthetics, (*lat.triggers, count), lat.streams), count, lat.triggers[-1])
+    plan = KernelPlan(lat.synthetics, (*lat.triggers, count), lat.streams, lat.threads)
+    return ProbeTriggers(mode, plan, count, lat.triggers[-1])
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,7 @@ class KernelView:
     events: dict[tuple[str, Labels], int] = field(default_factory=dict)
     latency: dict[str, KernelLatency] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)  # events a full table refused, per probe
+    renewals: dict[str, int] = field(default_factory=dict)  # thread tables replaced by empty ones, per probe
     label_overflow: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
@@ -96,6 +97,8 @@ class _Raw:
     events: dict[Labels, int] = field(default_factory=dict)
     lat: dict[int, tuple[int, int]] = field(default_factory=dict)  # log2 exponent -> (count, sum ns)
     dropped: int = 0
+    threads: int = 0  # rows of the fuller thread table (this read's; never carried as an offset)
+    thread_dropped: int = 0  # the part of `dropped` the thread tables refused (this read's)
 
     def add(self, other: _Raw) -> _Raw:
         small, big = sorted((self.events, other.events), key=len)  # the scrape's 10,000 keys meet no offset
@@ -167,9 +170,11 @@ def raw_values(pt: ProbeTriggers, hist_text: dict[str, str], memo: _Memo | None 
         else:
             out.events[()] = count.events  # every event, the ones a full table refused too
         out.dropped += count.dropped
-    for trig in pt.plan.triggers:
-        if trig is not pt.count and trig is not pt.latency and (t := _table(tables.get(trig.event, []), trig)):
+    for trig in pt.plan.threads:
+        if t := _table(tables.get(trig.event, []), trig):
             out.dropped += t.dropped  # a full thread table: calls whose latency was not measured
+            out.thread_dropped += t.dropped
+            out.threads = max(out.threads, t.entries)
     if pt.latency is not None and (lat := _table(tables.get(pt.latency.event, []), pt.latency)) is not None:
         for row in lat.rows:
             exp = hist.log2_upper_bound(row.keys[0]).bit_length() - 1
@@ -245,6 +250,8 @@ class KernelSource:
         self.offsets: dict[str, _Raw] = {}  # what replaced triggers of a kept probe had counted
         self.fold = LabelFold(label_limit)
         self._dropped_logged: set[str] = set()
+        self.renewals: dict[str, int] = {}  # per probe, thread tables replaced (KernelSource.renew)
+        self._unarmed: dict[str, list[Trigger]] = {}  # a renewal's lines the kernel refused: tried at each read
         self._memos: dict[str, tuple[ProbeTriggers, _Memo]] = {}  # per probe, for the triggers it was read from
         self._done = 0  # reads done
         self._shared: KernelView | None = None  # the last read's view; none after the triggers changed
@@ -280,11 +287,13 @@ class KernelSource:
             self._write(self.inst / st.path("filter"), st.filter, pt.probe, self.inst)
             self._write(self.inst / st.path("enable"), "1", pt.probe, self.inst)
 
-    def _write(self, path: Path, line: str, probe: str, log_dir: Path) -> None:
+    def _write(self, path: Path, line: str, probe: str, log_dir: Path, exists_ok: bool = False) -> None:
         before = _error_log(log_dir)
         try:
             write_file(path, line + "\n", append=True)
         except OSError as e:
+            if exists_ok and e.errno == 17:  # the same trigger is there already
+                return
             new = _error_log(log_dir)[len(before):]
             why = kernel_reason(new[-1]) if new else (e.strerror or str(e))
             raise TracefsError(f"the kernel refused {line!r} in {path.name}: {why}", probe, "aggregation") from None
@@ -307,8 +316,43 @@ class KernelSource:
             for pt in reversed(list(self.installed.values())):
                 problems += self._remove_plan(pt)
             self.installed.clear()
+            self._unarmed.clear()
             self._shared = None
         return problems
+
+    # --- thread tables ------------------------------------------------------------------
+    def renew(self, pt: ProbeTriggers, last: _Raw) -> None:
+        """Replace a latency pair's thread tables by empty ones (the caller holds the lock). The kernel keeps
+        a row per thread that ever called and refuses `:clear` on triggers that define variables, so the
+        return's trigger goes (it refers to the entry's variable), then the entry's, then both come back.
+        Calls in flight lose their latency sample; counts have tables of their own and are untouched. What
+        the old tables refused (`last.thread_dropped`) stays counted."""
+        entry, exit_ = pt.plan.threads
+        self.offsets[pt.probe] = self.offsets.get(pt.probe, _Raw()).add(_Raw(dropped=last.thread_dropped))
+        for t in (exit_, entry):
+            try:
+                write_file(self.inst / t.path, t.removal + "\n", append=True)
+            except OSError as e:
+                if e.errno not in (2, 22):  # already gone
+                    log.warning("probe %s: removing %r: %s", pt.probe, t.line, e.strerror)
+        self.renewals[pt.probe] = self.renewals.get(pt.probe, 0) + 1
+        log.info("probe %s: its thread tables held %d threads; replaced by empty ones", pt.probe, last.threads)
+        self._unarmed[pt.probe] = [entry, exit_]
+        self._arm(pt.probe, first=True)
+
+    def _arm(self, probe: str, first: bool = False) -> None:
+        """Write a renewal's lines, in order; what the kernel refuses is logged once and tried at each read."""
+        lines = self._unarmed[probe]
+        while lines:
+            try:
+                self._write(self.inst / lines[0].path, lines[0].line, probe, self.inst, exists_ok=True)
+            except TracefsError as e:
+                if first:
+                    log.error("probe %s: latency not measured until the kernel takes its thread table back "
+                              "(tried at each scrape): %s", probe, e)
+                return
+            lines.pop(0)
+        del self._unarmed[probe]
 
     # --- reload -------------------------------------------------------------------------
     def retire(self, modes: dict[str, ProbeMode], redefined: Iterable[str], label_limit: int) -> None:
@@ -322,15 +366,16 @@ class KernelSource:
             events = {e.name for e in (pt.mode.event, pt.mode.exit) if e is not None}
             if new.get(name) == pt and not events & redefined:
                 continue
-            if name in new:
-                last = raw_values(pt, self._hist_text([pt]))
-                self.offsets[name] = self.offsets.get(name, _Raw()).add(last)
-            else:
-                self.offsets.pop(name, None)
-            for problem in self._remove_plan(pt):
-                log.warning("reload: %s", problem)
-            with self._lock:
+            with self._lock:  # a scrape's read may be renewing this probe's thread tables
+                if name in new:
+                    last = raw_values(pt, self._hist_text([pt]))
+                    self.offsets[name] = self.offsets.get(name, _Raw()).add(last)
+                else:
+                    self.offsets.pop(name, None)
+                for problem in self._remove_plan(pt):
+                    log.warning("reload: %s", problem)
                 del self.installed[name]
+                self._unarmed.pop(name, None)
                 self._shared = None
 
     def missing(self, modes: dict[str, ProbeMode]) -> list[ProbeMode]:
@@ -372,11 +417,20 @@ class KernelSource:
             memo = self._memos.get(pt.probe)
             if memo is None or memo[0] is not pt:  # a replaced trigger may key and print otherwise
                 memo = self._memos[pt.probe] = (pt, _Memo())
-            raw = offsets.get(pt.probe, _Raw()).add(raw_values(pt, text, memo[1]))
+            # text read before a renewal's lines went in shows the old tables: no renewal on it
+            fresh = pt.probe not in self._unarmed
+            if not fresh:
+                self._arm(pt.probe)
+            now = raw_values(pt, text, memo[1])
+            raw = offsets.get(pt.probe, _Raw()).add(now)
+            if fresh and now.threads >= triggers.THREAD_RENEW_AT:
+                self.renew(pt, now)
             self.fold.fold(pt.probe, raw.events, view)
             if pt.mode.pair is not None:
                 view.latency[pt.mode.pair.name] = latency_of(raw.lat)
             view.dropped[pt.probe] = raw.dropped
+            if pt.plan.threads:
+                view.renewals[pt.probe] = self.renewals.get(pt.probe, 0)
             if raw.dropped and pt.probe not in self._dropped_logged:
                 self._dropped_logged.add(pt.probe)
                 log.warning("probe %s: a full hist table in the kernel refused %d events (counted in "

@@ -195,6 +195,12 @@ class ExporterCollector(Collector):
         for name, n in sorted(kv.dropped.items()):
             dropped.add_metric([name], n)
         yield dropped
+        renewed = CounterMetricFamily("kprobe_exporter_kernel_thread_renewals",
+                                      "Times a kernel-mode pair's per-thread tables were replaced by empty ones "
+                                      "(calls in flight then lose their latency sample).", labels=["probe"])
+        for name, n in sorted(kv.renewals.items()):
+            renewed.add_metric([name], n)
+        yield renewed
 
     def _span_metrics(self) -> Iterator[Metric]:
         spans = self.s.spans()

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 
 SYNTHETIC_EVENTS = "synthetic_events"  # top-level: synthetic events are global definitions
 HIST_SIZE = 2048  # the kernel's default table size (entries); a full table counts `Dropped:`
+# A table keyed by thread keeps a row for every thread that ever called (the kernel never deletes one, and
+# refuses `:clear` on a trigger that defines a variable: EINVAL on 6.1 and 6.12). Past this many rows the
+# agent replaces a pair's two thread tables with empty ones (KernelSource.renew) before the table fills.
+THREAD_RENEW_AT = HIST_SIZE // 2
 # The default `global` clock clamps a CPU whose clock runs behind another's to the last time seen, so
 # under skew (seen in the qemu lab: 3,065 of 4,000 calls measured 0 ns) latencies collapse to zero;
 # `mono` is consistent across CPUs and cheap.
@@ -35,8 +39,11 @@ class Trigger:
         return "!" + self.line
 
 
-LAT_FIELDS = "u64 lat; int pid"  # `int`, not `pid_t`: common_pid is an int and the kernel checks types
-# With spans the event also carries the entry's timestamp: the span's start, on the instance's clock
+# One field: the hist keys the duration alone, and each field is work at every return (6.12 lab: 85 -> 36 µs
+# a call without `pid`, bench/README). With spans the event also carries the entry's timestamp (the span's
+# start, on the instance's clock) and the thread: `int`, not `pid_t`, as common_pid is an int and the
+# kernel checks types.
+LAT_FIELDS = "u64 lat"
 SPAN_FIELDS = "u64 lat; u64 ts0; int pid"
 SPAN_RET = "; u64 ret"  # and the return value where the return probe records one (`ret`, kprobes.py)
 
@@ -80,6 +87,7 @@ class KernelPlan:
     synthetics: tuple[Synthetic, ...]
     triggers: tuple[Trigger, ...]
     streams: tuple[SpanStream, ...] = ()  # written after the triggers: filter, then enable
+    threads: tuple[Trigger, ...] = ()  # the tables keyed by thread (entry, return): renewed when they grow
 
     def removal(self) -> tuple[tuple[str, str], ...]:
         """(file, line) pairs that undo the plan: streamed events disabled (an enabled synthetic event is
@@ -130,12 +138,12 @@ def latency_plan(group: str, entry: str, exit_: str, pair: str, where: str = "",
         exit_,
         f"hist:keys=common_pid:{lat}=common_timestamp-${ts}"
         f":clock={CLOCK}:onmatch({entry.replace('/', '.')})"
-        f".trace({synth.name},${lat},{f'${ts},' if spans else ''}common_pid{',ret' * (spans and span_ret)})"
+        f".trace({synth.name},${lat}{f',${ts},common_pid' if spans else ''}{',ret' * (spans and span_ret)})"
         f"{_filter(exit_filter)}",
     )
     buckets = Trigger(f"synthetic/{synth.name}", f"hist:keys=lat.log2:vals=hitcount,lat:sort=lat:size={HIST_SIZE}")
     streams = (SpanStream(f"synthetic/{synth.name}", span_min_ns),) if span_min_ns is not None else ()
-    return KernelPlan((synth,), (on_entry, on_exit, buckets), streams)
+    return KernelPlan((synth,), (on_entry, on_exit, buckets), streams, (on_entry, on_exit))
 
 
 def listed(line: str) -> str:

@@ -28,6 +28,8 @@ pytestmark = pytest.mark.kernel_lab
 HERE = Path(__file__).resolve().parents[1]
 OPENER_SRC = HERE / "progs" / "kpe_opener.c"
 RECURSE_SRC = HERE / "progs" / "kpe_recurse.c"
+THREADS_SRC = HERE / "progs" / "kpe_threads.c"
+TT, TO = 1_500, 2  # kpe_threads, twice: TT threads one after another, TO opens each (2 x TT > a table's 2,048)
 R, D = 300, 4  # kpe_recurse: R top-level calls of rec, each D levels deep: R * (D + 1) calls
 N = 10_000  # opens per guest CPU, full rate
 M = 2_000  # opens of the slow workload both modes see
@@ -48,6 +50,7 @@ def config(open_f_filter: str) -> str:
             # a count on a tracepoint and one on a lone kretprobe: each open makes one of each
             + "  - {name: tp_open, tracepoint: syscalls/sys_enter_openat, filter: 'comm == \"kpe_opener\"'}\n"
             + "  - {name: gn_ret, kretprobe: getname, filter: 'comm == \"kpe_opener\"'}\n"
+            + probe("open_t", 'comm == "kpe_threads"')  # one thread table row per thread: renewed
             # a recursive function both ways: kernel mode forced, and `recursive: true` (auto streams it)
             + "  - {name: rec_k, uprobe: '/job/in/kpe_recurse:rec', latency: true, aggregation: kernel}\n"
             + "  - {name: rec_s, uprobe: '/job/in/kpe_recurse:rec', latency: true, recursive: true,\n"
@@ -58,7 +61,7 @@ SCRIPT = r"""
 set -eux
 T=/sys/kernel/tracing
 cd "$LAB_OUT"
-chmod +x "$LAB_IN/kpe_opener" "$LAB_IN/kpe_recurse"
+chmod +x "$LAB_IN/kpe_opener" "$LAB_IN/kpe_recurse" "$LAB_IN/kpe_threads"
 cp "$LAB_IN/kpe_opener" /tmp/kpe_slow
 cp "$LAB_IN/kernel.yaml" /tmp/cfg.yaml
 NCPU=$(nproc)
@@ -111,6 +114,10 @@ for c in $(seq 0 $((NCPU - 1))); do taskset -c $c "$LAB_IN/kpe_opener" /proc/ver
 for j in $(jobs -p); do [ "$j" = "$PID" ] || wait "$j"; done
 sleep 2
 scrape m3
+"$LAB_IN/kpe_threads" /proc/version @TT@ @TO@ > threads1.out
+scrape t1
+"$LAB_IN/kpe_threads" /proc/version @TT@ @TO@ > threads2.out
+scrape t2
 kill -TERM $PID; wait $PID || echo "rc $?" > run1.rc
 snap after_term
 start run2
@@ -126,12 +133,12 @@ snap after_restart
 """
 
 
-def static_program(src: Path, into: Path, opt: str) -> Path:
+def static_program(src: Path, into: Path, *opts: str) -> Path:
     """A workload built -static on the host (the guest has no compiler and its libc need not match)."""
     if shutil.which("gcc") is None:
         pytest.fail("gcc is needed to build the kernel-lab workload (tests/setup.sh installs it)", pytrace=False)
     exe = into / src.stem
-    subprocess.run(["gcc", opt, "-static", "-o", str(exe), str(src)], check=True)
+    subprocess.run(["gcc", *opts, "-static", "-o", str(exe), str(src)], check=True)
     return exe
 
 
@@ -148,10 +155,12 @@ def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     kernel = request.param
     opener = static_program(OPENER_SRC, tmp_path_factory.mktemp("lab"), "-O1")
     recurse = static_program(RECURSE_SRC, opener.parent, "-O0")
+    threads = static_program(THREADS_SRC, opener.parent, "-O1", "-pthread")
     require_guest(kernel)
     script = SCRIPT.replace("@PORT@", str(PORT)).replace("@N@", str(N)).replace("@M@", str(M))
-    script = script.replace("@R@", str(R)).replace("@D@", str(D))
+    script = script.replace("@R@", str(R)).replace("@D@", str(D)).replace("@TT@", str(TT)).replace("@TO@", str(TO))
     files = {"kpe_opener": opener.read_bytes(), "kpe_recurse": recurse.read_bytes(),
+             "kpe_threads": threads.read_bytes(),
              "kernel.yaml": config('comm == "kpe_opener"').encode(),
              "kernel2.yaml": config('comm == "kpe_opener" || comm == "kpe_none"').encode()}
     r = run_in_guest(script, files, timeout=900, kernel=kernel)
@@ -195,7 +204,8 @@ def test_modes_are_stated(lab: GuestResult) -> None:
         elif word not in ("kernel", "kind"):
             event = word
     assert said == {"open": "kernel", "open_f": "kernel", "open_k": "kernel", "open_s": "stream",
-                    "rec_k": "kernel", "rec_s": "stream", "tp_open": "kernel", "gn_ret": "kernel"}, check
+                    "rec_k": "kernel", "rec_s": "stream", "tp_open": "kernel", "gn_ret": "kernel",
+                    "open_t": "kernel"}, check
     assert "<td>open_k</td><td>kernel</td>" in text(lab, "landing.html")
 
 
@@ -245,6 +255,22 @@ def test_reload_keeps_counts_and_carries_a_replaced_trigger_forward(lab: GuestRe
     assert metric(lab, "m3", "kprobe_latency_seconds_count", probe="open_f") == n1 + n2
     assert metric(lab, "m3", "kprobe_events_total", probe="open", comm="kpe_opener") == n1 + n2  # kept
     assert metric(lab, "m3", "kprobe_events_total", probe="tp_open") == n1 + n2
+
+
+def test_thread_tables_are_renewed_and_every_call_is_still_timed(lab: GuestResult) -> None:
+    """2 x 1,500 short threads, one after another, each opening twice: the pair's tables keyed by thread would
+    hold 3,000 rows past the kernel's 2,048 and drop the rest's latency. The read after each run finds more
+    than 1,024 rows and replaces both tables by empty ones (no call is in flight then): every call counted
+    and timed, nothing dropped."""
+    outs = [text(lab, f"threads{i}.out") for i in (1, 2)]
+    assert all(o == f"kpe_threads: {TT * TO} opens in {TT} threads, 0 failed\n" for o in outs), outs
+    assert metric(lab, "t1", "kprobe_events_total", probe="open_t") == TT * TO
+    assert metric(lab, "t2", "kprobe_events_total", probe="open_t") == 2 * TT * TO
+    assert metric(lab, "t2", "kprobe_latency_seconds_count", probe="open_t") == 2 * TT * TO
+    assert metric(lab, "t2", "kprobe_exporter_kernel_dropped_total", probe="open_t") == 0
+    assert metric(lab, "t1", "kprobe_exporter_kernel_thread_renewals_total", probe="open_t") == 1
+    assert metric(lab, "t2", "kprobe_exporter_kernel_thread_renewals_total", probe="open_t") == 2
+    assert metric(lab, "m3", "kprobe_exporter_kernel_thread_renewals_total", probe="open_f") == 0  # 2 threads
 
 
 def snap(lab: GuestResult, name: str) -> dict[str, list[str]]:

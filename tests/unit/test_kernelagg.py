@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from kprobe_exporter import aggmode, config, hist, kernelagg, probes
+from kprobe_exporter import aggmode, config, hist, kernelagg, probes, triggers
 from kprobe_exporter.aggmode import KernelSupport
 from kprobe_exporter.kernelagg import KernelSource, KernelView, LabelFold
 from kprobe_exporter.metrics import Sources, make_registry
@@ -44,21 +44,37 @@ def instance(tmp_path: Path, files: dict[str, str]) -> tuple[Path, Path]:
     return root, inst
 
 
+def count_table(per_cpu: list[int], dropped: int = 0) -> str:
+    """A count table keyed by common_cpu (triggers.count_trigger without labels) in 6.1's print format
+    (kernel/trace/trace_events_hist.c, as tests/fixtures/linux-6.1-debian/hist/agent holds it)."""
+    rows = "".join(f"{{ common_cpu: {c:>10} }} hitcount: {n:>10}\n"
+                   for c, n in sorted(enumerate(per_cpu), key=lambda cn: cn[1]))
+    return ("# event histogram\n#\n# trigger info: hist:keys=common_cpu:vals=hitcount:sort=hitcount:size=2048"
+            f" [active]\n#\n\n{rows}\nTotals:\n    Hits: {sum(per_cpu)}\n    Entries: {len(per_cpu)}\n"
+            f"    Dropped: {dropped}\n")
+
+
+def entry_hist(thread_table: str, per_cpu: list[int]) -> str:
+    """An entry event's hist file: the thread table, then the count table (in the order they were written)."""
+    return thread_table.rstrip("\n") + "\n\n\n" + count_table(per_cpu)
+
+
 def six_one(tmp_path: Path) -> tuple[Path, Path]:
-    """vread.hist's first table is the entry layout (keyed by thread, saving a timestamp); lat.hist's the
-    `.log2` latency table: as the 6.1 kernel printed them."""
-    return instance(tmp_path, {f"{GROUP}/open": (HIST / "vread.hist").read_text(),
+    """vread.hist's first table is the entry layout (keyed by thread, saving a timestamp), beside it a
+    count of 1,341 entries; lat.hist's the `.log2` latency table: as the 6.1 kernel printed them."""
+    return instance(tmp_path, {f"{GROUP}/open": entry_hist((HIST / "vread.hist").read_text(), [700, 641]),
                                f"synthetic/{GROUP}_open_lat": (HIST / "lat.hist").read_text()})
 
 
-def test_a_latency_probe_without_labels_counts_from_its_entry_table_and_times_in_log2(tmp_path: Path) -> None:
+def test_a_latency_probe_without_labels_counts_in_a_table_of_its_own_and_times_in_log2(tmp_path: Path) -> None:
+    """Not from the entry's thread table, which is replaced as threads come and go: a count must not restart."""
     root, inst = six_one(tmp_path)
     src = KernelSource(root, inst, GROUP, 100)
     src.install([mode(LAT)])
     written = (inst / "events" / GROUP / "open" / "trigger").read_text().splitlines()
-    assert len(written) == 1 and written[0].startswith("hist:keys=common_pid:open_ts0=")  # no extra count table
+    assert [w.split(":")[1] for w in written] == ["keys=common_pid", "keys=common_cpu"]
     view = src.read()
-    assert view.events == {("open", ()): 1341}  # vread.hist: Hits 1341 + Dropped 0
+    assert view.events == {("open", ()): 700 + 641}
     lat = view.latency["open"]
     table = hist.parse((HIST / "lat.hist").read_text())[0]
     assert lat.count == table.hits == 1347 and lat.sum_ns == sum(r.values["lat"] for r in table.rows)
@@ -104,10 +120,10 @@ def test_a_replaced_trigger_carries_its_values_forward_and_a_kept_one_is_left_al
     assert trigger.read_text() == before and src.missing({"open": old}) == []  # unchanged: untouched
     new = mode(LAT_FILTERED)
     src.retire({"open": new}, (), 100)
-    assert trigger.read_text().splitlines()[-1] == "!" + before.strip()  # the old trigger removed
+    assert trigger.read_text().splitlines()[-2:] == ["!" + ln for ln in reversed(before.splitlines())]  # removed
     src.install(src.missing({"open": new}))
-    (inst / "events" / GROUP / "open" / "hist").write_text(  # the new trigger starts from zero in the kernel
-        (HIST / "vread.hist").read_text().replace("Hits: 1341", "Hits: 5"))
+    (inst / "events" / GROUP / "open" / "hist").write_text(  # the new triggers start from zero in the kernel
+        entry_hist((HIST / "vread.hist").read_text(), [5]))
     (inst / "events" / "synthetic" / f"{GROUP}_open_lat" / "hist").write_text("")
     view = src.read()
     assert view.events == {("open", ()): 1341 + 5}
@@ -167,22 +183,103 @@ def test_the_agents_own_tables_as_6_1_printed_them(tmp_path: Path) -> None:
             f"synthetic/{GROUP}_open_f_lat": (AGENT / "kpe_k_open_f_lat.hist").read_text()}
     opened = kernelagg.raw_values(kernelagg.probe_triggers(GROUP, ms["open"]), text)
     assert opened.events[(("comm", "kpe_opener"),)] == 20000 and opened.events[(("comm", "kpe_slow"),)] == 2000
-    assert sum(opened.events.values()) == 22134 and opened.dropped == 0
+    counted = hist.parse(text[f"{GROUP}/open"])[1]  # the table keyed by __comm, after the thread table
+    assert counted.key_names == ("__comm",) and counted.dropped == 0
+    assert sum(opened.events.values()) == counted.hits and opened.dropped == 0
     f = kernelagg.raw_values(kernelagg.probe_triggers(GROUP, ms["open_f"]), text)
+    # open_f has no labels: its count is the table keyed by common_cpu, not the thread table beside it
+    assert [t.key_names for t in hist.parse(text[f"{GROUP}/open_f"])] == [("common_pid",), ("common_cpu",)]
     assert f.events == {(): 20000} and sum(n for n, _ in f.lat.values()) == 20000
     lat = kernelagg.latency_of(f.lat)
-    assert lat.counts[16] == 17053 and lat.bounds_ns[16] == 65536  # `~ 2^16`: 17,053 calls of at most 65.5 µs
+    rows = {r.keys[0].strip(): r.values["hitcount"] for r in hist.parse(text[f"synthetic/{GROUP}_open_f_lat"])[0].rows}
+    assert lat.counts[16] == rows["~ 2^16"] > 0 and lat.bounds_ns[16] == 65536  # `~ 2^16`: calls of at most 65.5 µs
 
 
-def test_without_labels_a_full_thread_table_still_counts_every_event(tmp_path: Path) -> None:
-    """full-table.hist: a 128-entry table keyed by thread refused 352 events it still saw (6.1): the
-    probe's count is Hits + Dropped, and the 352 are latency samples lost, counted as dropped."""
-    full = (HIST / "full-table.hist").read_text()
+def test_a_full_thread_table_loses_latency_samples_and_says_so_but_no_count(tmp_path: Path) -> None:
+    """full-table.hist (6.1): a 128-entry table keyed by thread refused 352 events, beside a count keyed by
+    common_cpu on the same event. The count is that table's 606; the 352 are latency samples lost, counted
+    as dropped."""
+    full = (HIST / "full-table.hist").read_text().replace("size=128", "open_ts0=common_timestamp:size=128")
     root, inst = instance(tmp_path, {f"{GROUP}/open": full})
     src = KernelSource(root, inst, GROUP, 100)
     src.install([mode(LAT)])
     view = src.read()
-    assert view.events == {("open", ()): 255 + 352} and view.dropped == {"open": 352}
+    assert view.events == {("open", ()): 288 + 318} and view.dropped == {"open": 352}
+
+
+def thread_table(trigger: str, pids: range, dropped: int = 0) -> str:
+    """A table keyed by thread, one call each, in 6.1's print format (vread.hist's)."""
+    rows = "".join(f"{{ common_pid: {p:>10} }} hitcount: {1:>10}\n" for p in pids)
+    return (f"# event histogram\n#\n# trigger info: {trigger} [active]\n#\n\n{rows}\nTotals:\n"
+            f"    Hits: {len(pids)}\n    Entries: {len(pids)}\n    Dropped: {dropped}\n")
+
+
+@pytest.mark.parametrize("threads", [triggers.THREAD_RENEW_AT - 1, triggers.THREAD_RENEW_AT, 2048])
+def test_thread_tables_past_half_full_are_replaced_by_empty_ones_and_nothing_counted_goes(
+        tmp_path: Path, threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel never deletes a row of a table keyed by thread and refuses `:clear` on the pair's triggers
+    (they define and use variables: EINVAL on 6.1 and 6.12), so a read that finds the fuller of the two at
+    THREAD_RENEW_AT rows or more removes the return's trigger, then the entry's, and writes both again, in
+    that order (the return refers to the entry's variable). The count has a table of its own, and what the
+    old tables refused stays counted. The real kernel doing it: tests/lab/test_kernel_mode.py."""
+    root, inst = instance(tmp_path, {})
+    src = KernelSource(root, inst, GROUP, 100)
+    m = mode(LAT)
+    src.install([m])
+    pt = src.installed["open"]
+    entry, exit_ = pt.plan.threads
+    events = inst / "events"
+    (events / entry.event / "hist").write_text(entry_hist(thread_table(entry.line, range(100, 100 + threads), 7),
+                                                          [4000]))
+    (events / exit_.event / "hist").write_text(thread_table(exit_.line, range(100, 100 + threads - 1)))
+    written: list[tuple[str, str]] = []  # every write, in order, across the files (then done for real)
+
+    def write_file(path: Path, text: str, append: bool = False) -> None:
+        written.append((str(path.relative_to(inst)), text.strip()))
+        real_write(path, text, append=append)
+
+    real_write = kernelagg.write_file
+    monkeypatch.setattr(kernelagg, "write_file", write_file)
+    view = src.read()
+    if threads < triggers.THREAD_RENEW_AT:
+        assert written == [] and view.renewals == {"open": 0}
+        return
+    assert written == [(exit_.path, exit_.removal), (entry.path, entry.removal), (entry.path, entry.line),
+                       (exit_.path, exit_.line)]
+    assert view.renewals == {"open": 1} and view.events == {("open", ()): 4000} and view.dropped == {"open": 7}
+    # the new tables start empty: the count goes on from its own table, the old tables' drops stay
+    (events / entry.event / "hist").write_text(entry_hist(thread_table(entry.line, range(5)), [4010]))
+    (events / exit_.event / "hist").write_text(thread_table(exit_.line, range(5)))
+    again = src.read()
+    assert again.events == {("open", ()): 4010} and again.dropped == {"open": 7} and again.renewals == {"open": 1}
+
+
+def test_a_renewal_the_kernel_refuses_is_logged_once_and_tried_again_at_each_read(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A refused write of a renewal's lines (here: the entry's trigger file is a directory, EISDIR) leaves
+    the pair without latency; each read tries the lines again, in order, and the error is logged once."""
+    root, inst = instance(tmp_path, {})
+    src = KernelSource(root, inst, GROUP, 100)
+    src.install([mode(LAT)])
+    pt = src.installed["open"]
+    entry, exit_ = pt.plan.threads
+    (inst / "events" / entry.event / "hist").write_text(
+        entry_hist(thread_table(entry.line, range(triggers.THREAD_RENEW_AT)), [1]))
+    trigger = inst / "events" / entry.event / "trigger"
+    kept = trigger.read_text()
+    trigger.unlink()
+    trigger.mkdir()
+    with caplog.at_level(logging.ERROR):
+        src.read()
+        src.read()
+    assert len([r for r in caplog.records if "latency not measured" in r.message]) == 1
+    exit_file = inst / "events" / exit_.event / "trigger"
+    assert exit_file.read_text().splitlines()[-1] == exit_.removal  # the return's line waits for the entry's
+    trigger.rmdir()
+    trigger.write_text(kept)
+    view = src.read()
+    assert trigger.read_text().splitlines()[-1] == entry.line and exit_file.read_text().splitlines()[-1] == exit_.line
+    assert view.renewals == {"open": 1}
 
 
 def _fold_by_sorting_all(limit: int, admitted: dict[tuple[str, str], dict[str, None]], probe: str,
