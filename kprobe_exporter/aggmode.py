@@ -140,7 +140,7 @@ def _kernel_keys(ev: EventSpec) -> tuple[KeyField, ...] | str:
 
 
 def _why_not(p: ProbeConfig, ev: EventSpec, pair: PairSpec | None, explicit: set[str],
-             support: KernelSupport, reader: str) -> tuple[KeyField, ...] | str:
+             support: KernelSupport) -> tuple[KeyField, ...] | str:
     """The probe's hist keys if the kernel can aggregate it, else the reason it cannot: what the config
     asks for first (the same answer on every kernel), then what this kernel lacks."""
     if ev.name in explicit:
@@ -149,9 +149,6 @@ def _why_not(p: ProbeConfig, ev: EventSpec, pair: PairSpec | None, explicit: set
         return "recursive: one pending timestamp per thread cannot pair nested calls"
     if pair is not None and pair.spans is not None and any(a.name != COMM_ARG for a in ev.args):
         return "spans carry the entry's args, which kernel mode keeps in the kernel"
-    if pair is not None and pair.spans is not None and reader != "text":
-        # the kernel lab (6.1) proves the text reader; the raw one delivered no span of the synthetic event
-        return "spans from kernel mode need `reader: text` (the raw reader does not read them yet)"
     keys = _kernel_keys(ev)
     if isinstance(keys, str):
         return keys
@@ -175,7 +172,7 @@ def resolve(config: Config, probes: ProbeSet, support: KernelSupport, path: str 
         if wanted == STREAM:
             out[name] = ProbeMode(name, STREAM, "configured")
             continue
-        keys = _why_not(p, ev, pair, explicit, support, config.reader)
+        keys = _why_not(p, ev, pair, explicit, support)
         if isinstance(keys, str):
             if wanted == KERNEL:
                 raise UserError(f"'kernel' cannot be honoured: {keys}", name, "aggregation", path)

@@ -352,10 +352,30 @@ def printf_decoder(ev: EventSpec, fmt: EventFormat) -> ArgDecoder:
     return decode
 
 
+SYNTHETIC_GROUP = "synthetic"  # the kernel's group of every synthetic event
+
+
+def synthetic_decoder(fmt: EventFormat) -> ArgDecoder:
+    """A synthetic event's numeric fields, each as its decimal integer. Its text line prints `f=v` separated
+    by spaces (print_synth_event), but its format file's print fmt separates them by ", " (`lat=%llu,
+    ts0=%llu`): applied as a printf, it would leave a comma on every value but the last."""
+    fields = fmt.own_fields
+    for f in fields:
+        if f.data_loc or f.count != 1 or f.size not in (1, 2, 4, 8):
+            raise FormatError(f"{fmt.name}: field {f.name!r} ({f.ctype}) is not a number")
+
+    def decode(rec: bytes) -> dict[str, bytes]:
+        return {f.name: b"%d" % _int_at(rec, f.offset, f.size, f.signed) for f in fields}
+
+    return decode
+
+
 def make_decoder(ev: EventSpec, fmt: EventFormat, kernel: tuple[int, int]) -> ArgDecoder:
     """A record's args of `ev` as its text prints them, or FormatError saying why they cannot be read."""
     if ev.dynamic:
         return probe_decoder(ev, fmt)
+    if ev.group == SYNTHETIC_GROUP:
+        return synthetic_decoder(fmt)
     if _is_syscall(ev):
         return syscall_decoder(ev, fmt, kernel)
     return printf_decoder(ev, fmt)

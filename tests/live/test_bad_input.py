@@ -249,11 +249,6 @@ CASES: list[Case] = [
            aggregation="kernel"),
          "'kernel' cannot be honoured: spans carry the entry's args, which kernel mode keeps in the kernel",
          probe="a", field="aggregation"),
-    Case("aggregation-kernel-spans-raw-reader", "Kernel aggregation",
-         {"reader": "raw", "probes": [{"name": "a", "uprobe": PIE + ":compute", "latency": True,
-                                       "spans": {"min_duration": "1ms"}, "aggregation": "kernel"}]},
-         "'kernel' cannot be honoured: spans from kernel mode need `reader: text`",
-         probe="a", field="aggregation"),
     # --- environment ------------------------------------------------------------------------------
     Case("not-root", "Environment", P(name="a", uprobe=PIE + ":compute"),
          "must run as root (writing kprobe_events/uprobe_events needs it)", how="user",

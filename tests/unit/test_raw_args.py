@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -318,3 +319,38 @@ def test_probe_formats_values_and_what_is_not_rendered() -> None:
         with pytest.raises(raw_formats.FormatError) as e:
             raw_args.make_decoder(ev, _fmt("p", fields, pf), (6, 18))
         assert str(e.value) == text
+
+
+KSPANS = Path(__file__).resolve().parents[1] / "fixtures" / "linux-6.1-debian" / "kernel-spans"
+
+
+def test_synthetic_event_args_are_what_its_text_line_prints() -> None:
+    """A kernel-mode pair's synthetic event, as 6.1 defined it (kernel-spans/): its format file's print fmt
+    separates fields by ", " while its text line separates them by spaces; the raw decoder must give what
+    the line gives (a printf of the print fmt left `lat=123,`: no span ever came from the raw reader).
+    Each record is built at the format's offsets from a captured line's values, then decoded."""
+    from kprobe_exporter import aggmode
+
+    fmt = raw_formats.parse_format((KSPANS / "synthetic_spans.format").read_text())
+    ev = aggmode.span_event(fmt.name, "work", ret=True)
+    decode = raw_args.make_decoder(ev, fmt, (6, 1))
+    lines = [ln for ln in (KSPANS / "synthetic_spans.trace").read_text().splitlines() if f" {fmt.name}: " in ln]
+    assert len(lines) == 5
+    for line in lines:
+        want = dict(kv.split("=") for kv in line.split(f" {fmt.name}: ")[1].split())
+        rec = bytearray(40)
+        struct.pack_into("<H", rec, 0, fmt.id)
+        for name, v in want.items():
+            f = fmt.field(name)
+            assert f is not None
+            rec[f.offset:f.offset + f.size] = int(v).to_bytes(f.size, "little", signed=f.signed)
+        assert decode(bytes(rec)) == {k: v.encode() for k, v in want.items()}
+    neg = bytearray(40)
+    pid = fmt.field("pid")
+    assert pid is not None and pid.signed
+    neg[pid.offset:pid.offset + 4] = (-5).to_bytes(4, "little", signed=True)
+    assert decode(bytes(neg))["pid"] == b"-5"  # `int pid` prints as %d
+    bad = raw_formats.parse_format((KSPANS / "synthetic_spans.format").read_text().replace(
+        "field:u64 ret;\toffset:32;\tsize:8;", "field:__data_loc char[] ret;\toffset:32;\tsize:4;"))
+    with pytest.raises(raw_formats.FormatError, match="'ret'"):
+        raw_args.make_decoder(ev, bad, (6, 1))
