@@ -368,3 +368,44 @@ def test_fastparse_takes_every_line_of_its_layout_and_only_what_parse_head_takes
             assert (int(p.tid[i]), int(p.ts[i]), table.tokens[p.cls[i]]) == (tid, ts, parser.event_token(line, start))
             taken += 1
         assert taken > 200
+
+
+def test_learn_finds_the_printed_layout_whatever_the_comm_pid_and_body() -> None:
+    """The template is the layout the line was printed with: its columns are counted here from the
+    printed pieces (comm, `-`, pid padded to its width, the optional tgid column, `[CPU]`, the flags, the
+    seconds padded to 5, `.usec: `), for pids of every width, comms and bodies holding `[`, `]`, `: `, `(`
+    and `-`, and seconds of 1 to 8 digits; wider than one 8-byte word holds (pid, CPU, seconds), a head
+    past MAX_BODY, or no space before the seconds: no template (the per-line parser takes those)."""
+    import random
+
+    rng = random.Random(31)
+    comms = [b"plain", b"a[1]: b", b"x]y", b"]", b"[", b": ", b"(1) [2]", b"-", b"0123456789abcde", b"d-a-s-h 3"]
+    bodies = [b"f: x", b"f: (0x1) s=\"[0] a: b\" n=1", b"sys_read(fd: 3)", b"e: ]]] [[[ :: (2)"]
+    layouts = [(7, b"", b"DBZff"), (7, b"", b""), (7, b"(%7d) ", b"d.h1."), (5, b"", b"d...")]
+    for _ in range(2000):
+        pid_w, tgid_fmt, flags = rng.choice(layouts)
+        pid = rng.randint(1, 10 ** rng.randint(1, pid_w) - 1)
+        cpu = b"%03d" % rng.randint(0, 10 ** rng.randint(1, 6) - 1)
+        sec = b"%5d" % rng.randint(0, 10 ** rng.randint(1, 8) - 1)
+        comm = rng.choice(comms)
+        before = comm.rjust(16) + b"-" + (b"%d" % pid).ljust(pid_w) + b" "
+        if tgid_fmt:
+            before += tgid_fmt % rng.randint(1, 9999999)
+        bracket = len(before)
+        close = bracket + 1 + len(cpu)
+        head = before + b"[" + cpu + b"] " + (flags + b" " if flags else b" ")
+        head += sec + b".%06d" % rng.randint(0, 999999)
+        colon = len(head)
+        line = head + b": " + rng.choice(bodies)
+        want = fastparse.Template(pid_w, bracket, close, len(sec), colon)
+        assert fastparse.learn(line) == want, line
+    # one more than a word holds, one at a time, from a line learn takes
+    c = b"plain".rjust(16)
+    assert fastparse.learn(c + b"-7268    [000] DBZff   298.511609: f: x") == fastparse.Template(7, 25, 29, 5, 49)
+    for wide in (b"-72680000 [000] DBZff   298.511609: f: x",  # an 8-digit pid
+                 b"-7268    [0000000] DBZff   298.511609: f: x",  # a 7-digit CPU
+                 b"-7268    [000] DBZff 123456789.511609: f: x",  # 9-digit seconds
+                 b"-7268    [000] DBZff" + b"f" * 71 + b"   298.511609: f: x",  # ':' at 120 = MAX_BODY
+                 b"-7268    [000] DBZff 298.511609: f: x"):  # seconds not padded to %5lu
+        assert fastparse.learn(c + wide) is None, wide
+    assert fastparse.learn(c + b"-7268    [000] DBZff" + b"f" * 70 + b"   298.511609: f: x") is not None
