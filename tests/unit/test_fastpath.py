@@ -409,3 +409,30 @@ def test_learn_finds_the_printed_layout_whatever_the_comm_pid_and_body() -> None
                  b"-7268    [000] DBZff 298.511609: f: x"):  # seconds not padded to %5lu
         assert fastparse.learn(c + wide) is None, wide
     assert fastparse.learn(c + b"-7268    [000] DBZff" + b"f" * 70 + b"   298.511609: f: x") is not None
+
+
+def test_fastparse_takes_no_line_with_an_earlier_colon_space() -> None:
+    """Two bytes changed: `: ` (where parse_head ends the head) put at every column of three layouts'
+    heads, and `[`/`]` pairs: the fast path takes such a line only with parse_head's values; a `: `
+    in the flags or the space after `]` ends the head there for parse_head, so those lines are not taken."""
+    heads = [b"%16s-%-7d [%03d] DBZff %5d.%06d: ", b"%16s-%-5d [%03d] d... %5d.%06d: ",
+             b"%16s-%-7d (%7d) [%03d] d.h1. %5d.%06d: "]
+    for head in heads:
+        vals = (b"plain", 7268, 7400, 0, 298, 511609) if b"(" in head else (b"plain", 7268, 0, 298, 511609)
+        one = head % vals + b"f: (0x1) a=1"
+        tpl = fastparse.learn(one)
+        assert tpl is not None
+        lines = [one]
+        for col in range(16, tpl.body - 1):
+            for pair in (b": ", b"[1", b"1]", b"] "):
+                lines.append(one[:col] + pair + one[col + 2:])
+        buf = b"\n".join(lines) + b"\n"
+        starts, ends = fastparse.lines_of(buf)
+        table = fastparse.TokenTable()
+        p = fastparse.parse(buf, starts, ends, fastparse.Plan.of(tpl), table)
+        assert p.ok[0]
+        for i, line in enumerate(lines):
+            if not p.ok[i]:
+                continue
+            tid, _, _, ts, start = parser.parse_head(line)  # raises if the fast path took a bad head
+            assert (int(p.tid[i]), int(p.ts[i]), table.tokens[p.cls[i]]) == (tid, ts, parser.event_token(line, start))
