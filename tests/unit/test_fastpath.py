@@ -436,3 +436,14 @@ def test_fastparse_takes_no_line_with_an_earlier_colon_space() -> None:
                 continue
             tid, _, _, ts, start = parser.parse_head(line)  # raises if the fast path took a bad head
             assert (int(p.tid[i]), int(p.ts[i]), table.tokens[p.cls[i]]) == (tid, ts, parser.event_token(line, start))
+
+
+def test_the_agents_own_layout_is_read_with_seven_words() -> None:
+    """The gathers are the fast path's main cost, so the layout the agent sets (irq-info off, no tgid)
+    is read with seven 8-byte words (module docstring): pid, CPU, seconds, microseconds and two of the
+    token, no extra word for a column that none of them covers; the 6.x irq-info layout needs one more."""
+    own = fastparse.learn(b"plain".rjust(16) + b"-7268    [000]    298.511609: f: (0x1) a=1")
+    irq = fastparse.learn(b"plain".rjust(16) + b"-7268    [000] DBZff   298.511609: f: (0x1) a=1")
+    assert own is not None and irq is not None
+    assert len(fastparse.Plan.of(own).extra) == 0
+    assert len(fastparse.Plan.of(irq).extra) == 1
