@@ -447,3 +447,44 @@ def test_the_agents_own_layout_is_read_with_seven_words() -> None:
     assert own is not None and irq is not None
     assert len(fastparse.Plan.of(own).extra) == 0
     assert len(fastparse.Plan.of(irq).extra) == 1
+
+
+def test_token_table_keeps_one_class_per_token_across_chunks() -> None:
+    """Fifty event names (short, 15 and 16 bytes, up to 62 with the ':') in random order: every line is taken with its
+    own name, each name gets one class the first time it is seen and keeps it
+    in later chunks (the table does not grow on a name it holds); fifty new names add fifty classes."""
+    import random
+
+    rng = random.Random(8)
+    sizes = [1, 2, 5, 7, 8, 14, 15, 16, 23, 24, 31, 40, 61]  # and the ':': 62 bytes, 8 words with ' ' and end
+
+    def names(tag: str) -> list[bytes]:
+        out = []
+        for i in range(50):
+            stem = f"{tag}{i}_".encode()
+            out.append((stem + b"x" * 62)[: max(sizes[i % len(sizes)], len(stem))] + b":")
+        return out
+
+    def chunk(toks: list[bytes]) -> tuple[bytes, list[bytes]]:
+        order = [rng.choice(toks) for _ in range(400)] + toks
+        rng.shuffle(order)
+        lines = [b"plain".rjust(16) + b"-%-7d [000]    298.%06d: %s (0x1) a=1" % (7 + i, i, t)
+                 for i, t in enumerate(order)]
+        return b"\n".join(lines) + b"\n", order
+
+    first, second = names("ev"), names("more")
+    tpl = fastparse.learn(chunk(first)[0].split(b"\n")[0])
+    assert tpl is not None
+    plan, table = fastparse.Plan.of(tpl), fastparse.TokenTable()
+    classes: dict[bytes, int] = {}
+    for rnd, (toks, grown) in enumerate([(first, 50), (first, 50), (second, 100), (first + second, 100)]):
+        buf, order = chunk(toks)
+        starts, ends = fastparse.lines_of(buf)
+        p = fastparse.parse(buf, starts, ends, plan, table)
+        assert p.ok.all()
+        got = [table.tokens[c] for c in p.cls.tolist()]
+        assert got == order
+        for t, c in zip(order, p.cls.tolist(), strict=True):
+            assert classes.setdefault(t, c) == c
+        assert len(table.tokens) == 1 + grown
+        assert sorted(table.tokens[1:]) == sorted(first if rnd < 2 else first + second)  # each once
