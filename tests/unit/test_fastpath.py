@@ -488,3 +488,37 @@ def test_token_table_keeps_one_class_per_token_across_chunks() -> None:
             assert classes.setdefault(t, c) == c
         assert len(table.tokens) == 1 + grown
         assert sorted(table.tokens[1:]) == sorted(first if rnd < 2 else first + second)  # each once
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3])
+def test_a_small_token_table_never_gives_a_wrong_class(bits: int) -> None:
+    """A table of 2, 4 or 8 slots, so tokens share slots: a line is taken only with its own name, a name
+    the table holds is taken on every line of it (at either of its two slots), no name is held twice, and
+    names the table cannot hold go to the per-line parser. Among them names whose first word differs only
+    in bits a float64 cannot hold (`0abcdef…` and `1abcdef…`), so the words must be compared as integers."""
+    import random
+
+    class Small(fastparse.TokenTable):
+        BITS = bits
+
+    rng = random.Random(bits)
+    toks = [b"0abcdefghij:", b"1abcdefghij:", b"@abcdefghij:", b"Aabcdefghij:", b"f:", b"g_ret:",
+            b"sys_openat(dfd:", b"a_very_long_event_name_of_four_words:"]
+    c = b"plain".rjust(16)
+    tpl = fastparse.learn(c + b"-7       [000]    298.000001: f: (0x1)")
+    assert tpl is not None
+    plan, table = fastparse.Plan.of(tpl), Small()
+    held: set[bytes] = set()
+    for rnd in range(3):
+        order = [rng.choice(toks) for _ in range(300)]
+        buf = b"".join(c + b"-%-7d [000]    298.%06d: %s (0x1)\n" % (7 + i, i, t) for i, t in enumerate(order))
+        starts, ends = fastparse.lines_of(buf)
+        p = fastparse.parse(buf, starts, ends, plan, table)
+        for i, t in enumerate(order):
+            if p.ok[i]:
+                assert table.tokens[p.cls[i]] == t
+            elif rnd:
+                assert t not in held, t  # held since the last chunk: found at one of its slots
+        assert len(set(table.tokens)) == len(table.tokens)
+        held = set(table.tokens)
+        assert len(held) > 1 + bits
