@@ -450,7 +450,8 @@ def test_the_agents_own_layout_is_read_with_seven_words() -> None:
 
 
 def test_token_table_keeps_one_class_per_token_across_chunks() -> None:
-    """Fifty event names (short, 15 and 16 bytes, up to 62 with the ':') in random order: every line is taken with its
+    """Fifty event names (short, 15 and 16 bytes, up to 62 with the ':', some with the same first 7 bytes)
+    in random order: every line is taken with its
     own name, each name gets one class the first time it is seen and keeps it
     in later chunks (the table does not grow on a name it holds); fifty new names add fifty classes."""
     import random
@@ -461,7 +462,7 @@ def test_token_table_keeps_one_class_per_token_across_chunks() -> None:
     def names(tag: str) -> list[bytes]:
         out = []
         for i in range(50):
-            stem = f"{tag}{i}_".encode()
+            stem = f"{tag}{i}_".encode() if i % 10 else f"shared_{tag}{i}".encode()  # one first word
             out.append((stem + b"x" * 62)[: max(sizes[i % len(sizes)], len(stem))] + b":")
         return out
 
@@ -522,3 +523,20 @@ def test_a_small_token_table_never_gives_a_wrong_class(bits: int) -> None:
         assert len(set(table.tokens)) == len(table.tokens)
         held = set(table.tokens)
         assert len(held) > 1 + bits
+
+
+def test_fastparse_takes_no_header_and_no_line_shorter_than_its_head() -> None:
+    """A `#` line is a header, never parsed (even one that otherwise has the layout), and a line
+    shorter than the head is not taken, even where the bytes of the lines after it complete a head
+    at its columns (a head of another layout, four columns to the left)."""
+    c = b"plain".rjust(16)
+    good = c + b"-7268    [000]    298.511609: f: (0x1)"
+    tpl = fastparse.learn(good)
+    assert tpl is not None
+    lines = [good, b"#" + good[1:], b"abc", good[4:], b"", good[1:], good]
+    buf = b"\n".join(lines) + b"\n"
+    starts, ends = fastparse.lines_of(buf)
+    table = fastparse.TokenTable()
+    p = fastparse.parse(buf, starts, ends, fastparse.Plan.of(tpl), table)
+    assert p.ok.tolist() == [True, False, False, False, False, False, True]
+    assert [int(p.tid[i]) for i in (0, 6)] == [7268, 7268] and table.tokens[p.cls[6]] == b"f:"
