@@ -528,15 +528,15 @@ def test_a_small_token_table_never_gives_a_wrong_class(bits: int) -> None:
 def test_fastparse_takes_no_header_and_no_line_shorter_than_its_head() -> None:
     """A `#` line is a header, never parsed (even one that otherwise has the layout), and a line
     shorter than the head is not taken, even where the bytes of the lines after it complete a head
-    at its columns (a head of another layout, four columns to the left)."""
+    at its columns (a head of another layout, four columns to the left); nor a line without a pid."""
     c = b"plain".rjust(16)
     good = c + b"-7268    [000]    298.511609: f: (0x1)"
     tpl = fastparse.learn(good)
     assert tpl is not None
-    lines = [good, b"#" + good[1:], b"abc", good[4:], b"", good[1:], good]
+    lines = [good, b"#" + good[1:], b"abc", good[4:], b"", good[1:], good, good.replace(b"7268", b"    ")]
     buf = b"\n".join(lines) + b"\n"
     starts, ends = fastparse.lines_of(buf)
     table = fastparse.TokenTable()
     p = fastparse.parse(buf, starts, ends, fastparse.Plan.of(tpl), table)
-    assert p.ok.tolist() == [True, False, False, False, False, False, True]
+    assert p.ok.tolist() == [True, False, False, False, False, False, True, False]
     assert [int(p.tid[i]) for i in (0, 6)] == [7268, 7268] and table.tokens[p.cls[6]] == b"f:"
