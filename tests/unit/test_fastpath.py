@@ -451,26 +451,27 @@ def test_the_agents_own_layout_is_read_with_seven_words() -> None:
 
 def test_token_table_keeps_one_class_per_token_across_chunks() -> None:
     """Fifty event names (short, 15 and 16 bytes, up to 62 with the ':', some with the same first 7 bytes)
-    in random order: every line is taken with its
+    in random order, with args that vary: every line is taken with its
     own name, each name gets one class the first time it is seen and keeps it
     in later chunks (the table does not grow on a name it holds); fifty new names add fifty classes."""
     import random
 
     rng = random.Random(8)
-    sizes = [1, 2, 5, 7, 8, 14, 15, 16, 23, 24, 31, 40, 61]  # and the ':': 62 bytes, 8 words with ' ' and end
+    sizes = [1, 2, 5, 6, 7, 8, 14, 15, 16, 23, 24, 31, 40, 61]  # and the ':': 62 bytes, 8 words with ' ' and end
 
     def names(tag: str) -> list[bytes]:
         out = []
-        for i in range(50):
+        for i in range(45):
             stem = f"{tag}{i}_".encode() if i % 10 else f"shared_{tag}{i}".encode()  # one first word
             out.append((stem + b"x" * 62)[: max(sizes[i % len(sizes)], len(stem))] + b":")
-        return out
+        t = tag.encode()[:2]  # and names that differ only in their 8th byte, or in a NUL after the ':'
+        return [*out, t + b"_1234X:", t + b"_1234Y:", t + b"_:", t + b"_:\x00", t + b":"]
 
     def chunk(toks: list[bytes]) -> tuple[bytes, list[bytes]]:
         order = [rng.choice(toks) for _ in range(400)] + toks
         rng.shuffle(order)
-        lines = [b"plain".rjust(16) + b"-%-7d [000]    298.%06d: %s (0x1) a=1" % (7 + i, i, t)
-                 for i, t in enumerate(order)]
+        lines = [b"plain".rjust(16) + b"-%-7d [000]    298.%06d: %s %d %d (0x%012x)" % (
+            7 + i, i, t, rng.randrange(9), rng.randrange(9), rng.randrange(1 << 48)) for i, t in enumerate(order)]
         return b"\n".join(lines) + b"\n", order
 
     first, second = names("ev"), names("more")
