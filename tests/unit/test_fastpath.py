@@ -490,6 +490,15 @@ def test_token_table_keeps_one_class_per_token_across_chunks() -> None:
             assert classes.setdefault(t, c) == c
         assert len(table.tokens) == 1 + grown
         assert sorted(table.tokens[1:]) == sorted(first if rnd < 2 else first + second)  # each once
+    # two hundred new names in one chunk (short and long): each line taken has its own name; those not classed in this
+    # chunk (new classes per chunk are bounded) are in the next, where every line is taken
+    many = [b"n%d:" % i for i in range(100)] + [b"long_name_%d_%s:" % (i, b"y" * (i % 30)) for i in range(100)]
+    for rnd in range(2):
+        buf, order = chunk(many)
+        starts, ends = fastparse.lines_of(buf)
+        p = fastparse.parse(buf, starts, ends, plan, table)
+        assert [table.tokens[c] for c in p.cls[p.ok].tolist()] == [t for t, o in zip(order, p.ok, strict=True) if o]
+        assert p.ok.all() or rnd == 0
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3])
