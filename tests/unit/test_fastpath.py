@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -550,3 +551,40 @@ def test_fastparse_takes_no_header_and_no_line_shorter_than_its_head() -> None:
     p = fastparse.parse(buf, starts, ends, fastparse.Plan.of(tpl), table)
     assert p.ok.tolist() == [True, False, False, False, False, False, True, False]
     assert [int(p.tid[i]) for i in (0, 6)] == [7268, 7268] and table.tokens[p.cls[6]] == b"f:"
+
+
+def test_names_whose_words_hash_alike_keep_their_own_classes() -> None:
+    """Two 30-byte names built so that their words fold to the same 64-bit hash (the multiply-xor of
+    TokenTable's docstring; the collision is checked with fastparse._fold): a collision may cost the
+    per-line parser, never a line taken with the other name's class."""
+    mult, mask = 0x100000001B3, (1 << 64) - 1
+    a = b"collide_abcdefghijklmnopqrstu:"
+    w = [int.from_bytes((b" " + a)[8 * k : 8 * k + 8], "little") for k in range(3)]
+    for byte in range(0x41, 0x7F):
+        w1 = (w[1] & ~0xFF) | byte
+        if w1 == w[1]:
+            continue
+        w2 = w[2] ^ (((w[0] * mult ^ w[1]) * mult) & mask) ^ (((w[0] * mult ^ w1) * mult) & mask)
+        mid = w1.to_bytes(8, "little") + w2.to_bytes(8, "little")
+        if b" " not in mid and b"\n" not in mid:
+            break
+    b = a[:7] + mid + a[23:]
+    assert len(b) == len(a) and b != a
+    def words(t: bytes) -> list[npt.NDArray[np.uint64]]:  # the four words a line's ' name ' is read as
+        return [np.array([int.from_bytes((b" " + t + b" ")[8 * k : 8 * k + 8], "little")], np.uint64)
+                for k in range(4)]
+
+    fold = [int(fastparse._fold(words(t))[0]) for t in (a, b)]
+    assert fold[0] == fold[1]  # the premise: the two names hash alike
+    c = b"plain".rjust(16)
+    tpl = fastparse.learn(c + b"-7       [000]    298.000001: f: (0x1)")
+    assert tpl is not None
+    plan, table = fastparse.Plan.of(tpl), fastparse.TokenTable()
+    for _ in range(3):
+        order = [a, b, b, a, b] * 20
+        buf = b"".join(c + b"-%-7d [000]    298.%06d: %s (0x1)\n" % (7 + i, i, t) for i, t in enumerate(order))
+        starts, ends = fastparse.lines_of(buf)
+        p = fastparse.parse(buf, starts, ends, plan, table)
+        assert p.ok.any()
+        assert [table.tokens[k] for k in p.cls[p.ok].tolist()] == [t for t, o in zip(order, p.ok, strict=True) if o]
+    assert p.ok.all()  # both held by now, at their two slots
