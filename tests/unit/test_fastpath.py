@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -368,3 +369,222 @@ def test_fastparse_takes_every_line_of_its_layout_and_only_what_parse_head_takes
             assert (int(p.tid[i]), int(p.ts[i]), table.tokens[p.cls[i]]) == (tid, ts, parser.event_token(line, start))
             taken += 1
         assert taken > 200
+
+
+def test_learn_finds_the_printed_layout_whatever_the_comm_pid_and_body() -> None:
+    """The template is the layout the line was printed with: its columns are counted here from the
+    printed pieces (comm, `-`, pid padded to its width, the optional tgid column, `[CPU]`, the flags, the
+    seconds padded to 5, `.usec: `), for pids of every width, comms and bodies holding `[`, `]`, `: `, `(`
+    and `-`, and seconds of 1 to 8 digits; wider than one 8-byte word holds (pid, CPU, seconds), a head
+    past MAX_BODY, or no space before the seconds: no template (the per-line parser takes those)."""
+    import random
+
+    rng = random.Random(31)
+    comms = [b"plain", b"a[1]: b", b"x]y", b"]", b"[", b": ", b"(1) [2]", b"-", b"0123456789abcde", b"d-a-s-h 3"]
+    bodies = [b"f: x", b"f: (0x1) s=\"[0] a: b\" n=1", b"sys_read(fd: 3)", b"e: ]]] [[[ :: (2)"]
+    layouts = [(7, b"", b"DBZff"), (7, b"", b""), (7, b"(%7d) ", b"d.h1."), (5, b"", b"d...")]
+    for _ in range(2000):
+        pid_w, tgid_fmt, flags = rng.choice(layouts)
+        pid = rng.randint(1, 10 ** rng.randint(1, pid_w) - 1)
+        cpu = b"%03d" % rng.randint(0, 10 ** rng.randint(1, 6) - 1)
+        sec = b"%5d" % rng.randint(0, 10 ** rng.randint(1, 8) - 1)
+        comm = rng.choice(comms)
+        before = comm.rjust(16) + b"-" + (b"%d" % pid).ljust(pid_w) + b" "
+        if tgid_fmt:
+            before += tgid_fmt % rng.randint(1, 9999999)
+        bracket = len(before)
+        close = bracket + 1 + len(cpu)
+        head = before + b"[" + cpu + b"] " + (flags + b" " if flags else b" ")
+        head += sec + b".%06d" % rng.randint(0, 999999)
+        colon = len(head)
+        line = head + b": " + rng.choice(bodies)
+        want = fastparse.Template(pid_w, bracket, close, len(sec), colon)
+        assert fastparse.learn(line) == want, line
+    # one more than a word holds, one at a time, from a line learn takes
+    c = b"plain".rjust(16)
+    assert fastparse.learn(c + b"-7268    [000] DBZff   298.511609: f: x") == fastparse.Template(7, 25, 29, 5, 49)
+    for wide in (b"-72680000 [000] DBZff   298.511609: f: x",  # an 8-digit pid
+                 b"-7268    [0000000] DBZff   298.511609: f: x",  # a 7-digit CPU
+                 b"-7268    [000] DBZff 123456789.511609: f: x",  # 9-digit seconds
+                 b"-7268    [000] DBZff" + b"f" * 71 + b"   298.511609: f: x",  # ':' at 120 = MAX_BODY
+                 b"-7268    [000] DBZff 298.511609: f: x"):  # seconds not padded to %5lu
+        assert fastparse.learn(c + wide) is None, wide
+    assert fastparse.learn(c + b"-7268    [000] DBZff" + b"f" * 70 + b"   298.511609: f: x") is not None
+
+
+def test_fastparse_takes_no_line_with_an_earlier_colon_space() -> None:
+    """Two bytes changed: `: ` (where parse_head ends the head) put at every column of three layouts'
+    heads, and `[`/`]` pairs: the fast path takes such a line only with parse_head's values; a `: `
+    in the flags or the space after `]` ends the head there for parse_head, so those lines are not taken."""
+    heads = [b"%16s-%-7d [%03d] DBZff %5d.%06d: ", b"%16s-%-5d [%03d] d... %5d.%06d: ",
+             b"%16s-%-7d (%7d) [%03d] d.h1. %5d.%06d: "]
+    for head in heads:
+        vals = (b"plain", 7268, 7400, 0, 298, 511609) if b"(" in head else (b"plain", 7268, 0, 298, 511609)
+        one = head % vals + b"f: (0x1) a=1"
+        tpl = fastparse.learn(one)
+        assert tpl is not None
+        lines = [one]
+        for col in range(16, tpl.body - 1):
+            for pair in (b": ", b"[1", b"1]", b"] "):
+                lines.append(one[:col] + pair + one[col + 2:])
+        buf = b"\n".join(lines) + b"\n"
+        starts, ends = fastparse.lines_of(buf)
+        table = fastparse.TokenTable()
+        p = fastparse.parse(buf, starts, ends, fastparse.Plan.of(tpl), table)
+        assert p.ok[0]
+        for i, line in enumerate(lines):
+            if not p.ok[i]:
+                continue
+            tid, _, _, ts, start = parser.parse_head(line)  # raises if the fast path took a bad head
+            assert (int(p.tid[i]), int(p.ts[i]), table.tokens[p.cls[i]]) == (tid, ts, parser.event_token(line, start))
+
+
+def test_the_agents_own_layout_is_read_with_seven_words() -> None:
+    """The gathers are the fast path's main cost, so the layout the agent sets (irq-info off, no tgid)
+    is read with seven 8-byte words (module docstring): pid, CPU, seconds, microseconds and two of the
+    token, no extra word for a column that none of them covers; the 6.x irq-info layout needs one more."""
+    own = fastparse.learn(b"plain".rjust(16) + b"-7268    [000]    298.511609: f: (0x1) a=1")
+    irq = fastparse.learn(b"plain".rjust(16) + b"-7268    [000] DBZff   298.511609: f: (0x1) a=1")
+    assert own is not None and irq is not None
+    assert len(fastparse.Plan.of(own).extra) == 0
+    assert len(fastparse.Plan.of(irq).extra) == 1
+
+
+def test_token_table_keeps_one_class_per_token_across_chunks() -> None:
+    """Fifty event names (short, 15 and 16 bytes, up to 62 with the ':', some with the same first 7 bytes)
+    in random order, with args that vary: every line is taken with its
+    own name, each name gets one class the first time it is seen and keeps it
+    in later chunks (the table does not grow on a name it holds); fifty new names add fifty classes."""
+    import random
+
+    rng = random.Random(8)
+    sizes = [1, 2, 5, 6, 7, 8, 14, 15, 16, 23, 24, 31, 40, 61]  # and the ':': 62 bytes, 8 words with ' ' and end
+
+    def names(tag: str) -> list[bytes]:
+        out = []
+        for i in range(45):
+            stem = f"{tag}{i}_".encode() if i % 10 else f"shared_{tag}{i}".encode()  # one first word
+            out.append((stem + b"x" * 62)[: max(sizes[i % len(sizes)], len(stem))] + b":")
+        t = tag.encode()[:2]  # and names that differ only in their 8th byte, or in a NUL after the ':'
+        return [*out, t + b"_1234X:", t + b"_1234Y:", t + b"_:", t + b"_:\x00", t + b":"]
+
+    def chunk(toks: list[bytes]) -> tuple[bytes, list[bytes]]:
+        order = [rng.choice(toks) for _ in range(400)] + toks
+        rng.shuffle(order)
+        lines = [b"plain".rjust(16) + b"-%-7d [000]    298.%06d: %s %d %d (0x%012x)" % (
+            7 + i, i, t, rng.randrange(9), rng.randrange(9), rng.randrange(1 << 48)) for i, t in enumerate(order)]
+        return b"\n".join(lines) + b"\n", order
+
+    first, second = names("ev"), names("more")
+    tpl = fastparse.learn(chunk(first)[0].split(b"\n")[0])
+    assert tpl is not None
+    plan, table = fastparse.Plan.of(tpl), fastparse.TokenTable()
+    classes: dict[bytes, int] = {}
+    for rnd, (toks, grown) in enumerate([(first, 50), (first, 50), (second, 100), (first + second, 100)]):
+        buf, order = chunk(toks)
+        starts, ends = fastparse.lines_of(buf)
+        p = fastparse.parse(buf, starts, ends, plan, table)
+        assert p.ok.all()
+        got = [table.tokens[c] for c in p.cls.tolist()]
+        assert got == order
+        for t, c in zip(order, p.cls.tolist(), strict=True):
+            assert classes.setdefault(t, c) == c
+        assert len(table.tokens) == 1 + grown
+        assert sorted(table.tokens[1:]) == sorted(first if rnd < 2 else first + second)  # each once
+    # two hundred new names in one chunk (short and long): each line taken has its own name; those not classed in this
+    # chunk (new classes per chunk are bounded) are in the next, where every line is taken
+    many = [b"n%d:" % i for i in range(100)] + [b"long_name_%d_%s:" % (i, b"y" * (i % 30)) for i in range(100)]
+    for rnd in range(2):
+        buf, order = chunk(many)
+        starts, ends = fastparse.lines_of(buf)
+        p = fastparse.parse(buf, starts, ends, plan, table)
+        assert [table.tokens[c] for c in p.cls[p.ok].tolist()] == [t for t, o in zip(order, p.ok, strict=True) if o]
+        assert p.ok.all() or rnd == 0
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3])
+def test_a_small_token_table_never_gives_a_wrong_class(bits: int) -> None:
+    """A table of 2, 4 or 8 slots, so tokens share slots: a line is taken only with its own name, a name
+    the table holds is taken on every line of it (at either of its two slots), no name is held twice, and
+    names the table cannot hold go to the per-line parser. Among them names whose first word differs only
+    in bits a float64 cannot hold (`0abcdef…` and `1abcdef…`), so the words must be compared as integers."""
+    import random
+
+    class Small(fastparse.TokenTable):
+        BITS = bits
+
+    rng = random.Random(bits)
+    toks = [b"0abcdefghij:", b"1abcdefghij:", b"@abcdefghij:", b"Aabcdefghij:", b"f:", b"g_ret:",
+            b"sys_openat(dfd:", b"a_very_long_event_name_of_four_words:"]
+    c = b"plain".rjust(16)
+    tpl = fastparse.learn(c + b"-7       [000]    298.000001: f: (0x1)")
+    assert tpl is not None
+    plan, table = fastparse.Plan.of(tpl), Small()
+    held: set[bytes] = set()
+    for rnd in range(3):
+        order = [rng.choice(toks) for _ in range(300)]
+        buf = b"".join(c + b"-%-7d [000]    298.%06d: %s (0x1)\n" % (7 + i, i, t) for i, t in enumerate(order))
+        starts, ends = fastparse.lines_of(buf)
+        p = fastparse.parse(buf, starts, ends, plan, table)
+        for i, t in enumerate(order):
+            if p.ok[i]:
+                assert table.tokens[p.cls[i]] == t
+            elif rnd:
+                assert t not in held, t  # held since the last chunk: found at one of its slots
+        assert len(set(table.tokens)) == len(table.tokens)
+        held = set(table.tokens)
+        assert len(held) > 1 + bits
+
+
+def test_fastparse_takes_no_header_and_no_line_shorter_than_its_head() -> None:
+    """A `#` line is a header, never parsed (even one that otherwise has the layout), and a line
+    shorter than the head is not taken, even where the bytes of the lines after it complete a head
+    at its columns (a head of another layout, four columns to the left); nor a line without a pid."""
+    c = b"plain".rjust(16)
+    good = c + b"-7268    [000]    298.511609: f: (0x1)"
+    tpl = fastparse.learn(good)
+    assert tpl is not None
+    lines = [good, b"#" + good[1:], b"abc", good[4:], b"", good[1:], good, good.replace(b"7268", b"    ")]
+    buf = b"\n".join(lines) + b"\n"
+    starts, ends = fastparse.lines_of(buf)
+    table = fastparse.TokenTable()
+    p = fastparse.parse(buf, starts, ends, fastparse.Plan.of(tpl), table)
+    assert p.ok.tolist() == [True, False, False, False, False, False, True, False]
+    assert [int(p.tid[i]) for i in (0, 6)] == [7268, 7268] and table.tokens[p.cls[6]] == b"f:"
+
+
+def test_names_whose_words_hash_alike_keep_their_own_classes() -> None:
+    """Two 30-byte names built so that their words fold to the same 64-bit hash (the multiply-xor of
+    TokenTable's docstring; the collision is checked with fastparse._fold): a collision may cost the
+    per-line parser, never a line taken with the other name's class."""
+    mult, mask = 0x100000001B3, (1 << 64) - 1
+    a = b"collide_abcdefghijklmnopqrstu:"
+    w = [int.from_bytes((b" " + a)[8 * k : 8 * k + 8], "little") for k in range(3)]
+    for byte in range(0x41, 0x7F):
+        w1 = (w[1] & ~0xFF) | byte
+        if w1 == w[1]:
+            continue
+        w2 = w[2] ^ (((w[0] * mult ^ w[1]) * mult) & mask) ^ (((w[0] * mult ^ w1) * mult) & mask)
+        mid = w1.to_bytes(8, "little") + w2.to_bytes(8, "little")
+        if b" " not in mid and b"\n" not in mid:
+            break
+    b = a[:7] + mid + a[23:]
+    assert len(b) == len(a) and b != a
+    def words(t: bytes) -> list[npt.NDArray[np.uint64]]:  # the four words a line's ' name ' is read as
+        return [np.array([int.from_bytes((b" " + t + b" ")[8 * k : 8 * k + 8], "little")], np.uint64)
+                for k in range(4)]
+
+    fold = [int(fastparse._fold(words(t))[0]) for t in (a, b)]
+    assert fold[0] == fold[1]  # the premise: the two names hash alike
+    c = b"plain".rjust(16)
+    tpl = fastparse.learn(c + b"-7       [000]    298.000001: f: (0x1)")
+    assert tpl is not None
+    plan, table = fastparse.Plan.of(tpl), fastparse.TokenTable()
+    for _ in range(3):
+        order = [a, b, b, a, b] * 20
+        buf = b"".join(c + b"-%-7d [000]    298.%06d: %s (0x1)\n" % (7 + i, i, t) for i, t in enumerate(order))
+        starts, ends = fastparse.lines_of(buf)
+        p = fastparse.parse(buf, starts, ends, plan, table)
+        assert p.ok.any()
+        assert [table.tokens[k] for k in p.cls[p.ok].tolist()] == [t for t, o in zip(order, p.ok, strict=True) if o]
+    assert p.ok.all()  # both held by now, at their two slots

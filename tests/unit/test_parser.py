@@ -158,6 +158,7 @@ def test_bad_lines_raise_parse_error_with_reason(bad: bytes) -> None:
     with pytest.raises(parser.ParseError) as e:
         parser.parse_line(bad)
     assert e.value.reason in parser.REASONS
+    assert str(e.value) == e.value.reason  # the message a caller logs names the reason
 
 
 def test_head_limits_are_exact() -> None:
@@ -451,3 +452,16 @@ def test_arg_picker_on_real_bodies_and_tracepoints() -> None:
     assert colon["comm"].startswith(b"a:") and colon.items() >= after.items()
     odd = parser.tracepoint_arg_reader(tp)(b"sched_process_exit: comm=\xff \xfe=1" + rest)
     assert odd["comm"] == b"\xff" and odd.items() >= after.items()
+
+
+def test_probe_arg_reader_after_a_faulted_string() -> None:
+    """A string fetch that faults prints `(fault)` unquoted, so its value ends at the first next marker,
+    even where a later string holds that marker again (the kernel prints strings raw)."""
+    ev = EventSpec("f", "uprobe", "g", "/x:0x1", "f", "p:g/f /x:0x1",
+                   (ArgSpec("path", "+0(%di):string", True), ArgSpec("flags", "%si", False),
+                    ArgSpec("name", "+0(%dx):string", True)))
+    read = parser.arg_reader(ev)
+    body = b'f: (0x561ed7696179) path=(fault) flags=0x0 name="x flags=1"'
+    assert read(body) == {"path": b"(fault)", "flags": b"0x0", "name": b"x flags=1"}
+    assert read(b'f: (0x1) path=(fault) flags=0x2 name=(fault)') == {
+        "path": b"(fault)", "flags": b"0x2", "name": b"(fault)"}
