@@ -32,7 +32,7 @@ _HIGH = np.uint64(0x8080808080808080)
 _LOW7 = np.uint64(0x7F7F7F7F7F7F7F7F)
 _NIB = np.uint64(0x0F0F0F0F0F0F0F0F)
 _U1, _U7, _U8, _U56, _U63 = (np.uint64(x) for x in (1, 7, 8, 56, 63))
-MAX_TOKEN_WORDS = 8  # event tokens up to 63 bytes are classified here; longer ones per line
+MAX_TOKEN_WORDS = 8  # event tokens up to 62 bytes are classified here (mutation run 3); longer ones per line
 MAX_BODY = 120  # a head wider than this (a very long flags column) is left to the per-line parser
 PAD = b"\n" * 256  # gathers past a chunk's end read newlines, and a newline ends a token
 
