@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import json
+import os
+import re
+import shutil
 import struct
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+import raw_fixtures
 import raw_reference
 from kprobe_exporter import config, probes
 from kprobe_exporter.raw import args as raw_args
@@ -354,3 +362,222 @@ def test_synthetic_event_args_are_what_its_text_line_prints() -> None:
         "field:u64 ret;\toffset:32;\tsize:8;", "field:__data_loc char[] ret;\toffset:32;\tsize:4;"))
     with pytest.raises(raw_formats.FormatError, match="'ret'"):
         raw_args.make_decoder(ev, bad, (6, 1))
+
+
+# check_probes and RawEvents.load read format files only. Their tests lay REAL captured format files out in a
+# temporary directory as tracefs lays them out (events/GROUP/EVENT/format): it stands in for tracefs, since
+# the unit tier has no kernel to ask.
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+CAPTURED = {  # tracefs path -> a format file captured from that path of a real kernel
+    "syscalls/sys_enter_openat": "raw/linux-6.18/uprobes-syscalls/events/syscalls/sys_enter_openat",
+    "syscalls/sys_exit_openat": "raw/linux-6.18/uprobes-syscalls/events/syscalls/sys_exit_openat",
+    "kpe_rawcap/open_path": "raw/linux-6.18/uprobes-syscalls/events/kpe_rawcap/open_path",
+    "kpe_rawcap/open_path_ret": "raw/linux-6.18/uprobes-syscalls/events/kpe_rawcap/open_path_ret",
+    "kpe_rawcap/compute": "raw/linux-6.18/uprobes-syscalls/events/kpe_rawcap/compute",
+    "kpe_rawcap/compute_ret": "raw/linux-6.18/uprobes-syscalls/events/kpe_rawcap/compute_ret",
+    "kpe_rawcap/sleep_us": "raw/linux-6.18/time-extend/events/kpe_rawcap/sleep_us",  # ID 2326, as open_path's
+    "sched/sched_switch": "linux-6.18/tracepoint-formats/events/sched/sched_switch",
+    "sched/sched_process_fork": "linux-6.18/tracepoint-formats/events/sched/sched_process_fork",
+    "syscalls/sys_enter_getppid": "linux-6.18/tracepoint-formats/events/syscalls/sys_enter_getppid",
+    "syscalls/sys_exit_getppid": "linux-6.18/tracepoint-formats/events/syscalls/sys_exit_getppid",
+    "kpe612/eopen": "linux-6.12-debian/raw/eprobe/events/kpe612/eopen",
+}
+
+
+@contextlib.contextmanager
+def _tracefs(*events: str) -> Iterator[Path]:
+    """A temporary directory standing in for tracefs, with the captured format of each of `events`."""
+    with tempfile.TemporaryDirectory(prefix="kpe-fake-tracefs-") as d:
+        root = Path(d)
+        for ev in events:
+            (root / "events" / ev).mkdir(parents=True)
+            shutil.copyfile(FIXTURES / CAPTURED[ev] / "format", root / "events" / ev / "format")
+        yield root
+
+
+_CHECKED = """instance: kpe_t
+probes:
+  - {name: up, uprobe: '/bin/true:0x10', args: {a: '%di:u32', s: '+0(%si):string'}, labels: [a]}
+  - {name: opn, tracepoint: syscalls/sys_enter_openat, labels: [dfd]}
+  - {name: fork, tracepoint: sched/sched_process_fork, labels: [child_comm]}
+  - {name: gp, tracepoint: syscalls/sys_enter_getppid, latency: true, spans: {}}
+  - {name: wake, tracepoint: sched/sched_wakeup}
+  - {name: sw_count, tracepoint: sched/sched_switch}
+"""
+_NEEDED = ("syscalls/sys_enter_openat", "sched/sched_process_fork", "syscalls/sys_enter_getppid",
+           "syscalls/sys_exit_getppid")
+
+
+def _probe_set(text: str) -> probes.ProbeSet:
+    return probes.build_probe_set(config.load_text(text), resolve=None)
+
+
+def _refusal(ps: probes.ProbeSet, root: Path, spans: bool, kernel: tuple[int, int] | None = (6, 18)) -> str:
+    with pytest.raises(raw_formats.RawUnsupported) as e:
+        raw_args.check_probes(ps, root, spans=spans, kernel=kernel)
+    return str(e.value)
+
+
+PREFIX = "args needed for labels or spans cannot be decoded: "
+
+
+def test_check_probes_reads_the_formats_of_the_events_whose_args_are_needed() -> None:
+    """Only the events whose args labels or spans need are judged, a tracepoint by its format file under
+    tracefs_root/events/GROUP/EVENT: a syscall's, a plain printf's, an argumentless syscall's and its exit all
+    decode; the uprobe's (no symbol) needs no file; an event counted without labels is never read (no
+    sched_wakeup file here, sched_switch's helpers unread). Spans off: the pair's ends are not needed."""
+    ps = _probe_set(_CHECKED)
+    with _tracefs(*_NEEDED) as root:
+        raw_args.check_probes(ps, root, spans=True, kernel=(6, 18))
+        raw_args.check_probes(ps, root, spans=True, kernel=(6, 1))
+        raw_args.check_probes(ps, root, spans=True)  # the running kernel's conversions
+        raw_args.check_probes(ps, root, spans=False)
+    with _tracefs("syscalls/sys_enter_openat", "sched/sched_process_fork") as root:
+        raw_args.check_probes(ps, root, spans=False)  # the getppid pair's files are not read without spans
+        assert _refusal(ps, root, spans=True) == (
+            PREFIX + "gp: No such file or directory; gp_ret: No such file or directory")
+    with _tracefs() as root:
+        # every file missing: each needed tracepoint named once, in the probe set's order; not the uprobe
+        assert _refusal(ps, root, spans=True, kernel=None) == PREFIX + "; ".join(
+            f"{n}: No such file or directory" for n in ("opn", "fork", "gp", "gp_ret"))
+    uprobe_only = _probe_set("instance: kpe_t\nprobes:\n"
+                             "  - {name: up, uprobe: '/bin/true:0x10', args: {a: '%di:u32'}, labels: [a]}\n")
+    raw_args.check_probes(uprobe_only, Path("/nonexistent-tracefs"), spans=True)  # reads no file at all
+
+
+def test_check_probes_names_each_event_it_cannot_decode_and_why() -> None:
+    """Symbol fetch args (`sym+off/size` needs the kernel's symbol table), a missing format file and a format
+    the decoder cannot read (sched_switch passes `char prev_comm[16]` whole and prints with __print_flags):
+    one refusal naming every such event and its reason, in the probe set's order, a dynamic probe's first
+    symbol arg (the rest of its args and a `symstr`, a string, are fine)."""
+    ps = _probe_set("""instance: kpe_t
+probes:
+  - {name: sym, kprobe: f, args: {a: '%di:u32', p: '%si:symbol', q: '%dx:symbol'}, labels: [a]}
+  - {name: sw, tracepoint: sched/sched_switch, labels: [prev_state]}
+  - {name: str, kprobe: g, args: {n: '%si:symstr'}, labels: [n]}
+  - {name: arr, kprobe: h, args: {v: '+0(%di):symbol[2]'}, labels: [v]}
+  - {name: wr, tracepoint: syscalls/sys_enter_write, labels: [fd]}
+  - {name: opn, tracepoint: syscalls/sys_enter_openat, labels: [dfd]}
+""")
+    with _tracefs("sched/sched_switch", "syscalls/sys_enter_openat") as root:
+        assert _refusal(ps, root, spans=False) == PREFIX + (
+            "sym: arg 'p' is a symbol; "
+            "sw: sched_switch: print fmt argument 'REC->prev_comm' not understood; "
+            "arr: arg 'v' is a symbol; "
+            "wr: No such file or directory")
+    # a format file the parser refuses (cut before its name and ID lines) is named the same way
+    with _tracefs("syscalls/sys_enter_openat") as root:
+        f = root / "events" / "syscalls" / "sys_enter_openat" / "format"
+        f.write_text(f.read_text().split("format:\n", 1)[1])
+        ps2 = _probe_set("probes:\n  - {name: opn, tracepoint: syscalls/sys_enter_openat, labels: [dfd]}\n")
+        assert _refusal(ps2, root, spans=False) == PREFIX + "opn: format file without name or ID"
+
+
+def _scenario(name: str) -> probes.ProbeSet:
+    """The probe set that installed a captured raw fixture's events (its meta.json)."""
+    meta = json.loads((raw_fixtures.K618 / name / "meta.json").read_text())
+    return raw_fixtures.probe_set(meta["scenario"])
+
+
+def _dirs(root: Path, ps: probes.ProbeSet) -> list[Path]:
+    """Each event's directory under a tracefs root, as the reader's event_dir gives it."""
+    return [root / "events" / (f"{ev.group}/{ev.name}" if ev.dynamic else ev.target) for ev in ps.events]
+
+
+# the ID line of each captured format file of the uprobes-syscalls scenario, in its events' order
+_IDS = {"open_path": 2326, "open_path_ret": 2327, "compute": 2331, "compute_ret": 2332,
+        "sys_enter_openat": 782, "sys_exit_openat": 781}
+_UPROBES_SYSCALLS = ("kpe_rawcap/open_path", "kpe_rawcap/open_path_ret", "kpe_rawcap/compute",
+                     "kpe_rawcap/compute_ret", "syscalls/sys_enter_openat", "syscalls/sys_exit_openat")
+
+
+def test_raw_events_load_maps_each_format_id_to_its_event() -> None:
+    """Loaded from each event's directory (a temporary tracefs of the 6.18 uprobes-syscalls capture): each
+    file's ID maps to its event's index and no other id maps anywhere; every event has its format and a
+    decoder; the kernel given (else the running one's) picks the syscall conversions (6.18: below 10 in
+    decimal, else 0x%lx; before: %lx)."""
+    ps = _scenario("uprobes-syscalls")
+    assert [ev.name for ev in ps.events] == list(_IDS)
+    with _tracefs(*_UPROBES_SYSCALLS) as root:
+        events = raw_args.RawEvents.load(_dirs(root, ps), ps, (6, 1))
+        running = raw_args.RawEvents.load(_dirs(root, ps), ps)
+    for ev in (events, running):
+        assert ev.probes is ps
+        assert [int(ev.lut[i]) for i in _IDS.values()] == list(range(6))
+        assert int((ev.lut != raw_pages.EV_UNKNOWN).sum()) == 6
+        assert [f.name if f else None for f in ev.formats] == list(_IDS)
+        assert ev.decode_errors == {} and all(d is not None for d in ev.decoders)
+    m = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    assert m is not None
+    assert events.kernel == (6, 1) and running.kernel == (int(m.group(1)), int(m.group(2)))
+    # sys_enter_openat's fields are unsigned longs at 16 (dfd), 24, 32, 40 (its format file)
+    rec = struct.pack("<HBBiiiQQQQ", 782, 0, 0, 1, 257, 0, 10, 0x7FFC0000, 0x241, 0o644)
+    assert events.args(4, rec) == {"dfd": b"a", "filename": b"7ffc0000", "flags": b"241", "mode": b"1a4"}
+    assert raw_args.RawEvents.load(_dirs(FIXTURES / "raw/linux-6.18/uprobes-syscalls", ps), ps, (6, 18)).args(
+        4, rec) == {"dfd": b"0xa", "filename": b"0x7ffc0000", "flags": b"0x241", "mode": b"0x1a4"}
+
+
+def test_raw_events_load_strict_refuses_a_missing_format_and_lenient_leaves_the_event_out() -> None:
+    """strict (the default): an event without a format file is RawUnsupported naming the event, its file and
+    the OS's reason, with no chained traceback. strict=False: that event (not installed: a reload lost a race)
+    gets no format, no decoder and `not installed`, its id maps nowhere, and the events after it load. One
+    directory per event, or ValueError."""
+    ps = _scenario("uprobes-syscalls")
+    with _tracefs(*(e for e in _UPROBES_SYSCALLS if e != "kpe_rawcap/compute")) as root:
+        dirs = _dirs(root, ps)
+        with pytest.raises(raw_formats.RawUnsupported) as e:
+            raw_args.RawEvents.load(dirs, ps, (6, 18))
+        assert str(e.value) == (f"cannot read the format of compute ({root}/events/kpe_rawcap/compute/format): "
+                                "No such file or directory")
+        assert e.value.__cause__ is None and e.value.__suppress_context__
+        with pytest.raises(raw_formats.RawUnsupported):
+            raw_args.RawEvents.load(dirs, ps, (6, 18), strict=True)
+        lenient = raw_args.RawEvents.load(dirs, ps, (6, 18), strict=False)
+        with pytest.raises(ValueError):
+            raw_args.RawEvents.load(dirs[:-1], ps, (6, 18), strict=False)
+        with pytest.raises(ValueError):
+            raw_args.RawEvents.load([*dirs, dirs[0]], ps, (6, 18), strict=False)
+    assert lenient.decode_errors == {"compute": "not installed"}
+    assert [d is None for d in lenient.decoders] == [False, False, True, False, False, False]
+    assert [f.name if f else None for f in lenient.formats] == [
+        "open_path", "open_path_ret", None, "compute_ret", "sys_enter_openat", "sys_exit_openat"]
+    assert int(lenient.lut[2331]) == raw_pages.EV_UNKNOWN
+    assert [int(lenient.lut[i]) for i in (2326, 2327, 2332, 782, 781)] == [0, 1, 3, 4, 5]
+
+
+def test_raw_events_load_refuses_shared_ids_and_says_why_a_decoder_is_missing() -> None:
+    """Two captured formats with the same ID (open_path and sleep_us, two captures' first probes) are refused,
+    naming both events. A tracepoint whose print fmt the decoder cannot render (sched_switch) loads without a
+    decoder and with the reason; a plain printf tracepoint (sched_process_fork), a syscall without args and
+    its exit, and a synthetic event (6.1's kernel-spans) load with decoders that give what their text prints."""
+    from kprobe_exporter import aggmode
+
+    up, te = _scenario("uprobes-syscalls"), _scenario("time-extend")
+    twice = probes.ProbeSet("kpe_rawcap", (up.events[0], te.events[0]), ())
+    with _tracefs("kpe_rawcap/open_path", "kpe_rawcap/sleep_us") as root:
+        with pytest.raises(raw_formats.FormatError) as e:
+            raw_args.RawEvents.load(_dirs(root, twice), twice, (6, 18))
+    assert str(e.value) == "events sleep_us and open_path share id 2326"
+    tps = _probe_set("probes:\n  - {name: sw, tracepoint: sched/sched_switch}\n"
+                     "  - {name: fork, tracepoint: sched/sched_process_fork}\n"
+                     "  - {name: gp, tracepoint: syscalls/sys_enter_getppid, latency: true}\n")
+    span = aggmode.span_event("kx_lat", "work", ret=True)
+    ps = probes.ProbeSet(tps.group, (*tps.events, span), ())
+    with _tracefs("sched/sched_switch", "sched/sched_process_fork", "syscalls/sys_enter_getppid",
+                  "syscalls/sys_exit_getppid") as root:
+        (root / "events" / "synthetic" / "kx_lat").mkdir(parents=True)
+        shutil.copyfile(KSPANS / "synthetic_spans.format", root / "events" / "synthetic" / "kx_lat" / "format")
+        events = raw_args.RawEvents.load(_dirs(root, ps), ps, (6, 18))
+    assert events.decode_errors == {"sw": "sched_switch: print fmt argument 'REC->prev_comm' not understood"}
+    assert [d is None for d in events.decoders] == [True, False, False, False, False]
+    assert [int(events.lut[i]) for i in (372, 366, 305, 304, 1474)] == [0, 1, 2, 3, 4]  # their ID lines
+    # sched_process_fork: __data_loc parent_comm at 8, parent_pid at 12, __data_loc child_comm at 16,
+    # child_pid at 20, the strings after the fields
+    fork = struct.pack("<HBBiIiIi", 366, 0, 0, 1, (5 << 16) | 24, 100, (5 << 16) | 29, 101) + b"bash\0bash\0"
+    assert events.args(1, fork) == {"comm": b"bash", "pid": b"100", "child_comm": b"bash", "child_pid": b"101"}
+    assert events.args(2, struct.pack("<HBBii", 305, 0, 0, 1, 110)) == {}  # sys_getppid()
+    assert events.args(3, struct.pack("<HBBiiiq", 304, 0, 0, 1, 110, 0, 4242)) == {"ret": b"0x1092"}
+    lat = struct.pack("<HBBiQQiiQ", 1474, 0, 0, 1, 5000, 123456789, 77, 0, 3)  # lat, ts0, pid, ret
+    assert events.args(4, lat) == {"lat": b"5000", "ts0": b"123456789", "pid": b"77", "ret": b"3"}
+    with pytest.raises(raw_formats.RawUnsupported, match=r"^args needed .*: sw: sched_switch: print fmt"):
+        events.require_decoders(["fork", "sw"])
