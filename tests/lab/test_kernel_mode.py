@@ -1,11 +1,13 @@
 """Kernel aggregation (`aggregation: kernel`) by the real agent on Debian's 6.1 and 6.12 under qemu.
 
 One boot, one script: the agent counts kprobes on do_sys_openat2 with hist triggers while
-tests/progs/kpe_opener.c opens a file N times per guest CPU at full rate (N counted by the workload);
-beside them a stream-mode twin of one kernel-mode probe, on a workload that streaming keeps up with.
+tests/progs/kpe_opener.c opens a file N times per guest CPU at full rate (N counted by the workload),
+streamed at the same time by two more agents (one per reader, one-page buffers) that must report what they
+lose; beside them a stream-mode twin of one kernel-mode probe, on a workload that streaming keeps up with.
 Then a SIGHUP reload that replaces one probe's triggers, a second workload, SIGTERM, SIGKILL with
 `kprobe-exporter cleanup`, and SIGKILL with a restart; a foreign synthetic event and a foreign trigger
-(another instance's) are there throughout and must survive all of it.
+(another instance's) are there throughout and must survive all of it. Before the stop, 2 x 1,500 short
+threads (tests/progs/kpe_threads.c) make the pair's thread tables be renewed.
 """
 
 from __future__ import annotations
