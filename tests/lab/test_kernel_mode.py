@@ -70,17 +70,17 @@ probes:
   - {name: open_st, kprobe: do_sys_openat2, filter: 'comm == "kpe_opener"', aggregation: stream}
 """
 SIDE_PORTS = {"text": 10153, "raw": 10154}
-# Scrape PORT every second until the open_st count and the lost events read the same twice, then write OUT.
+# Scrape PORT every second until the open_st count and the lost events read the same three times running
+# (a reader between two reads of a busy guest must not pass for done), then write the last scrape to OUT.
 SETTLE = r"""
 import re, sys, time, urllib.request as u
-port, out, last = sys.argv[1], sys.argv[2], None
+port, out, seen = sys.argv[1], sys.argv[2], []
 for _ in range(600):
     m = u.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
-    now = [sum(map(float, re.findall(r"^" + n + r"(?:\{[^}]*\})? (\S+)$", m, re.M)))
-           for n in ("kprobe_events_total", "kprobe_exporter_lost_events_total")]
-    if now == last:
+    seen.append([sum(map(float, re.findall(r"^" + n + r"(?:\{[^}]*\})? (\S+)$", m, re.M)))
+                 for n in ("kprobe_events_total", "kprobe_exporter_lost_events_total")])
+    if len(seen) >= 3 and seen[-1] == seen[-2] == seen[-3]:
         break
-    last = now
     time.sleep(1)
 open(out, "w").write(m)
 """
