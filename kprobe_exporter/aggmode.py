@@ -183,7 +183,7 @@ def resolve(config: Config, probes: ProbeSet, support: KernelSupport, path: str 
     return out
 
 
-SPAN_GROUP = "synthetic"
+SPAN_GROUP = triggers.SYNTHETIC_GROUP
 _SPAN_ARGS = (ArgSpec("lat", "u64", False), ArgSpec("ts0", "u64", False), ArgSpec("pid", "s32", False))
 
 

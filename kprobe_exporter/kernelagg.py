@@ -299,15 +299,17 @@ class KernelSource:
             raise TracefsError(f"the kernel refused {line!r} in {path.name}: {why}", probe, "aggregation") from None
 
     def _remove_plan(self, pt: ProbeTriggers) -> list[str]:
-        problems = []
-        for file, line in pt.plan.removal():
-            path = self.root / file if file == triggers.SYNTHETIC_EVENTS else self.inst / file
-            try:
-                write_file(path, line + "\n", append=True)
-            except OSError as e:
-                if not (e.errno == 2 or (file != triggers.SYNTHETIC_EVENTS and e.errno == 22)):  # already gone
-                    problems.append(f"{line} in {file}: {e.strerror}")
-        return problems
+        return [p for file, line in pt.plan.removal() if (p := self._remove_line(file, line))]
+
+    def _remove_line(self, file: str, line: str) -> str | None:
+        """Write one removal line; the problem, unless what it removes is already gone."""
+        path = self.root / file if file == triggers.SYNTHETIC_EVENTS else self.inst / file
+        try:
+            write_file(path, line + "\n", append=True)
+        except OSError as e:
+            if not (e.errno == 2 or (file != triggers.SYNTHETIC_EVENTS and e.errno == 22)):  # already gone
+                return f"{line} in {file}: {e.strerror}"
+        return None
 
     def remove(self) -> list[str]:
         """Every trigger (newest probe first), then their synthetic events. Problems."""
@@ -330,11 +332,8 @@ class KernelSource:
         entry, exit_ = pt.plan.threads
         self.offsets[pt.probe] = self.offsets.get(pt.probe, _Raw()).add(_Raw(dropped=last.thread_dropped))
         for t in (exit_, entry):
-            try:
-                write_file(self.inst / t.path, t.removal + "\n", append=True)
-            except OSError as e:
-                if e.errno not in (2, 22):  # already gone
-                    log.warning("probe %s: removing %r: %s", pt.probe, t.line, e.strerror)
+            if problem := self._remove_line(t.path, t.removal):
+                log.warning("probe %s: %s", pt.probe, problem)
         self.renewals[pt.probe] = self.renewals.get(pt.probe, 0) + 1
         log.info("probe %s: its thread tables held %d threads; replaced by empty ones", pt.probe, last.threads)
         self._unarmed[pt.probe] = [entry, exit_]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SYNTHETIC_EVENTS = "synthetic_events"  # top-level: synthetic events are global definitions
+SYNTHETIC_GROUP = "synthetic"  # the events/ group of every synthetic event, in every instance
 HIST_SIZE = 2048  # the kernel's default table size (entries); a full table counts `Dropped:`
 # A table keyed by thread keeps a row for every thread that ever called (the kernel never deletes one, and
 # refuses `:clear` on a trigger that defines a variable: EINVAL on 6.1 and 6.12). Past this many rows the

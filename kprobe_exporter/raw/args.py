@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from kprobe_exporter import kernel as kernel_mod
-from kprobe_exporter import labels
+from kprobe_exporter import labels, triggers
 from kprobe_exporter.probes import EventSpec, ProbeSet
 from kprobe_exporter.raw.formats import EventFormat, Field, FormatError, RawUnsupported, parse_format
 from kprobe_exporter.raw.pages import EV_UNKNOWN
@@ -352,9 +352,6 @@ def printf_decoder(ev: EventSpec, fmt: EventFormat) -> ArgDecoder:
     return decode
 
 
-SYNTHETIC_GROUP = "synthetic"  # the kernel's group of every synthetic event
-
-
 def synthetic_decoder(fmt: EventFormat) -> ArgDecoder:
     """A synthetic event's numeric fields, each as its decimal integer. Its text line prints `f=v` separated
     by spaces (print_synth_event), but its format file's print fmt separates them by ", " (`lat=%llu,
@@ -374,7 +371,7 @@ def make_decoder(ev: EventSpec, fmt: EventFormat, kernel: tuple[int, int]) -> Ar
     """A record's args of `ev` as its text prints them, or FormatError saying why they cannot be read."""
     if ev.dynamic:
         return probe_decoder(ev, fmt)
-    if ev.group == SYNTHETIC_GROUP:
+    if ev.group == triggers.SYNTHETIC_GROUP:
         return synthetic_decoder(fmt)
     if _is_syscall(ev):
         return syscall_decoder(ev, fmt, kernel)
