@@ -51,7 +51,8 @@ class ProbeTriggers:
 def probe_triggers(group: str, mode: ProbeMode) -> ProbeTriggers:
     """The lines for one kernel-mode probe. A latency probe's count has a table of its own, even without
     labels: the entry's thread table, which would count every entry too, is replaced as threads come and
-    go (KernelSource.renew), and a count must never restart. Its cost is within the lab's noise (bench/README)."""
+    go (KernelSource._renew_locked), and a count must never restart. Its cost per call: README, Kernel
+    aggregation."""
     ev = mode.event
     assert ev is not None
     where = ev.filter or ""
@@ -250,7 +251,7 @@ class KernelSource:
         self.offsets: dict[str, _Raw] = {}  # what replaced triggers of a kept probe had counted
         self.fold = LabelFold(label_limit)
         self._dropped_logged: set[str] = set()
-        self.renewals: dict[str, int] = {}  # per probe, thread tables replaced (KernelSource.renew)
+        self.renewals: dict[str, int] = {}  # per probe, thread tables replaced (KernelSource._renew_locked)
         self._unarmed: dict[str, list[Trigger]] = {}  # a renewal's lines the kernel refused: tried at each read
         self._memos: dict[str, tuple[ProbeTriggers, _Memo]] = {}  # per probe, for the triggers it was read from
         self._done = 0  # reads done
@@ -323,7 +324,7 @@ class KernelSource:
         return problems
 
     # --- thread tables ------------------------------------------------------------------
-    def renew(self, pt: ProbeTriggers, last: _Raw) -> None:
+    def _renew_locked(self, pt: ProbeTriggers, last: _Raw) -> None:
         """Replace a latency pair's thread tables by empty ones (the caller holds the lock). The kernel keeps
         a row per thread that ever called and refuses `:clear` on triggers that define variables, so the
         return's trigger goes (it refers to the entry's variable), then the entry's, then both come back.
@@ -423,7 +424,7 @@ class KernelSource:
             now = raw_values(pt, text, memo[1])
             raw = offsets.get(pt.probe, _Raw()).add(now)
             if fresh and now.threads >= triggers.THREAD_RENEW_AT:
-                self.renew(pt, now)
+                self._renew_locked(pt, now)
             self.fold.fold(pt.probe, raw.events, view)
             if pt.mode.pair is not None:
                 view.latency[pt.mode.pair.name] = latency_of(raw.lat)

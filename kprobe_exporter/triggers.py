@@ -16,7 +16,7 @@ SYNTHETIC_GROUP = "synthetic"  # the events/ group of every synthetic event, in 
 HIST_SIZE = 2048  # the kernel's default table size (entries); a full table counts `Dropped:`
 # A table keyed by thread keeps a row for every thread that ever called (the kernel never deletes one, and
 # refuses `:clear` on a trigger that defines a variable: EINVAL on 6.1 and 6.12). Past this many rows the
-# agent replaces a pair's two thread tables with empty ones (KernelSource.renew) before the table fills.
+# agent replaces a pair's two thread tables with empty ones (KernelSource._renew_locked) before the table fills.
 THREAD_RENEW_AT = HIST_SIZE // 2
 # The default `global` clock clamps a CPU whose clock runs behind another's to the last time seen, so
 # under skew (seen in the qemu lab: 3,065 of 4,000 calls measured 0 ns) latencies collapse to zero;

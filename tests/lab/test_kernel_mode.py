@@ -24,6 +24,7 @@ import pytest
 
 from agent_proc import samples, value
 from kernel_lab.guest import KERNELS, GuestResult, require_guest, run_in_guest
+from kernel_lab.labkit import MAX_SLOW_PCT
 
 pytestmark = pytest.mark.kernel_lab
 
@@ -404,8 +405,10 @@ T=/sys/kernel/tracing
 cd "$LAB_OUT"
 chmod +x "$LAB_IN/kpe_spans"
 grep '^reader:' "$LAB_IN/spans.yaml" > reader.used
-# 5 s after the last expected span (LAB_SLOW_PCT scales its 1 s): anything beyond it gets time to arrive
-LAB_SLOW_PCT=500 python3 "$LAB_IN/otlp_sink.py" grpc @WANT@ sink > sink.log 2>&1 &
+# the sink's limits (180 s for the spans, 5 s more for any beyond them) scale with the guest's measured slowness
+LAB_SLOW_PCT=$(python3 "$LAB_IN/labkit.py" calibrate) || LAB_SLOW_PCT=@MAX_SLOW_PCT@
+export LAB_SLOW_PCT
+python3 "$LAB_IN/otlp_sink.py" grpc @WANT@ sink 5 > sink.log 2>&1 &
 SINK=$!
 for i in $(seq 1200); do [ -e sink.env ] && break; sleep 0.1; done
 . ./sink.env
@@ -446,9 +449,11 @@ def spans_lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     slow = 2 * len(range(SPANS_K, SPANS_N + 1, SPANS_K))  # two runs of the workload, a reload between
     script = SPANS_SCRIPT.replace("@PORT@", str(SPANS_PORT)).replace("@N@", str(SPANS_N))
     script = script.replace("@K@", str(SPANS_K)).replace("@WANT@", str(slow))
+    script = script.replace("@MAX_SLOW_PCT@", str(MAX_SLOW_PCT))
     cfg, cfg2 = (c.replace("@READER@", reader).encode() for c in (SPANS_CFG, SPANS_CFG2))
     files = {"kpe_spans": prog.read_bytes(), "spans.yaml": cfg, "spans2.yaml": cfg2,
-             **{f.name: f.read_bytes() for f in (HERE / "kernel_lab" / "otlp_sink.py", HERE / "otlp_receiver.py")}}
+             **{f.name: f.read_bytes() for f in (HERE / "kernel_lab" / "otlp_sink.py", HERE / "otlp_receiver.py",
+                                                  HERE / "kernel_lab" / "labkit.py")}}
     r = run_in_guest(script, files, timeout=900, kernel=kernel)
     keep_files(r, kernel)
     assert r.returncode == 0, r.stdout[-6000:]
