@@ -80,7 +80,8 @@ def table(rows: list[dict], n: int, rounds: int, modes: list[str]) -> str:
         tool = [r["tool_cpu_ns"] for r in xs]
         total = [r["loop_cpu_ns"] + r["tool_cpu_ns"] for r in xs]
         keys = sorted({k for r in xs for k in r["counted"]})
-        worst = {k: min(r["counted"].get(k, 0) for r in xs) for k in keys}
+        worst = {k: (max if k in ("lost", "missed", "dropped") else min)(r["counted"].get(k, 0) for r in xs)
+                 for k in keys}
         counted = ", ".join(f"{k} {v:,}" for k, v in worst.items()) or "-"
         out.append(
             f"| {mode} | {mmm(ns)} | {statistics.median(added) if added else 0:.0f} | {mmm(loop)} | {mmm(tool)} "
@@ -126,6 +127,8 @@ def main() -> int:
     print(f"kernel {image.kernel_release}, {rows[0]['calls']:,} getppid calls per run ({a.n:,} on each guest CPU), "
           f"{a.rounds} rounds; boot {r.boot_seconds:.0f} s, all {r.seconds:.0f} s")
     print(table(rows, a.n, a.rounds, modes))
+    if "bpftrace.txt" in r.files:  # its last run's map, as bpftrace printed it
+        print("bpftrace's last map:\n" + r.files["bpftrace.txt"].decode(errors="replace")[-2000:])
     if r.returncode != 0:
         print(f"the guest script exited {r.returncode} (rows above are the runs that finished):", file=sys.stderr)
         print(r.stdout[-3000:], file=sys.stderr)
