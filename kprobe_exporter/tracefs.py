@@ -615,7 +615,7 @@ def strip_instance(root: Path, inst: Path) -> tuple[list[str], list[str]]:
             lines = [ln for ln in read_text(trig).splitlines() if ln.strip() and not ln.startswith("#")]
         except OSError:
             continue
-        if lines and trig.parent.parent.name == "synthetic":
+        if lines and trig.parent.parent.name == triggers.SYNTHETIC_GROUP:
             synthetics.append(trig.parent.name)
         for line in reversed(lines):
             synthetics += [m.group(1) for m in _TRACE_TO.finditer(line) if m.group(1)]
