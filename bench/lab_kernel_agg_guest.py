@@ -288,8 +288,10 @@ def measure(name: str, make: Callable[[], Mode], n: int) -> dict[str, object]:
         tool0 = cpu_ns(mode.tool_pid) if mode.tool_pid else 0
         calls, ns, loop_cpu = run_loop(n)
         got = mode.counted()
-        end = mode.end_cpu_ns if mode.end_cpu_ns is not None else cpu_ns(mode.tool_pid) if mode.tool_pid else 0
-        tool = (end - tool0) if mode.tool_pid else getattr(mode, "scrape_ns", 0)
+        if mode.tool_pid:  # a process: its CPU from now to its end, or to now if it runs on
+            tool = (mode.end_cpu_ns if mode.end_cpu_ns is not None else cpu_ns(mode.tool_pid)) - tool0
+        else:  # trigger modes: the one read of their hist files
+            tool = getattr(mode, "scrape_ns", 0)
     finally:
         mode.off()
     return {"mode": name, "calls": calls, "ns": ns, "loop_cpu_ns": loop_cpu, "tool_cpu_ns": tool / calls,
